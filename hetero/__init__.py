@@ -1,0 +1,1 @@
+"""hetero: split one inference batch across every device of a machine."""
