@@ -1,1 +1,24 @@
-"""hetero: split one inference batch across every device of a machine."""
+"""hetero: split one inference batch across every device of a machine so that all finish together.
+
+The command lines are thin layers over this API:
+
+    import hetero
+    report = hetero.infer("resnet-18", "cpu,gpu0", batch=100)
+"""
+
+from .devices import Device, available_devices, parse_devices
+from .errors import HeteroError
+from .inference import InferenceReport, infer
+from .models import Network, get_network, network_names
+
+__all__ = [
+    "Device",
+    "HeteroError",
+    "InferenceReport",
+    "Network",
+    "available_devices",
+    "get_network",
+    "infer",
+    "network_names",
+    "parse_devices",
+]

@@ -1,0 +1,184 @@
+"""Measure, in one process and one run, each device alone on the whole batch and then the split.
+
+    python -m hetero.benchmark --network resnet-50 --device cpu,gpu0 --batch 100
+
+prints per device img/s (and PyTorch eager fp32's on the same device and batch, where PyTorch is
+installed), the split's img/s, the ideal (the sum of the devices' throughputs), split/ideal and
+split/best-single, and appends the same as a markdown table to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from .cli import _Parser, _batch_list, _positive_int, _run
+from .devices import Device, parse_devices
+from .execute import Engine, load_engine, run_split
+from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, plan, reserve_cores
+from .models import Network, get_network
+from .profile import SEED_BATCHES
+from .table import ProfileTable
+
+
+@dataclass
+class DeviceResult:
+    device: Device
+    alone_img_s: float
+    torch_img_s: float | None
+    share: int
+
+
+@dataclass
+class BenchmarkResult:
+    network: str
+    batch: int
+    devices: list[DeviceResult]
+    split_img_s: float
+    partition_us: float
+
+    @property
+    def ideal_img_s(self) -> float:
+        return sum(d.alone_img_s for d in self.devices)
+
+    @property
+    def best_single_img_s(self) -> float:
+        return max(d.alone_img_s for d in self.devices)
+
+
+def median_wall(run: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `repeats` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_img_s(network: Network, device: Device, inputs: np.ndarray, repeats: int) -> float | None:
+    """PyTorch eager fp32 throughput of the same architecture on the same device, or None without torch."""
+    try:
+        import torch
+
+        from .torch_models import torch_model
+    except ImportError:
+        return None
+    model = torch_model(network.name)
+    if model is None:
+        return None
+    target = torch.device("cpu" if device.kind == "cpu" else f"cuda:{device.index}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        return None
+    if target.type == "cpu" and device.threads:
+        torch.set_num_threads(device.threads)
+    model = model.eval().to(target)
+    batch = torch.from_numpy(inputs)
+
+    def run() -> None:
+        with torch.inference_mode():
+            out = model(batch.to(target))
+            out.cpu()
+
+    return len(inputs) / median_wall(run, repeats)
+
+
+def benchmark(
+    network: str,
+    devices: Sequence[Device],
+    batch: int,
+    table: ProfileTable,
+    repeats: int = 5,
+    profile_batches: Sequence[int] = SEED_BATCHES,
+    budget_s: float = DEFAULT_BUDGET_S,
+    with_torch: bool = True,
+) -> BenchmarkResult:
+    net = get_network(network)
+    devices = reserve_cores(devices)
+    engines: list[Engine] = [load_engine(net, device) for device in devices]
+    profiles, _ = ensure_profiles(engines, table, profile_batches, budget_s=budget_s)
+    inputs = net.random_input(batch)
+    results = []
+    for i, engine in enumerate(engines):
+        alone = [batch if j == i else 0 for j in range(len(engines))]
+        seconds = median_wall(lambda: run_split(engines, inputs, alone, [0.0] * len(engines)), repeats)
+        torch_rate = torch_img_s(net, engine.device, inputs, repeats) if with_torch else None
+        results.append(DeviceResult(engine.device, batch / seconds, torch_rate, 0))
+    shares, predicted, partition_s = plan(profiles, batch)
+    for result, share in zip(results, shares):
+        result.share = share
+    split_s = median_wall(lambda: run_split(engines, inputs, shares, predicted), repeats)
+    return BenchmarkResult(net.name, batch, results, batch / split_s, partition_s * 1e6)
+
+
+def format_markdown(result: BenchmarkResult) -> str:
+    rows = [
+        [
+            d.device.name,
+            d.device.hardware,
+            d.share,
+            f"{d.alone_img_s:.1f}",
+            f"{d.torch_img_s:.1f}" if d.torch_img_s else "-",
+            f"{d.alone_img_s / d.torch_img_s:.2f}" if d.torch_img_s else "-",
+        ]
+        for d in result.devices
+    ]
+    rows.append(["split", "", result.batch, f"{result.split_img_s:.1f}", "", ""])
+    table = tabulate(
+        rows,
+        headers=["device", "hardware", "share", "hetero img/s", "PyTorch img/s", "hetero/PyTorch"],
+        tablefmt="github",
+    )
+    summary = (
+        f"ideal (sum of devices) {result.ideal_img_s:.1f} img/s; split/ideal "
+        f"{result.split_img_s / result.ideal_img_s:.2f}; split/best-single "
+        f"{result.split_img_s / result.best_single_img_s:.2f}; partitioning {result.partition_us:.0f} us"
+    )
+    return f"{table}\n\n{summary}"
+
+
+def main(argv: list[str]) -> int:
+    parser = _Parser(prog="python -m hetero.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--network", required=True, help="one or more networks, comma-separated")
+    parser.add_argument("--device", default="cpu", help="comma-separated devices, e.g. cpu,gpu0")
+    parser.add_argument("--batch", type=_batch_list, required=True, help="one or more batch sizes, comma-separated")
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--repeats", type=_positive_int, default=5)
+    parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES))
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="append results here")
+    parser.add_argument("--machine", default=platform.node(), help="machine name for BENCHMARKS.md")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+
+    devices = parse_devices(args.device)
+    table = ProfileTable.load(args.table, create=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m hetero.benchmark " + shlex.join(argv)
+    sections = []
+    for network in args.network.split(","):
+        for batch in args.batch:
+            result = benchmark(network, devices, batch, table, args.repeats, args.profile_batches, args.budget,
+                               with_torch=not args.no_torch)
+            text = format_markdown(result)
+            print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
+            sections.append(f"#### {network}, batch {batch}, `{args.device}`\n\n{text}\n")
+    with open(args.markdown, "a", encoding="utf-8") as out:
+        out.write(f"\n### {args.machine}, {stamp}\n\n`{command}`\n\n" + "\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run(main, None))

@@ -1,0 +1,82 @@
+"""Compile a network for a device once, and keep the result on disk for later runs.
+
+The batch dimension is symbolic, so one compiled module serves every share size: profiling twenty
+batch sizes costs one compile per device, not twenty. Modules are keyed by the network's structure,
+the full target (host included) and the TVM version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from .devices import Device
+from .errors import HeteroError
+from .models import Network
+
+PIPELINE_VERSION = "1"  # bump when hetero's own passes change what a compile produces
+
+
+class CompileError(HeteroError):
+    """TVM could not build a network for a device."""
+
+
+@dataclass(frozen=True)
+class Compiled:
+    executable: tvm.runtime.Module
+    path: Path
+    seconds: float  # time spent building; 0 when it came from the cache
+    cached: bool
+
+
+def cache_dir() -> Path:
+    """Where compiled modules live: $HETERO_CACHE, else ~/.cache/hetero."""
+    return Path(os.environ.get("HETERO_CACHE") or Path.home() / ".cache" / "hetero")
+
+
+def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    if target.kind.name == "llvm":
+        from .cpu_schedule import cpu_pipeline
+
+        return cpu_pipeline(target)
+    return relax.get_default_pipeline(target)
+
+
+def module_key(network: Network, device: Device) -> str:
+    parts = [
+        network.name,
+        str(tvm_ffi.structural_hash(network.module)),
+        str(device.target),
+        str(device.target.host),
+        tvm.__version__,
+        PIPELINE_VERSION,
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def compile_network(network: Network, device: Device, use_cache: bool = True) -> Compiled:
+    """Build (or load from the cache) the module that runs `network` on `device`."""
+    path = cache_dir() / f"{network.name}-{device.target.kind.name}-{module_key(network, device)}.so"
+    if use_cache and path.exists():
+        return Compiled(tvm.runtime.load_module(str(path)), path, 0.0, cached=True)
+    start = time.perf_counter()
+    try:
+        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device.target))
+    except Exception as exc:  # TVM raises many types; the user needs the first line only
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompileError(f"compiling {network.name} for {device.name} failed: {first_line}") from exc
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        staged = Path(scratch) / path.name
+        executable.export_library(str(staged))
+        os.replace(staged, path)
+    return Compiled(tvm.runtime.load_module(str(path)), path, seconds, cached=False)

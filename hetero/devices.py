@@ -1,0 +1,170 @@
+"""Compute devices: parse the user's names (`cpu`, `igpu`, `gpu0`, ...) into one `Device` record.
+
+Each kind of device has one small backend class that knows how to find its devices, build a TVM
+target for them and tell whether TVM can run on them; nothing else in hetero branches on the kind.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import tvm
+
+from .errors import HeteroError
+
+
+class DeviceError(HeteroError):
+    """A device name that is malformed, or names a device this machine does not have."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device as hetero uses it: the user's name for it, and everything TVM needs to run on it."""
+
+    name: str  # the user's name: cpu, igpu, igpu1, gpu0, ...
+    kind: str  # TVM device type name: cpu, opencl, cuda
+    index: int  # TVM device index
+    hardware: str  # what the hardware calls itself, e.g. "NVIDIA H100 80GB HBM3"
+    target: tvm.target.Target = field(compare=False, hash=False)
+    threads: int = 0  # CPU worker threads for this device's runs; 0 means TVM's default
+
+    @property
+    def key(self) -> str:
+        """Identity under which profiles are stored: the same hardware, target and TVM reuse them."""
+        return f"{self.hardware} | {self.target} | tvm {tvm.__version__}"
+
+    def tvm_device(self) -> tvm.runtime.Device:
+        return tvm.device(self.kind, self.index)
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.hardware} ({self.target.kind.name})"
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_target() -> tvm.target.Target:
+    """LLVM target for this host; mtriple is explicit because the wheel's default triple rejects -mcpu."""
+    return tvm.target.Target(
+        {
+            "kind": "llvm",
+            "mtriple": f"{platform.machine()}-linux-gnu",
+            "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "num-cores": os.cpu_count() or 1,
+        }
+    )
+
+
+class CPUBackend:
+    """The host processor, compiled with LLVM."""
+
+    prefix = "cpu"
+
+    @staticmethod
+    def discover() -> list[Device]:
+        return [Device("cpu", "cpu", 0, _cpu_model_name(), cpu_target())]
+
+
+class CUDABackend:
+    """NVIDIA GPUs, each compiled for its own architecture so mixed generations work in one run."""
+
+    prefix = "gpu"
+
+    @staticmethod
+    def discover() -> list[Device]:
+        found = []
+        index = 0
+        while tvm.cuda(index).exist:
+            dev = tvm.cuda(index)
+            target = tvm.target.Target(tvm.target.Target.from_device(dev), cpu_target())
+            found.append(Device(f"gpu{index}", "cuda", index, dev.device_name, target))
+            index += 1
+        return found
+
+
+OPENCL_RUNTIME_MISSING = (
+    "TVM's OpenCL runtime (libtvm_runtime_opencl.so) is not part of this TVM install, so OpenCL "
+    "devices cannot run; install a TVM build with USE_OPENCL=ON (see TVM's installation docs)"
+)
+
+
+class OpenCLBackend:
+    """Integrated (and other) GPUs through OpenCL; found with pyopencl, run through TVM's OpenCL runtime."""
+
+    prefix = "igpu"
+
+    @staticmethod
+    def platform_devices() -> list[tuple[int, object]]:
+        """(TVM OpenCL index, pyopencl device) for every GPU OpenCL device, integrated ones first."""
+        try:
+            import pyopencl as cl
+        except ImportError:
+            return []
+        try:
+            cl_devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+        except cl.Error:
+            return []
+        # TVM numbers OpenCL devices of the GPU type in platform order.
+        gpus = [(i, d) for i, d in enumerate(d for d in cl_devices if d.type & cl.device_type.GPU)]
+        return sorted(gpus, key=lambda pair: not pair[1].host_unified_memory)
+
+    @staticmethod
+    def runtime_available() -> bool:
+        return tvm.get_global_func("device_api.opencl", allow_missing=True) is not None
+
+    @classmethod
+    def discover(cls) -> list[Device]:
+        found = []
+        for order, (index, cl_device) in enumerate(cls.platform_devices()):
+            name = "igpu" if order == 0 else f"igpu{order}"
+            if cls.runtime_available():
+                target = tvm.target.Target(tvm.target.Target.from_device(tvm.opencl(index)), cpu_target())
+            else:
+                target = tvm.target.Target({"kind": "opencl"}, cpu_target())
+            found.append(Device(name, "opencl", index, cl_device.name.strip(), target))
+        return found
+
+
+BACKENDS = (CPUBackend, OpenCLBackend, CUDABackend)
+_NAME = re.compile(r"^(cpu|igpu|gpu)(\d*)$")
+
+
+@lru_cache(maxsize=1)
+def available_devices() -> tuple[Device, ...]:
+    """Every device this machine has that hetero knows how to find."""
+    return tuple(device for backend in BACKENDS for device in backend.discover())
+
+
+def parse_devices(spec: str) -> list[Device]:
+    """Turn `cpu,igpu,gpu0` into devices, failing with one line that names the devices found."""
+    names = [part.strip() for part in spec.split(",")]
+    here = {device.name: device for device in available_devices()}
+    found_line = ", ".join(here) or "none"
+    devices = []
+    for name in names:
+        match = _NAME.match(name)
+        if not match or (match.group(1) == "gpu" and not match.group(2)):
+            raise DeviceError(
+                f"malformed device {name!r}; use cpu, igpu, igpu1, ..., gpu0, gpu1, ... (devices here: {found_line})"
+            )
+        if name in (d.name for d in devices):
+            raise DeviceError(f"device {name!r} is listed twice")
+        if name not in here:
+            raise DeviceError(f"device {name!r} not found; devices here: {found_line}")
+        device = here[name]
+        if device.kind == "opencl" and not OpenCLBackend.runtime_available():
+            raise DeviceError(f"device {name!r} ({device.hardware}): {OPENCL_RUNTIME_MISSING}")
+        devices.append(device)
+    return devices

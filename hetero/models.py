@@ -1,0 +1,492 @@
+"""The network registry: standard CNNs built in TVM Relax, plus ONNX import.
+
+Every network is one Relax function ``main(x, *weights) -> logits`` whose batch
+dimension is a symbolic ``n``, so one compiled module serves every batch size.
+Weights are function parameters, not constants (compiled modules stay small);
+``Network.params`` holds their values, in parameter order.  They are random but
+deterministic (a numpy Generator seeded from the network's name), He-normal so
+activations keep their scale through the depth; BatchNorm is folded into the
+preceding conv on the host.  Nothing is downloaded.
+
+Builders are registered timm-style::
+
+    @register("resnet-18")
+    def resnet18(g, x):
+        return _resnet(g, x, _basic_block, (2, 2, 2, 2))
+
+and composed from the blocks in this module and the layers of
+:class:`hetero._layers.Graph`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ._layers import Graph
+
+__all__ = [
+    "Network",
+    "UnknownNetworkError",
+    "get_network",
+    "network_names",
+    "register",
+]
+
+
+class UnknownNetworkError(ValueError):
+    """A network name that is neither registered nor a path to an .onnx file."""
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A network ready to compile: Relax module, weight values, per-sample shapes."""
+
+    name: str  # registry name, or the .onnx file's stem
+    module: tvm.IRModule  # one Relax function "main"(x, *weights) -> logits, batch dim symbolic
+    params: tuple[np.ndarray, ...]  # weights, in the order of main's parameters after x
+    input_shape: tuple[int, ...]  # ONE sample, e.g. (3, 224, 224)
+    output_shape: tuple[int, ...]  # ONE sample, e.g. (1000,)
+    dtype: str = "float32"
+
+    @property
+    def num_params(self) -> int:
+        """Number of weight values (scalars) in ``params``."""
+        return sum(int(p.size) for p in self.params)
+
+    def random_input(self, batch: int, seed: int = 0) -> np.ndarray:
+        """A deterministic input batch of shape ``(batch, *input_shape)``.
+
+        Samples are drawn in order from one stream, so sample ``i`` is the same
+        for every ``batch > i`` (``random_input(2)[0] == random_input(1)[0]``).
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((batch, *self.input_shape), dtype=np.float32)
+        return x.astype(self.dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return (f"Network(name={self.name!r}, input_shape={self.input_shape}, "
+                f"output_shape={self.output_shape}, dtype={self.dtype!r}, "
+                f"params={len(self.params)} arrays / {self.num_params:,} values)")
+
+
+# ------------------------------------------------------------------ registry
+
+Builder = Callable[[Graph, relax.Var], relax.Var]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Builder
+    input_shape: tuple[int, ...]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, *, input_shape: tuple[int, ...] = (3, 224, 224)) -> Callable[[Builder], Builder]:
+    """Decorator: record ``fn(g: Graph, x) -> logits`` as the builder of network ``name``."""
+
+    def deco(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"network {name!r} is registered twice")
+        _REGISTRY[name] = _Entry(fn, tuple(input_shape))
+        return fn
+
+    return deco
+
+
+def network_names() -> list[str]:
+    """Registry names, in registration order (families together, small to large)."""
+    return list(_REGISTRY)
+
+
+def _seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class _Built:
+    module: tvm.IRModule
+    graph: Graph
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str) -> _Built:
+    """The Relax module of a registered network and its weight recipe (no weight values yet)."""
+    entry = _REGISTRY[name]
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, *entry.input_shape), "float32"))
+    bb = relax.BlockBuilder()
+    g = Graph(bb)
+    with bb.function("main", attrs={"num_input": 1}):
+        with bb.dataflow():
+            out = bb.emit_output(entry.build(g, x))
+        bb.emit_func_output(out, params=[x, *g.weights])
+    mod = bb.finalize()
+    return _Built(mod, g, entry.input_shape, tuple(g.shape(out)[1:]))
+
+
+@functools.lru_cache(maxsize=None)
+def get_network(name_or_path: str) -> Network:
+    """A registered network by name, or an ONNX model by a path ending in ``.onnx``.
+
+    Cached per process: repeated calls return the same object (whose weight
+    arrays are read-only, since they are shared).
+    """
+    if name_or_path in _REGISTRY:
+        built = _build(name_or_path)
+        params = built.graph.init_weights(np.random.default_rng(_seed(name_or_path)))
+        return Network(name_or_path, built.module, params, built.input_shape, built.output_shape)
+    if name_or_path.lower().endswith(".onnx"):
+        return _load_onnx(name_or_path)
+    raise UnknownNetworkError(
+        f"unknown network {name_or_path!r}; choose from: {', '.join(network_names())}"
+    )
+
+
+# ---------------------------------------------------------------- MobileNet
+
+
+@register("mobilenet")
+def mobilenet(g: Graph, x: relax.Var) -> relax.Var:
+    """MobileNet v1, width 1.0, 224x224: depthwise-separable convs."""
+    x = g.conv(x, 32, 3, 2, 1)
+    for cout, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                         *[(512, 1)] * 5, (1024, 2), (1024, 1)]:
+        cin = g.channels(x)
+        x = g.conv(x, cin, 3, stride, 1, groups=cin)  # depthwise
+        x = g.conv(x, cout, 1)  # pointwise
+    return g.classifier(x)
+
+
+# --------------------------------------------------------------- SqueezeNet
+
+
+def _fire(g: Graph, x: relax.Expr, squeeze: int, expand: int) -> relax.Var:
+    s = g.conv(x, squeeze, 1, bn=False)
+    return g.concat([g.conv(s, expand, 1, bn=False), g.conv(s, expand, 3, 1, 1, bn=False)])
+
+
+def _squeezenet(g: Graph, x: relax.Expr, stem: tuple[int, int],
+                stages: Sequence[Sequence[tuple[int, int]]]) -> relax.Var:
+    """``stem`` = (channels, kernel) of the stride-2 first conv; each stage starts with a max pool."""
+    x = g.conv(x, stem[0], stem[1], 2, bn=False)
+    for fires in stages:
+        x = g.max_pool(x, 3, 2, ceil_mode=True)
+        for squeeze, expand in fires:
+            x = _fire(g, x, squeeze, expand)
+    x = g.conv(x, 1000, 1, bn=False)  # the classifier is a 1x1 conv + ReLU
+    return g.global_pool(x)
+
+
+@register("squeezenet_v1.0")
+def squeezenet_v1_0(g: Graph, x: relax.Var) -> relax.Var:
+    return _squeezenet(g, x, (96, 7), [[(16, 64), (16, 64), (32, 128)],
+                                       [(32, 128), (48, 192), (48, 192), (64, 256)],
+                                       [(64, 256)]])
+
+
+@register("squeezenet_v1.1")
+def squeezenet_v1_1(g: Graph, x: relax.Var) -> relax.Var:
+    return _squeezenet(g, x, (64, 3), [[(16, 64), (16, 64)],
+                                       [(32, 128), (32, 128)],
+                                       [(48, 192), (48, 192), (64, 256), (64, 256)]])
+
+
+# ------------------------------------------------------------------- ResNet
+
+
+def _shortcut(g: Graph, x: relax.Expr, cout: int, stride: int) -> relax.Expr:
+    if stride == 1 and g.channels(x) == cout:
+        return x
+    return g.conv(x, cout, 1, stride, relu=False)
+
+
+def _basic_block(g: Graph, x: relax.Expr, width: int, stride: int, gamma: float) -> relax.Var:
+    y = g.conv(x, width, 3, stride, 1)
+    y = g.conv(y, width, 3, 1, 1, relu=False, bn_gamma=gamma)
+    return g.relu(g.add(y, _shortcut(g, x, width, stride)))
+
+
+def _bottleneck(g: Graph, x: relax.Expr, width: int, stride: int, gamma: float) -> relax.Var:
+    y = g.conv(x, width, 1)
+    y = g.conv(y, width, 3, stride, 1)  # stride on the 3x3 (torchvision's "v1.5")
+    y = g.conv(y, width * 4, 1, relu=False, bn_gamma=gamma)
+    return g.relu(g.add(y, _shortcut(g, x, width * 4, stride)))
+
+
+def _resnet(g: Graph, x: relax.Expr, block: Callable[..., relax.Var],
+            depths: Sequence[int]) -> relax.Var:
+    x = g.conv(x, 64, 7, 2, 3)
+    x = g.max_pool(x, 3, 2, 1)
+    # Each residual add grows the variance by (1 + gamma^2); damping the last
+    # BatchNorm of every branch keeps the total growth bounded (~e) at any depth.
+    gamma = 1.0 / math.sqrt(sum(depths))
+    for stage, depth in enumerate(depths):
+        for i in range(depth):
+            stride = 2 if stage > 0 and i == 0 else 1
+            x = block(g, x, 64 << stage, stride, gamma)
+    return g.classifier(x)
+
+
+@register("resnet-18")
+def resnet18(g: Graph, x: relax.Var) -> relax.Var:
+    return _resnet(g, x, _basic_block, (2, 2, 2, 2))
+
+
+@register("resnet-34")
+def resnet34(g: Graph, x: relax.Var) -> relax.Var:
+    return _resnet(g, x, _basic_block, (3, 4, 6, 3))
+
+
+@register("resnet-50")
+def resnet50(g: Graph, x: relax.Var) -> relax.Var:
+    return _resnet(g, x, _bottleneck, (3, 4, 6, 3))
+
+
+# -------------------------------------------------------------- Inception v3
+# A conv spec is (channels, kernel[, stride[, padding]]); every conv is conv-BN-ReLU.
+
+
+def _convs(g: Graph, x: relax.Expr, *specs: tuple) -> relax.Expr:
+    for spec in specs:
+        x = g.conv(x, *spec)
+    return x
+
+
+def _split_1x3_3x1(g: Graph, x: relax.Expr, c: int) -> relax.Var:
+    return g.concat([g.conv(x, c, (1, 3), 1, (0, 1)), g.conv(x, c, (3, 1), 1, (1, 0))])
+
+
+def _inception_a(g: Graph, x: relax.Expr, pool_features: int) -> relax.Var:
+    return g.concat([
+        _convs(g, x, (64, 1)),
+        _convs(g, x, (48, 1), (64, 5, 1, 2)),
+        _convs(g, x, (64, 1), (96, 3, 1, 1), (96, 3, 1, 1)),
+        _convs(g, g.avg_pool(x, 3, 1, 1), (pool_features, 1)),
+    ])
+
+
+def _inception_b(g: Graph, x: relax.Expr) -> relax.Var:
+    return g.concat([
+        _convs(g, x, (384, 3, 2)),
+        _convs(g, x, (64, 1), (96, 3, 1, 1), (96, 3, 2)),
+        g.max_pool(x, 3, 2),
+    ])
+
+
+def _inception_c(g: Graph, x: relax.Expr, c7: int) -> relax.Var:
+    h, v = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7 and 7x1 (kernel, stride, padding)
+    return g.concat([
+        _convs(g, x, (192, 1)),
+        _convs(g, x, (c7, 1), (c7, *h), (192, *v)),
+        _convs(g, x, (c7, 1), (c7, *v), (c7, *h), (c7, *v), (192, *h)),
+        _convs(g, g.avg_pool(x, 3, 1, 1), (192, 1)),
+    ])
+
+
+def _inception_d(g: Graph, x: relax.Expr) -> relax.Var:
+    return g.concat([
+        _convs(g, x, (192, 1), (320, 3, 2)),
+        _convs(g, x, (192, 1), (192, (1, 7), 1, (0, 3)), (192, (7, 1), 1, (3, 0)), (192, 3, 2)),
+        g.max_pool(x, 3, 2),
+    ])
+
+
+def _inception_e(g: Graph, x: relax.Expr) -> relax.Var:
+    return g.concat([
+        _convs(g, x, (320, 1)),
+        _split_1x3_3x1(g, _convs(g, x, (384, 1)), 384),
+        _split_1x3_3x1(g, _convs(g, x, (448, 1), (384, 3, 1, 1)), 384),
+        _convs(g, g.avg_pool(x, 3, 1, 1), (192, 1)),
+    ])
+
+
+@register("inception_v3", input_shape=(3, 299, 299))
+def inception_v3(g: Graph, x: relax.Var) -> relax.Var:
+    """Inception v3 as in torchvision, without the auxiliary classifier."""
+    g.bn_eps = 1e-3
+    x = _convs(g, x, (32, 3, 2), (32, 3), (64, 3, 1, 1))
+    x = g.max_pool(x, 3, 2)
+    x = _convs(g, x, (80, 1), (192, 3))
+    x = g.max_pool(x, 3, 2)
+    for pool_features in (32, 64, 64):
+        x = _inception_a(g, x, pool_features)
+    x = _inception_b(g, x)
+    for c7 in (128, 160, 160, 192):
+        x = _inception_c(g, x, c7)
+    x = _inception_d(g, x)
+    x = _inception_e(g, x)
+    x = _inception_e(g, x)
+    return g.classifier(x)
+
+
+# ---------------------------------------------------------------------- VGG
+
+
+def _vgg(g: Graph, x: relax.Expr, depths: Sequence[int]) -> relax.Var:
+    for stage, depth in enumerate(depths):
+        for _ in range(depth):
+            x = g.conv(x, min(64 << stage, 512), 3, 1, 1, bn=False)
+        x = g.max_pool(x, 2, 2)
+    x = g.flatten(x)  # 512 x 7 x 7 at 224x224 (torchvision's adaptive pool to 7x7 is a no-op)
+    x = g.linear(x, 4096, relu=True)
+    x = g.linear(x, 4096, relu=True)
+    return g.linear(x, 1000)
+
+
+@register("vgg-16")
+def vgg16(g: Graph, x: relax.Var) -> relax.Var:
+    return _vgg(g, x, (2, 2, 3, 3, 3))
+
+
+@register("vgg-19")
+def vgg19(g: Graph, x: relax.Var) -> relax.Var:
+    return _vgg(g, x, (2, 2, 4, 4, 4))
+
+
+# ----------------------------------------------------------------- DenseNet
+# Pre-activation (BN-ReLU-conv): the BN in front of each conv reads a
+# concatenation of many convs' outputs, so it stays a per-channel scale+shift;
+# the BN between a dense layer's 1x1 and 3x3 convs is folded into the 1x1.
+
+
+def _dense_layer(g: Graph, x: relax.Expr, growth: int, bn_size: int) -> relax.Var:
+    y = g.conv(g.relu(g.batch_norm(x)), bn_size * growth, 1)
+    return g.conv(y, growth, 3, 1, 1, bn=False, bias=False, relu=False)
+
+
+def _transition(g: Graph, x: relax.Expr) -> relax.Var:
+    y = g.relu(g.batch_norm(x))
+    y = g.conv(y, g.channels(x) // 2, 1, bn=False, bias=False, relu=False)
+    return g.avg_pool(y, 2, 2)
+
+
+def _densenet(g: Graph, x: relax.Expr, growth: int, blocks: Sequence[int],
+              init_features: int, bn_size: int = 4) -> relax.Var:
+    x = g.conv(x, init_features, 7, 2, 3)
+    x = g.max_pool(x, 3, 2, 1)
+    for i, layers in enumerate(blocks):
+        for _ in range(layers):
+            x = g.concat([x, _dense_layer(g, x, growth, bn_size)])
+        if i < len(blocks) - 1:
+            x = _transition(g, x)
+    return g.classifier(g.relu(g.batch_norm(x)))
+
+
+@register("densenet-121")
+def densenet121(g: Graph, x: relax.Var) -> relax.Var:
+    return _densenet(g, x, 32, (6, 12, 24, 16), 64)
+
+
+# --------------------------------------------------------------------- ONNX
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _int_initializers_as_constants(model, onnx):  # noqa: ANN001 - onnx types
+    """Copy of ``model`` whose non-float initializers (shapes, axes, ...) are Constant nodes.
+
+    With ``keep_params_in_input`` the frontend turns every initializer into a
+    function parameter, which would make e.g. a Reshape's target shape a
+    runtime value; only float tensors are weights.
+    """
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    weights = [t for t in m.graph.initializer if t.data_type in float_types]
+    consts = [t for t in m.graph.initializer if t.data_type not in float_types]
+    if consts:
+        names = {t.name for t in consts}
+        nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in consts]
+        nodes += list(m.graph.node)
+        inputs = [i for i in m.graph.input if i.name not in names]
+        del m.graph.initializer[:], m.graph.node[:], m.graph.input[:]
+        m.graph.initializer.extend(weights)
+        m.graph.node.extend(nodes)
+        m.graph.input.extend(inputs)
+    return m
+
+
+def _load_onnx(path: str) -> Network:
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError(
+            f"loading {path!r} needs the onnx package: pip install onnx (or pip install .[onnx])"
+        ) from None
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"cannot read ONNX model {path!r}: no such file")
+    try:
+        model = onnx.load(str(file))
+    except Exception as err:  # protobuf decode errors, permissions, bad external data, ...
+        raise ValueError(f"cannot read ONNX model {path!r}: {_one_line(err)}") from None
+
+    graph = model.graph
+    if not graph.node:
+        raise ValueError(f"cannot read ONNX model {path!r}: the file holds no graph")
+    initialized = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initialized]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ValueError(f"ONNX model {path!r} has {len(inputs)} inputs and {len(graph.output)} "
+                         "outputs; only single-input, single-output models are supported")
+    inp = inputs[0]
+    ttype = inp.type.tensor_type
+    dims = list(ttype.shape.dim)
+    if not inp.type.HasField("tensor_type") or not ttype.HasField("shape") or len(dims) < 2 \
+            or any(d.dim_value <= 0 for d in dims[1:]):
+        shown = [d.dim_value or d.dim_param or "?" for d in dims]
+        raise ValueError(f"ONNX model {path!r}: input {inp.name!r} must be a tensor (batch, ...) "
+                         f"with static sizes after the batch dimension, got {shown}")
+    sample = tuple(int(d.dim_value) for d in dims[1:])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+
+    n = tvm.tirx.Var("n", "int64")
+    try:
+        mod = from_onnx(_int_initializers_as_constants(model, onnx),
+                        shape_dict={inp.name: [n, *sample]}, keep_params_in_input=True)
+    except Exception as err:  # unsupported ops, shape errors, old IR versions, ...
+        raise ValueError(f"cannot convert ONNX model {path!r}: {_one_line(err)}") from None
+    mod, detached = detach_params(mod)
+    main = mod["main"]
+
+    ret = main.ret_ty
+    out_dims = []
+    if isinstance(ret, relax.TensorType) and isinstance(ret.shape, relax.ShapeExpr):
+        out_dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ret.shape.values]
+    if not out_dims or isinstance(out_dims[0], int) or not out_dims[0].same_as(n) \
+            or not all(isinstance(d, int) for d in out_dims[1:]):
+        raise ValueError(f"ONNX model {path!r}: cannot make the batch dimension symbolic "
+                         f"(output shape {ret}); the model may hard-code its batch size")
+    params = tuple(_readonly(p.numpy()) for p in detached.get("main", []))
+    if len(params) != len(main.params) - 1:
+        raise ValueError(f"ONNX model {path!r}: {len(main.params) - 1} weight parameters "
+                         f"but {len(params)} values")
+    return Network(file.stem, mod, params, sample, tuple(out_dims[1:]), dtype)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a

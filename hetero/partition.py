@@ -1,0 +1,123 @@
+"""Split a batch over devices so that the slowest finishes as early as possible; pure, touches no device.
+
+costs[i][s] is the predicted seconds for device i to run s samples: non-decreasing in s, 0 for s == 0,
+inf where the device cannot run that many. A split is a list of shares (samples per device) summing to
+the batch, and its makespan is the time of the device that finishes last.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def makespan(costs: Sequence[np.ndarray], shares: Sequence[int]) -> float:
+    """Predicted seconds until the last device finishes its share."""
+    return max(float(cost[share]) for cost, share in zip(costs, shares, strict=True))
+
+
+def _stack(costs: Sequence[np.ndarray], batch: int) -> np.ndarray:
+    """The costs as one (devices, batch + 1) array, checked against the contract the partitioners rely on."""
+    if batch < 0:
+        raise ValueError(f"batch must be at least 0, got {batch}")
+    if not costs:
+        raise ValueError("no devices to split the batch over")
+    if any(len(cost) < batch + 1 for cost in costs):
+        raise ValueError(f"every cost curve needs entries for 0..{batch} samples")
+    table = np.array([np.asarray(cost, dtype=float)[: batch + 1] for cost in costs])
+    if np.any(table[:, 0] != 0) or np.any(table[:, 1:] < table[:, :-1]) or np.isnan(table).any():
+        raise ValueError("cost curves must start at 0 and never fall as samples are added")
+    capacity = int(np.isfinite(table[:, 1:]).sum())  # finite entries form a prefix of each row
+    if capacity < batch:
+        raise ValueError(f"batch {batch} does not fit: the devices together can run at most {capacity} samples")
+    return table
+
+
+def partition_greedy(costs: Sequence[np.ndarray], batch: int) -> list[int]:
+    """The seed's heuristic: everything on the fastest device, then move single samples off the slowest.
+
+    Each step takes one sample from the device finishing last and gives it to the device that leaves the
+    smallest makespan (ties go to the earlier device); it stops when a move no longer strictly lowers the
+    makespan.
+    """
+    table = _stack(costs, batch)
+    devices = np.arange(len(table))
+    shares = np.zeros(len(table), dtype=int)
+    shares[np.argmin(table[:, batch])] = batch
+    while True:
+        times = table[devices, shares]
+        source = int(np.argmax(times))
+        if times[source] == 0:
+            break
+        shares[source] -= 1
+        lightened = table[devices, shares]
+        order = np.argsort(lightened)
+        # Makespan of giving the sample to device j: its grown time against the largest time of the others.
+        others = np.full(len(table), lightened[order[-1]])
+        if len(table) > 1:
+            others[order[-1]] = lightened[order[-2]]
+        trial = np.maximum(table[devices, shares + 1], others)
+        trial[source] = np.inf  # giving it back is no move
+        target = int(np.argmin(trial))
+        if not trial[target] < times[source]:
+            shares[source] += 1
+            break
+        shares[target] += 1
+    if not math.isfinite(times.max()):
+        raise ValueError(f"the greedy partitioner found no split of batch {batch} that every device can run; "
+                         f"the exact partitioner can")
+    return shares.tolist()
+
+
+def _trim(table: np.ndarray, shares: np.ndarray, surplus: int) -> None:
+    """Take `surplus` samples off `shares` (in place), each where it lowers that device's time most.
+
+    Times only fall, so the makespan stays. A device's last sample saves its whole remaining time, so a
+    device whose share the others can absorb within the makespan is emptied first: one that cannot help gets 0.
+    Runs of removals from one device are taken in one step while they beat every other device's next one.
+    """
+    # (minus what removing the device's top sample saves, device): the biggest saving pops first.
+    heap = [(table[i, s - 1] - table[i, s], i) for i, s in enumerate(shares) if s]
+    heapq.heapify(heap)
+    while surplus:
+        _, i = heapq.heappop(heap)
+        rival = -heap[0][0] if heap else -np.inf
+        s = int(shares[i])
+        drops = np.diff(table[i, s - min(s, surplus) : s + 1])[::-1]  # what each further removal saves
+        beaten = np.flatnonzero(drops < rival)
+        taken = int(beaten[0]) if beaten.size else drops.size
+        shares[i] -= taken
+        surplus -= taken
+        if shares[i]:
+            heapq.heappush(heap, (table[i, shares[i] - 1] - table[i, shares[i]], i))
+
+
+def partition_exact(costs: Sequence[np.ndarray], batch: int) -> list[int]:
+    """The split with the smallest makespan, preferring to leave out devices that do not lower it.
+
+    With non-decreasing costs, device i can take s samples within time T exactly when costs[i][s] <= T,
+    so within T the devices take count(costs[i][1:] <= T) samples in all. The optimal makespan T* is
+    hence the batch-th smallest entry of the cost table without its zero column: an order statistic,
+    O(devices x batch) with np.partition, taken among the entries no larger than the best single device's
+    time (an upper bound on T*) to keep the selection small. Each device then takes all it can within
+    T*, and the surplus is trimmed.
+    """
+    table = _stack(costs, batch)
+    if batch == 0:
+        return [0] * len(table)
+    body = table[:, 1:]
+    single = table[:, batch].min()
+    candidates = body[body <= single] if math.isfinite(single) else body[np.isfinite(body)]
+    best = np.partition(candidates, batch - 1)[batch - 1]
+    shares = (body <= best).sum(axis=1)
+    _trim(table, shares, int(shares.sum()) - batch)
+    return shares.tolist()
+
+
+PARTITIONERS: dict[str, Callable[[Sequence[np.ndarray], int], list[int]]] = {
+    "exact": partition_exact,
+    "greedy": partition_greedy,
+}

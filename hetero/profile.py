@@ -1,0 +1,124 @@
+"""Measure how long a device takes per sample at each batch size, the numbers the partitioner plans with.
+
+Execution and host-device copies are timed apart, after a warm-up run, as medians of repeats. Slow
+devices stay practical: once a device has spent its time budget and its per-sample time has
+flattened, larger batches are predicted from the last ones instead of measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tqdm import tqdm
+
+from .devices import Device
+from .execute import Engine
+from .models import Network
+from .table import Measurement, Profile
+
+SEED_BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
+MIN_REPEATS = 3
+MAX_REPEATS = 10
+SECONDS_PER_SIZE = 1.0  # keep repeating a size until this much time is spent (or MAX_REPEATS)
+FLAT = 0.10  # per-sample times within 10% of each other count as flattened
+HARD_LIMIT = 4  # beyond this many budgets a device stops growing the batch even if not flat
+
+
+def measure_batch(engine: Engine, batch: int) -> Measurement:
+    """Time one batch size: one warm-up run, then repeats; a failure is recorded, not raised."""
+    inputs = engine.network.random_input(batch)
+    try:
+        engine.infer(inputs)
+        timings = []
+        spent = 0.0
+        while len(timings) < MIN_REPEATS or (spent < SECONDS_PER_SIZE and len(timings) < MAX_REPEATS):
+            _, timing = engine.infer(inputs)
+            timings.append(timing)
+            spent += timing.total_s
+    except Exception as exc:  # out of memory and friends: the size is recorded as failed
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Measurement(batch, [], [], [], error=reason)
+    return Measurement(
+        batch,
+        exec_s=[t.exec_s for t in timings],
+        h2d_s=[t.h2d_s for t in timings],
+        d2h_s=[t.d2h_s for t in timings],
+    )
+
+
+def _flattened(measurements: list[Measurement]) -> bool:
+    ok = [m for m in measurements if m.error is None]
+    if len(ok) < 3:
+        return False
+    last = [m.per_sample_s for m in ok[-3:]]
+    return (max(last) - min(last)) / min(last) <= FLAT
+
+
+def profile_engine(
+    engine: Engine, batches: Sequence[int] = SEED_BATCHES, budget_s: float = 60.0, progress: bool = True
+) -> Profile:
+    """Profile one network on one device over `batches`, within `budget_s` seconds where possible."""
+    sizes = sorted(set(batches))
+    measurements: list[Measurement] = []
+    stopped = None
+    start = time.perf_counter()
+    bar = tqdm(sizes, desc=f"profiling {engine.network.name} on {engine.device.name}", unit="size",
+               disable=not progress, leave=False)
+    for batch in bar:
+        spent = time.perf_counter() - start
+        if measurements and spent > budget_s and _flattened(measurements):
+            stopped = (f"time budget {budget_s:g}s spent and per-sample time flat; "
+                       f"sizes from {batch} up are extrapolated")
+            break
+        if measurements and measurements[-1].error is None:
+            expected = measurements[-1].per_sample_s * batch * (MIN_REPEATS + 1)
+            if spent + expected > HARD_LIMIT * budget_s:
+                stopped = (f"batch {batch} would pass {HARD_LIMIT}x the time budget of {budget_s:g}s; "
+                           f"sizes from {batch} up are extrapolated")
+                break
+        measurement = measure_batch(engine, batch)
+        measurements.append(measurement)
+        if measurement.error is not None:
+            stopped = f"batch {batch} failed, so larger sizes were not tried: {measurement.error}"
+            break
+    bar.close()
+    return Profile(engine.device.key, engine.network.name, measurements, stopped)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Host-to-device and device-to-host copy time of one batch's input and output."""
+
+    batch: int
+    input_bytes: int
+    output_bytes: int
+    h2d_s: float
+    d2h_s: float
+
+
+def measure_transfers(network: Network, device: Device, batches: Sequence[int], repeats: int = 5) -> list[Transfer]:
+    """Median copy times of a batch's input to the device and its output back, per batch size."""
+    dev = device.tvm_device()
+    rows = []
+    for batch in batches:
+        host_in = network.random_input(batch)
+        host_out = np.ones((batch, *network.output_shape), dtype=network.dtype)
+        out_on_device = tvm.runtime.tensor(host_out, dev)
+        h2d, d2h = [], []
+        for _ in range(repeats + 1):  # the first round warms up allocators and drivers
+            t0 = time.perf_counter()
+            tvm.runtime.tensor(host_in, dev)
+            dev.sync()
+            t1 = time.perf_counter()
+            out_on_device.numpy()
+            t2 = time.perf_counter()
+            h2d.append(t1 - t0)
+            d2h.append(t2 - t1)
+        rows.append(
+            Transfer(batch, host_in.nbytes, host_out.nbytes, float(np.median(h2d[1:])), float(np.median(d2h[1:])))
+        )
+    return rows

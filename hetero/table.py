@@ -1,0 +1,275 @@
+"""The profile table: per device and network, how long each profiled batch size took.
+
+The table is a JSON file shared by every run on a machine (never pickle: it must stay readable and
+safe to load). Runs that profile concurrently merge into it under a file lock instead of
+overwriting each other, and a file that is not ours is refused rather than replaced.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from .errors import HeteroError
+
+FORMAT = "hetero-profile-table"
+VERSION = 1
+NOISY_IQR = 0.1  # exec times whose interquartile range passes 10% of the median are flagged
+
+Key = tuple[str, str]  # (device_key, network)
+
+
+@dataclass
+class Measurement:
+    """One profiled batch size on one device; raw repeats are kept so noise stays visible.
+
+    The derived times are only defined for a size that ran (`error` is None).
+    """
+
+    batch: int
+    exec_s: list[float]
+    h2d_s: list[float]
+    d2h_s: list[float]
+    error: str | None = None
+
+    @property
+    def exec_median(self) -> float:
+        return statistics.median(self.exec_s)
+
+    @property
+    def h2d_median(self) -> float:
+        return statistics.median(self.h2d_s)
+
+    @property
+    def d2h_median(self) -> float:
+        return statistics.median(self.d2h_s)
+
+    @property
+    def total_median(self) -> float:
+        """Seconds for the whole batch including its copies, what a share of a split costs."""
+        return self.exec_median + self.h2d_median + self.d2h_median
+
+    @property
+    def per_sample_s(self) -> float:
+        return self.total_median / self.batch
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the repeats disagree enough that predictions from this size are doubtful."""
+        q1, q3 = np.percentile(self.exec_s, [25, 75])
+        return bool((q3 - q1) / self.exec_median > NOISY_IQR)
+
+
+@dataclass
+class Profile:
+    """How one device runs one network, and the predictions the partitioner plans with."""
+
+    device_key: str
+    network: str
+    measurements: list[Measurement]
+    stopped: str | None = None
+
+    def __post_init__(self) -> None:
+        self.measurements = sorted(self.measurements, key=lambda m: m.batch)
+
+    def max_batch(self) -> int | None:
+        """The largest size that ran below the smallest size that failed (0 if none ran); None if none failed.
+
+        Only measured sizes count: a size between the last success and the failure was never shown to fit.
+        """
+        failed = [m.batch for m in self.measurements if m.error is not None]
+        if not failed:
+            return None
+        return max((m.batch for m in self.measurements if m.error is None and m.batch < min(failed)), default=0)
+
+    def _seconds(self, sizes: np.ndarray) -> np.ndarray:
+        """Predicted seconds per size, not yet made monotone; inf above max_batch()."""
+        if not self.measurements:
+            raise ValueError(f"no measurements of {self.network} on {self.device_key} to predict from")
+        ran = [m for m in self.measurements if m.error is None]
+        if ran:  # np.interp extrapolates flat beyond the profiled sizes
+            seconds = sizes * np.interp(sizes, [m.batch for m in ran], [m.per_sample_s for m in ran])
+        else:  # every size failed: max_batch() is 0, so only the empty share is finite
+            seconds = np.zeros(sizes.shape)
+        limit = self.max_batch()
+        return seconds if limit is None else np.where(sizes > limit, np.inf, seconds)
+
+    def predict(self, batch: int) -> float:
+        """Predicted seconds (execution and copies) for `batch` samples."""
+        if batch < 0:
+            raise ValueError(f"batch must be at least 0, got {batch}")
+        return float(self._seconds(np.array(batch, dtype=float)))
+
+    def cost_curve(self, n: int) -> np.ndarray:
+        """Predicted seconds for 0..n samples, never falling as samples are added (what the partitioner needs)."""
+        return np.maximum.accumulate(self._seconds(np.arange(n + 1, dtype=float)))
+
+
+class TableError(HeteroError):
+    """The table file is missing, unreadable, or not a profile table; the message is one line."""
+
+
+def _profile_to_json(profile: Profile) -> dict:
+    return {"stopped": profile.stopped, "measurements": [asdict(m) for m in profile.measurements]}
+
+
+def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
+    measurements = [
+        Measurement(
+            batch=int(m["batch"]),
+            exec_s=[float(t) for t in m["exec_s"]],
+            h2d_s=[float(t) for t in m["h2d_s"]],
+            d2h_s=[float(t) for t in m["d2h_s"]],
+            error=None if m["error"] is None else str(m["error"]),
+        )
+        for m in entry["measurements"]
+    ]
+    stopped = entry["stopped"]
+    return Profile(device_key, network, measurements, None if stopped is None else str(stopped))
+
+
+def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:
+    """The profiles in a table file's bytes; TableError for anything that is not a table we wrote."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise TableError(f"{path}: corrupt profile table, not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise TableError(f"{path}: not a hetero profile table (no \"format\": \"{FORMAT}\")")
+    if doc.get("version") != VERSION:
+        raise TableError(f"{path}: profile table version {doc.get('version')!r} is not supported (expected {VERSION})")
+    try:
+        return {
+            (device_key, network): _profile_from_json(device_key, network, entry)
+            for device_key, networks in doc["profiles"].items()
+            for network, entry in networks.items()
+        }
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise TableError(f"{path}: corrupt profile table ({type(exc).__name__}: {exc})") from None
+
+
+def _dumps(profiles: dict[Key, Profile]) -> str:
+    nested: dict[str, dict[str, dict]] = {}
+    for (device_key, network), profile in sorted(profiles.items()):
+        nested.setdefault(device_key, {})[network] = _profile_to_json(profile)
+    return json.dumps({"format": FORMAT, "version": VERSION, "profiles": nested}, indent=1) + "\n"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on "<path>.lock" (flock: excludes other processes and other open tables)."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write a temp file beside `path` and rename it over, so readers see the old or the new table, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the table from other users
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class ProfileTable:
+    """All profiles in one table file; profiles put() here win over the file's when saved."""
+
+    path: Path
+    _profiles: dict[Key, Profile] = field(default_factory=dict, repr=False)
+    _changed: set[Key] = field(default_factory=set, repr=False)  # keys put() here since load or save
+
+    @classmethod
+    def load(cls, path: str | Path, create: bool = False) -> ProfileTable:
+        """The table at `path`; a missing file is an error unless `create` (then the table starts empty)."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if create:
+                return cls(path)
+            raise TableError(f"{path}: no such profile table") from None
+        except OSError as exc:
+            raise TableError(f"{path}: cannot read profile table ({exc.strerror})") from None
+        return cls(path, _parse(raw, path))
+
+    def get(self, device_key: str, network: str) -> Profile | None:
+        return self._profiles.get((device_key, network))
+
+    def put(self, profile: Profile) -> None:
+        key = (profile.device_key, profile.network)
+        self._profiles[key] = profile
+        self._changed.add(key)
+
+    def profiles(self) -> list[Profile]:
+        return [self._profiles[key] for key in sorted(self._profiles)]
+
+    def save(self) -> None:
+        """Merge into the file under its lock and replace it atomically, keeping other processes' profiles.
+
+        Profiles put() here win for their key; for other keys the file's copy wins, since it may be newer
+        than the one loaded. A file that is corrupt or not a profile table raises TableError untouched.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path):
+            try:
+                on_disk = _parse(self.path.read_bytes(), self.path)
+            except FileNotFoundError:
+                on_disk = {}
+            merged = {**self._profiles, **on_disk, **{key: self._profiles[key] for key in self._changed}}
+            _replace_atomically(self.path, _dumps(merged))
+        self._profiles = merged
+        self._changed.clear()
+
+
+def _row(m: Measurement) -> list:
+    if m.error is not None:
+        return [m.batch, None, None, None, None, None, m.error]
+    return [
+        m.batch,
+        m.per_sample_s * 1e3,
+        m.batch / m.total_median,
+        m.exec_median * 1e3,
+        m.h2d_median * 1e3,
+        m.d2h_median * 1e3,
+        "noisy" if m.noisy else "",
+    ]
+
+
+def format_table(table: ProfileTable) -> str:
+    """The table for people: per profile a header line, then one row per profiled batch size."""
+    if not table.profiles():
+        return f"{table.path}: no profiles"
+    blocks = []
+    for profile in table.profiles():
+        header = f"{profile.device_key}  [{profile.network}]"
+        if profile.stopped:
+            header += f"  stopped: {profile.stopped}"
+        rows = tabulate(
+            [_row(m) for m in profile.measurements],
+            headers=["batch", "ms/sample", "img/s", "exec ms", "H2D ms", "D2H ms", "note"],
+            floatfmt=("", ".3f", ".1f", ".3f", ".3f", ".3f", ""),
+        )
+        blocks.append(f"{header}\n{rows}")
+    return "\n\n".join(blocks)

@@ -1,0 +1,30 @@
+"""Shared fixtures: one compiled-module cache per test session, so each network compiles once."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_NETWORK = "squeezenet_v1.1"  # the cheapest registered network to compile and run on 2 cores
+
+
+@pytest.fixture(scope="session", autouse=True)
+def module_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("module-cache")
+    os.environ["HETERO_CACHE"] = str(path)
+    return path
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run one of the top-level scripts the way the README does."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )

@@ -1,0 +1,131 @@
+"""The partitioners against brute force on small random cost tables, plus the contract's edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hetero.partition import PARTITIONERS, makespan, partition_exact, partition_greedy
+
+
+@st.composite
+def cost_tables(draw):
+    """2-4 monotone cost curves starting at 0, with ties, plateaus, inf tails and spare length past the batch."""
+    batch = draw(st.integers(0, 12))
+    devices = draw(st.integers(2, 4))
+    length = batch + 1 + draw(st.integers(0, 3))
+    costs = []
+    for _ in range(devices):
+        steps = draw(st.lists(st.integers(0, 6), min_size=length - 1, max_size=length - 1))
+        curve = np.concatenate([[0.0], np.cumsum(steps, dtype=float)])
+        limit = draw(st.integers(0, length))  # the device can run at most `limit` samples
+        curve[limit + 1 :] = np.inf
+        costs.append(curve)
+    return costs, batch
+
+
+def _splits(batch: int, devices: int):
+    """Every share vector of `devices` non-negative ints summing to `batch`."""
+    if devices == 1:
+        yield (batch,)
+        return
+    for first in range(batch + 1):
+        for rest in _splits(batch - first, devices - 1):
+            yield (first, *rest)
+
+
+def _brute_force(costs, batch) -> float:
+    return min(makespan(costs, shares) for shares in _splits(batch, len(costs)))
+
+
+def _feasible(costs, batch) -> bool:
+    return sum(int(np.isfinite(c[1 : batch + 1]).sum()) for c in costs) >= batch
+
+
+@settings(max_examples=300, deadline=None)
+@given(cost_tables())
+def test_exact_matches_brute_force_and_beats_the_rest(case):
+    costs, batch = case
+    if not _feasible(costs, batch):
+        with pytest.raises(ValueError, match="does not fit"):
+            partition_exact(costs, batch)
+        return
+    shares = partition_exact(costs, batch)
+    assert sum(shares) == batch and min(shares) >= 0 and all(isinstance(s, int) for s in shares)
+    best = makespan(costs, shares)
+    assert best == _brute_force(costs, batch)
+    assert best <= min(c[batch] for c in costs)
+    try:
+        greedy = partition_greedy(costs, batch)
+    except ValueError:
+        return  # greedy can get stuck where no single device fits the batch
+    assert sum(greedy) == batch and min(greedy) >= 0
+    assert best <= makespan(costs, greedy)
+
+
+def test_greedy_follows_the_seed_heuristic():
+    # Start: all 4 on device 0 (8). Moves: 0->1 gives max(6, 3) = 6, then 0->1 gives max(4, 6) = 6: no strict fall.
+    costs = [np.array([0, 2, 4, 6, 8.0]), np.array([0, 3, 6, 9, 12.0])]
+    assert partition_greedy(costs, 4) == [3, 1]
+
+
+def test_exact_beats_greedy_where_greedy_stalls():
+    # Greedy reaches [3, 3, 0]; then moving a sample off either busy device leaves the other at 3: no strict fall.
+    costs = [np.arange(7.0)] * 3
+    assert partition_greedy(costs, 6) == [3, 3, 0]
+    assert partition_exact(costs, 6) == [2, 2, 2]
+
+
+def test_device_that_cannot_help_gets_nothing():
+    fast = np.array([0, 1, 2, 3, 4.0])
+    slow = np.array([0, 4, 8, 12, 16.0])  # one sample already takes as long as the fast device's whole batch
+    assert partition_exact([fast, slow], 4) == [4, 0]
+    assert partition_exact([slow, fast], 4) == [0, 4]
+
+
+def test_plateau_absorbs_a_device():
+    plateau = np.array([0, 5, 10, 10, 10.0])  # three samples cost what two do
+    other = np.array([0, 9, 10, 20, 30.0])
+    assert partition_exact([plateau, other], 4) == [4, 0]
+
+
+def test_identical_flat_devices_use_one():
+    flat = np.concatenate([[0.0], np.full(1000, 7.0)])
+    shares = partition_exact([flat] * 8, 1000)
+    assert sorted(shares) == [0] * 7 + [1000]
+
+
+def test_balances_identical_linear_devices():
+    linear = np.arange(101, dtype=float)
+    assert partition_exact([linear] * 4, 100) == [25, 25, 25, 25]
+
+
+def test_memory_limit_is_respected():
+    capped = np.concatenate([np.arange(4, dtype=float) * 0.1, np.full(7, np.inf)])  # at most 3 samples
+    slow = np.arange(11, dtype=float)
+    shares = partition_exact([capped, slow], 10)
+    assert shares == [3, 7] and math.isfinite(makespan([capped, slow], shares))
+
+
+@pytest.mark.parametrize("name", sorted(PARTITIONERS))
+def test_no_finite_split_is_a_clear_error(name):
+    capped = np.array([0, 1, np.inf, np.inf])
+    with pytest.raises(ValueError, match="batch 3 does not fit: the devices together can run at most 2 samples"):
+        PARTITIONERS[name]([capped, capped], 3)
+
+
+@pytest.mark.parametrize("name", sorted(PARTITIONERS))
+def test_zero_batch(name):
+    assert PARTITIONERS[name]([np.zeros(1), np.zeros(1)], 0) == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "costs, batch",
+    [([np.array([0, 1.0])], 2), ([np.array([1, 2.0])], 1), ([np.array([0, 2, 1.0])], 2), ([], 1)],
+    ids=["too-short", "nonzero-start", "falling", "no-devices"],
+)
+def test_contract_violations_are_refused(costs, batch):
+    with pytest.raises(ValueError):
+        partition_exact(costs, batch)

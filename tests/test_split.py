@@ -1,0 +1,48 @@
+"""The multi-device path for real: two CPU-backed devices in two threads give the single-device output."""
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+import hetero
+from hetero.execute import load_engine, run_split
+from hetero.inference import infer
+from hetero.table import ProfileTable
+
+from .conftest import SMALL_NETWORK
+
+
+@pytest.fixture(scope="module")
+def two_cpus():
+    cpu = hetero.parse_devices("cpu")[0]
+    threads = max(1, (cpu.target.attrs["num-cores"]) // 2)
+    return [dataclasses.replace(cpu, name="cpu-a", threads=threads), dataclasses.replace(cpu, name="cpu-b", threads=threads)]
+
+
+def test_split_over_two_devices_equals_one_device(tmp_path, two_cpus):
+    network = hetero.get_network(SMALL_NETWORK)
+    inputs = network.random_input(5, seed=7)
+    reference, _ = load_engine(network, hetero.parse_devices("cpu")[0]).infer(inputs)
+
+    report = infer(network, two_cpus, inputs=inputs, table=tmp_path / "t.json", profile_batches=[1, 2], progress=False)
+
+    assert [s.size for s in report.shares] == [s.size for s in report.shares if s.size > 0], "a device got no work"
+    assert sum(s.size for s in report.shares) == 5
+    assert report.shares[0].start == 0 and report.shares[1].start == report.shares[0].size
+    np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
+    assert report.profiled == ["cpu-a"], "the second device has the same identity, so its profile is reused"
+    assert len(ProfileTable.load(tmp_path / "t.json").profiles()) == 1, "both devices share one hardware identity"
+
+
+def test_outputs_stay_in_input_order_for_any_split(two_cpus):
+    network = hetero.get_network(SMALL_NETWORK)
+    engines = [load_engine(network, device) for device in two_cpus]
+    inputs = network.random_input(4, seed=3)
+    whole, _ = engines[0].infer(inputs)
+    for shares in ([4, 0], [0, 4], [1, 3], [3, 1]):
+        outputs, results, wall_s = run_split(engines, inputs, shares, [0.0, 0.0])
+        np.testing.assert_allclose(outputs, whole, rtol=1e-4, atol=1e-5)
+        assert [r.size for r in results] == shares and wall_s > 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("hetero-")], "threads leaked"
