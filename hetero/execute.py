@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,12 @@ class Timing:
 
 
 class Engine:
-    """A compiled network resident on one device, with its weights uploaded once."""
+    """A compiled network resident on one device, with its weights uploaded once.
+
+    Every run goes through the engine's own long-lived worker thread: TVM's CPU thread pool belongs
+    to the calling thread, so a fresh thread per run would pay for a cold pool each time, and
+    profiling in the same thread that later runs the shares keeps predictions honest.
+    """
 
     def __init__(self, network: Network, device: Device, compiled: Compiled):
         self.network = network
@@ -51,33 +57,34 @@ class Engine:
         self._vm = relax.VirtualMachine(compiled.executable, self._dev)
         self._main = self._vm["main"]
         self._weights = [tvm.runtime.tensor(p, self._dev) for p in network.params]
+        self._worker = ThreadPoolExecutor(1, f"hetero-{device.name}", initializer=self._size_thread_pool)
 
-    def _pin_threads(self) -> None:
-        """TVM's CPU thread pool is per calling thread; size it for this device's share of the cores."""
+    def _size_thread_pool(self) -> None:
+        """Give this device's worker thread its share of the cores (0 keeps TVM's default)."""
         if self.device.threads:
             _set_cpu_threads(1, self.device.threads)
 
-    def upload(self, batch: np.ndarray) -> tvm.runtime.Tensor:
-        tensor = tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=self.network.dtype), self._dev)
-        self._dev.sync()
-        return tensor
-
-    def compute(self, batch_on_device: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
-        out = self._main(batch_on_device, *self._weights)
-        self._dev.sync()
-        return out
-
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        """Run one batch from host memory to host memory, timing each leg."""
-        self._pin_threads()
+    def _infer_here(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
         t0 = time.perf_counter()
-        on_device = self.upload(batch)
+        on_device = tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=self.network.dtype), self._dev)
+        self._dev.sync()
         t1 = time.perf_counter()
-        out = self.compute(on_device)
+        out = self._main(on_device, *self._weights)
+        self._dev.sync()
         t2 = time.perf_counter()
         host = out.numpy()
         t3 = time.perf_counter()
         return host, Timing(t1 - t0, t2 - t1, t3 - t2)
+
+    def submit(self, batch: np.ndarray) -> Future:
+        """Start one batch (host memory to host memory) on the worker; the future gives (outputs, Timing)."""
+        return self._worker.submit(self._infer_here, batch)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        return self.submit(batch).result()
+
+    def close(self) -> None:
+        self._worker.shutdown()
 
 
 _engines: dict[tuple[str, str, str, int], Engine] = {}
@@ -116,34 +123,26 @@ def run_split(
         ShareResult(engine.device, int(start), int(size), predicted, engine.compiled.seconds)
         for engine, start, size, predicted in zip(engines, starts, shares, predicted_s)
     ]
-    outputs: list[np.ndarray | None] = [None] * len(engines)
-    go = threading.Barrier(sum(1 for r in results if r.size) + 1)
-
-    def work(i: int) -> None:
-        result = results[i]
-        piece = inputs[result.start : result.start + result.size]
-        go.wait()
-        begin = time.perf_counter()
+    begin = time.perf_counter()
+    finished: dict[int, float] = {}
+    futures: list[Future | None] = []
+    for i, (engine, result) in enumerate(zip(engines, results)):
+        future = engine.submit(inputs[result.start : result.start + result.size]) if result.size else None
+        if future is not None:
+            future.add_done_callback(lambda _, i=i: finished.__setitem__(i, time.perf_counter()))
+        futures.append(future)
+    outputs = []
+    for i, (result, future) in enumerate(zip(results, futures)):
+        if future is None:
+            continue
         try:
-            outputs[i], result.timing = engines[i].infer(piece)
+            out, result.timing = future.result()
+            outputs.append(out)
         except Exception as exc:  # reported per device; the caller decides what to do with the share
             result.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        result.wall_s = time.perf_counter() - begin
-
-    threads = [
-        threading.Thread(target=work, args=(i,), name=f"hetero-{r.device.name}")
-        for i, r in enumerate(results)
-        if r.size
-    ]
-    for thread in threads:
-        thread.start()
-    go.wait()
-    begin = time.perf_counter()
-    for thread in threads:
-        thread.join()
+        result.wall_s = finished.get(i, time.perf_counter()) - begin
     wall_s = time.perf_counter() - begin
     failed = [r for r in results if r.error]
     if failed:
         raise ExecutionError("; ".join(f"{r.device.name} failed on its share: {r.error}" for r in failed))
-    gathered = np.concatenate([out for out in outputs if out is not None], axis=0)
-    return gathered, results, wall_s
+    return np.concatenate(outputs, axis=0), results, wall_s

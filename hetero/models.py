@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,11 @@ import tvm
 from tvm import relax
 
 from ._layers import Graph
+from .errors import HeteroError
 
 __all__ = [
     "Network",
+    "OnnxUnavailableError",
     "UnknownNetworkError",
     "get_network",
     "network_names",
@@ -44,6 +47,13 @@ __all__ = [
 
 class UnknownNetworkError(ValueError):
     """A network name that is neither registered nor a path to an .onnx file."""
+
+
+class OnnxUnavailableError(HeteroError, ImportError):
+    """An .onnx model was asked for but the optional ``onnx`` package is not installed.
+
+    An ImportError, and a HeteroError so the command lines report it in one line.
+    """
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,12 +150,13 @@ def _build(name: str) -> _Built:
 
 
 @functools.lru_cache(maxsize=None)
-def get_network(name_or_path: str) -> Network:
+def get_network(name_or_path: str | os.PathLike[str]) -> Network:
     """A registered network by name, or an ONNX model by a path ending in ``.onnx``.
 
     Cached per process: repeated calls return the same object (whose weight
     arrays are read-only, since they are shared).
     """
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in _REGISTRY:
         built = _build(name_or_path)
         params = built.graph.init_weights(np.random.default_rng(_seed(name_or_path)))
@@ -429,7 +440,7 @@ def _load_onnx(path: str) -> Network:
     try:
         import onnx
     except ImportError:
-        raise ImportError(
+        raise OnnxUnavailableError(
             f"loading {path!r} needs the onnx package: pip install onnx (or pip install .[onnx])"
         ) from None
     from tvm.relax.frontend import detach_params
@@ -460,7 +471,11 @@ def _load_onnx(path: str) -> Network:
         raise ValueError(f"ONNX model {path!r}: input {inp.name!r} must be a tensor (batch, ...) "
                          f"with static sizes after the batch dimension, got {shown}")
     sample = tuple(int(d.dim_value) for d in dims[1:])
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+    except (KeyError, ValueError):
+        raise ValueError(f"ONNX model {path!r}: input {inp.name!r} has an unsupported "
+                         f"element type ({ttype.elem_type})") from None
 
     n = tvm.tirx.Var("n", "int64")
     try:

@@ -12,6 +12,7 @@ import tvm
 from tvm import relax
 
 from hetero import models
+from hetero.errors import HeteroError
 from hetero.models import Network, UnknownNetworkError, get_network, network_names
 
 NAMES = [
@@ -67,7 +68,7 @@ def test_module_structure(name: str) -> None:
     assert isinstance(n, tvm.tirx.Var) and rest == [3, side, side]
     out_n, *out_rest = _shape(main.ret_ty)
     assert out_n.same_as(n) and out_rest == [1000]  # batch is symbolic, end to end
-    assert all(x.ty.dtype == "float32" for x in main.params)
+    assert all(p.ty.dtype == "float32" for p in main.params)
 
     count = sum(int(np.prod(_shape(w.ty))) for w in weights)
     assert count == built.graph.num_weights()
@@ -152,7 +153,8 @@ def test_squeezenet_runs_any_batch(squeezenet_exe) -> None:
 # ----------------------------------------------------------------------- ONNX
 
 
-def _tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1) -> dict[str, np.ndarray]:
+def _tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1,
+               reshape: tuple[int, int] = (0, -1)) -> dict[str, np.ndarray]:
     """Conv(3->4, 3x3, stride 2, pad 1) -> ReLU -> global avg pool -> Reshape -> Gemm(4->5)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
@@ -170,7 +172,7 @@ def _tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1) -> di
         helper.make_node("Gemm", ["f", "G", "C"], ["y"]),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
-    inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "shape"))
+    inits.append(numpy_helper.from_array(np.array(reshape, np.int64), "shape"))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, 5])]
     if n_outputs == 2:
         outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch_dim, 4, 4, 4]))
@@ -195,7 +197,7 @@ def _tiny_reference(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
 def test_onnx_model(tmp_path: Path, batch_dim: str | int) -> None:
     path = tmp_path / "tiny.onnx"
     w = _tiny_onnx(path, batch_dim)
-    net = get_network(str(path))
+    net = get_network(path if batch_dim == 1 else str(path))  # a Path works as well as a str
     assert net.name == "tiny" and net.dtype == "float32"
     assert net.input_shape == (3, 8, 8) and net.output_shape == (5,)
     main = net.module["main"]
@@ -208,6 +210,13 @@ def test_onnx_model(tmp_path: Path, batch_dim: str | int) -> None:
     for batch in (1, 3):
         x = net.random_input(batch)
         np.testing.assert_allclose(_run(net, ex, x), _tiny_reference(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` fail
+    with pytest.raises(ImportError, match=r"pip install onnx") as info:
+        get_network("model.onnx")
+    assert isinstance(info.value, HeteroError)  # the command lines print it as one line
 
 
 def test_onnx_errors(tmp_path: Path) -> None:
@@ -223,3 +232,7 @@ def test_onnx_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="single-input, single-output") as info:
         get_network(str(two))
     assert "\n" not in str(info.value)
+    fixed = tmp_path / "fixed.onnx"
+    _tiny_onnx(fixed, batch_dim=1, reshape=(1, -1))  # batch size baked into a Reshape
+    with pytest.raises(ValueError, match="cannot make the batch dimension symbolic"):
+        get_network(str(fixed))
