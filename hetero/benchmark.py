@@ -56,19 +56,20 @@ class BenchmarkResult:
         return max(d.alone_img_s for d in self.devices)
 
 
-def median_wall(run: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of `repeats` calls after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
+    """Median wall seconds of each run, timed in rounds that alternate the runs so drift hits all alike."""
+    times: list[list[float]] = [[] for _ in runs]
+    for round_index in range(warmup + repeats):
+        for run, kept in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            if round_index >= warmup:
+                kept.append(time.perf_counter() - start)
+    return [statistics.median(kept) for kept in times]
 
 
-def torch_img_s(network: Network, device: Device, inputs: np.ndarray, repeats: int) -> float | None:
-    """PyTorch eager fp32 throughput of the same architecture on the same device, or None without torch."""
+def torch_run(network: Network, device: Device, inputs: np.ndarray) -> Callable[[], object] | None:
+    """One PyTorch eager fp32 pass of the same architecture on the same device, or None without torch."""
     try:
         import torch
 
@@ -76,22 +77,19 @@ def torch_img_s(network: Network, device: Device, inputs: np.ndarray, repeats: i
     except ImportError:
         return None
     model = torch_model(network.name)
-    if model is None:
+    if model is None or (device.kind == "cuda" and not torch.cuda.is_available()) or device.kind == "opencl":
         return None
     target = torch.device("cpu" if device.kind == "cpu" else f"cuda:{device.index}")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        return None
-    if target.type == "cpu" and device.threads:
-        torch.set_num_threads(device.threads)
+    if device.kind == "cpu":
+        torch.set_num_threads(device.threads or torch.get_num_threads())
     model = model.eval().to(target)
     batch = torch.from_numpy(inputs)
 
     def run() -> None:
         with torch.inference_mode():
-            out = model(batch.to(target))
-            out.cpu()
+            model(batch.to(target)).cpu()
 
-    return len(inputs) / median_wall(run, repeats)
+    return run
 
 
 def benchmark(
@@ -100,26 +98,33 @@ def benchmark(
     batch: int,
     table: ProfileTable,
     repeats: int = 5,
+    warmup: int = 1,
     profile_batches: Sequence[int] = SEED_BATCHES,
     budget_s: float = DEFAULT_BUDGET_S,
     with_torch: bool = True,
 ) -> BenchmarkResult:
+    """Each device alone on the whole batch, PyTorch on each device, then the split: all in one process."""
     net = get_network(network)
     devices = reserve_cores(devices)
     engines: list[Engine] = [load_engine(net, device) for device in devices]
     profiles, _ = ensure_profiles(engines, table, profile_batches, budget_s=budget_s)
     inputs = net.random_input(batch)
-    results = []
-    for i, engine in enumerate(engines):
-        alone = [batch if j == i else 0 for j in range(len(engines))]
-        seconds = median_wall(lambda: run_split(engines, inputs, alone, [0.0] * len(engines)), repeats)
-        torch_rate = torch_img_s(net, engine.device, inputs, repeats) if with_torch else None
-        results.append(DeviceResult(engine.device, batch / seconds, torch_rate, 0))
     shares, predicted, partition_s = plan(profiles, batch)
-    for result, share in zip(results, shares):
-        result.share = share
-    split_s = median_wall(lambda: run_split(engines, inputs, shares, predicted), repeats)
-    return BenchmarkResult(net.name, batch, results, batch / split_s, partition_s * 1e6)
+    idle = [0.0] * len(engines)
+
+    def alone(i: int) -> Callable[[], object]:
+        whole = [batch if j == i else 0 for j in range(len(engines))]
+        return lambda: run_split(engines, inputs, whole, idle)
+
+    runs = [alone(i) for i in range(len(engines))] + [lambda: run_split(engines, inputs, shares, predicted)]
+    torch_runs = [torch_run(net, d, inputs) if with_torch else None for d in devices]
+    timed = interleaved_medians(runs + [r for r in torch_runs if r], repeats, warmup)
+    torch_seconds = iter(timed[len(runs):])
+    results = [
+        DeviceResult(engine.device, batch / seconds, batch / next(torch_seconds) if torch else None, share)
+        for engine, seconds, torch, share in zip(engines, timed, torch_runs, shares)
+    ]
+    return BenchmarkResult(net.name, batch, results, batch / timed[len(engines)], partition_s * 1e6)
 
 
 def format_markdown(result: BenchmarkResult) -> str:
@@ -154,7 +159,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="comma-separated devices, e.g. cpu,gpu0")
     parser.add_argument("--batch", type=_batch_list, required=True, help="one or more batch sizes, comma-separated")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
-    parser.add_argument("--repeats", type=_positive_int, default=5)
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES))
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
@@ -170,8 +176,8 @@ def main(argv: list[str]) -> int:
     sections = []
     for network in args.network.split(","):
         for batch in args.batch:
-            result = benchmark(network, devices, batch, table, args.repeats, args.profile_batches, args.budget,
-                               with_torch=not args.no_torch)
+            result = benchmark(network, devices, batch, table, args.repeats, args.warmup, args.profile_batches,
+                               args.budget, with_torch=not args.no_torch)
             text = format_markdown(result)
             print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
             sections.append(f"#### {network}, batch {batch}, `{args.device}`\n\n{text}\n")

@@ -19,9 +19,10 @@ def module_cache(tmp_path_factory):
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run one of the top-level scripts the way the README does."""
+    """Run one of the top-level scripts (or `-m module`) the way the README does."""
+    command = script.split() if script.startswith("-m ") else [str(ROOT / script)]
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [sys.executable, *command, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
