@@ -37,6 +37,8 @@ class DeviceResult:
     alone_img_s: float
     torch_img_s: float | None
     share: int
+    predicted_s: float  # for its share in the split
+    split_s: float  # measured for its share in the split, median
 
 
 @dataclass
@@ -116,13 +118,22 @@ def benchmark(
         whole = [batch if j == i else 0 for j in range(len(engines))]
         return lambda: run_split(engines, inputs, whole, idle)
 
-    runs = [alone(i) for i in range(len(engines))] + [lambda: run_split(engines, inputs, shares, predicted)]
+    split_walls: list[list[float]] = [[] for _ in engines]
+
+    def split() -> None:
+        _, results, _ = run_split(engines, inputs, shares, predicted)
+        for walls, result in zip(split_walls, results):
+            walls.append(result.wall_s)
+
+    runs = [alone(i) for i in range(len(engines))] + [split]
     torch_runs = [torch_run(net, d, inputs) if with_torch else None for d in devices]
     timed = interleaved_medians(runs + [r for r in torch_runs if r], repeats, warmup)
     torch_seconds = iter(timed[len(runs):])
     results = [
-        DeviceResult(engine.device, batch / seconds, batch / next(torch_seconds) if torch else None, share)
-        for engine, seconds, torch, share in zip(engines, timed, torch_runs, shares)
+        DeviceResult(engine.device, batch / seconds, batch / next(torch_seconds) if torch else None, share,
+                     predicted_s, statistics.median(walls[warmup:]))
+        for engine, seconds, torch, share, predicted_s, walls in zip(engines, timed, torch_runs, shares, predicted,
+                                                                   split_walls)
     ]
     return BenchmarkResult(net.name, batch, results, batch / timed[len(engines)], partition_s * 1e6)
 
@@ -133,16 +144,20 @@ def format_markdown(result: BenchmarkResult) -> str:
             d.device.name,
             d.device.hardware,
             d.share,
+            f"{d.predicted_s * 1e3:.1f}" if d.share else "-",
+            f"{d.split_s * 1e3:.1f}" if d.share else "-",
             f"{d.alone_img_s:.1f}",
             f"{d.torch_img_s:.1f}" if d.torch_img_s else "-",
             f"{d.alone_img_s / d.torch_img_s:.2f}" if d.torch_img_s else "-",
         ]
         for d in result.devices
     ]
-    rows.append(["split", "", result.batch, f"{result.split_img_s:.1f}", "", ""])
+    rows.append(["split", "", result.batch, "", f"{result.batch / result.split_img_s * 1e3:.1f}",
+                 f"{result.split_img_s:.1f}", "", ""])
     table = tabulate(
         rows,
-        headers=["device", "hardware", "share", "hetero img/s", "PyTorch img/s", "hetero/PyTorch"],
+        headers=["device", "hardware", "share", "predicted ms", "split ms", "hetero img/s", "PyTorch img/s",
+                 "hetero/PyTorch"],
         tablefmt="github",
     )
     summary = (
