@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import tvm
 
+from . import opencl
 from .errors import HeteroError
 
 
@@ -31,6 +32,7 @@ class Device:
     hardware: str  # what the hardware calls itself, e.g. "NVIDIA H100 80GB HBM3"
     target: tvm.target.Target = field(compare=False, hash=False)
     threads: int = 0  # CPU worker threads for this device's runs; 0 means TVM's default
+    details: str = field(default="", compare=False)  # what --list-devices adds, e.g. an OpenCL device's memory
 
     @property
     def key(self) -> str:
@@ -41,7 +43,8 @@ class Device:
         return tvm.device(self.kind, self.index)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.hardware} ({self.target.kind.name})"
+        line = f"{self.name}: {self.hardware} ({self.target.kind.name})"
+        return f"{line}; {self.details}" if self.details else line
 
 
 def _cpu_model_name() -> str:
@@ -94,47 +97,48 @@ class CUDABackend:
         return found
 
 
-OPENCL_RUNTIME_MISSING = (
-    "TVM's OpenCL runtime (libtvm_runtime_opencl.so) is not part of this TVM install, so OpenCL "
-    "devices cannot run; install a TVM build with USE_OPENCL=ON (see TVM's installation docs)"
-)
-
-
 class OpenCLBackend:
-    """Integrated (and other) GPUs through OpenCL; found with pyopencl, run through TVM's OpenCL runtime."""
+    """Integrated GPUs, and any OpenCL device TVM runs on; found with pyopencl (see hetero.opencl)."""
 
     prefix = "igpu"
+    runtime_available = staticmethod(opencl.runtime_available)
 
     @staticmethod
-    def platform_devices() -> list[tuple[int, object]]:
-        """(TVM OpenCL index, pyopencl device) for every GPU OpenCL device, integrated ones first."""
-        try:
-            import pyopencl as cl
-        except ImportError:
-            return []
-        try:
-            cl_devices = [d for p in cl.get_platforms() for d in p.get_devices()]
-        except cl.Error:
-            return []
-        # TVM numbers OpenCL devices of the GPU type in platform order.
-        gpus = [(i, d) for i, d in enumerate(d for d in cl_devices if d.type & cl.device_type.GPU)]
-        return sorted(gpus, key=lambda pair: not pair[1].host_unified_memory)
-
-    @staticmethod
-    def runtime_available() -> bool:
-        return tvm.get_global_func("device_api.opencl", allow_missing=True) is not None
+    def target(index: int, cl_device: opencl.CLDevice) -> tvm.target.Target:
+        """What TVM detects on the device once its runtime is loaded; until then the same from pyopencl."""
+        if opencl.runtime_available():
+            device_target = tvm.target.Target.from_device(tvm.opencl(index))
+        else:
+            device_target = tvm.target.Target(cl_device.target_attrs())
+        return tvm.target.Target(device_target, cpu_target())
 
     @classmethod
     def discover(cls) -> list[Device]:
-        found = []
-        for order, (index, cl_device) in enumerate(cls.platform_devices()):
-            name = "igpu" if order == 0 else f"igpu{order}"
-            if cls.runtime_available():
-                target = tvm.target.Target(tvm.target.Target.from_device(tvm.opencl(index)), cpu_target())
-            else:
-                target = tvm.target.Target({"kind": "opencl"}, cpu_target())
-            found.append(Device(name, "opencl", index, cl_device.name.strip(), target))
-        return found
+        numbered = opencl.tvm_numbering(opencl.platform_devices())
+        return [
+            Device(
+                name,
+                "opencl",
+                index,
+                cl_device.hardware,
+                cls.target(index, cl_device),
+                details=f"{cl_device.summary()}, tvm.opencl({index})",
+            )
+            for name, index, cl_device in opencl.name_devices(numbered)
+        ]
+
+    @staticmethod
+    def notes() -> list[str]:
+        """Lines for --list-devices: OpenCL devices TVM cannot use, and a missing TVM OpenCL runtime."""
+        devices = opencl.platform_devices()
+        lines = opencl.left_out(devices, opencl.tvm_numbering(devices))
+        if devices and not opencl.runtime_available():
+            lines.append(f"note: {OPENCL_RUNTIME_MISSING}")
+        return lines
+
+
+# Only read where the runtime is missing; cli.py prints it under the device list.
+OPENCL_RUNTIME_MISSING = "" if opencl.runtime_available() else opencl.runtime_missing()
 
 
 BACKENDS = (CPUBackend, OpenCLBackend, CUDABackend)

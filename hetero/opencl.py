@@ -1,0 +1,204 @@
+"""OpenCL devices as pyopencl reports them, and the index TVM's OpenCL runtime gives each one.
+
+TVM's runtime (OpenCLWorkspace::Init in src/runtime/opencl/opencl_device_api.cc) numbers the GPU
+devices of OpenCL 1.2 or later on every platform; only when there is no such GPU does it number
+the CPU devices instead (PoCL, for one), and it never numbers accelerators. It keeps platforms in
+an unordered map, so its order across platforms need not be the platform order: when the runtime
+is loaded, hetero asks TVM which device each index is; without it the numbering is predicted, which
+is all that listing devices and compiling for them need.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm.base import _LOADED_LIBS
+
+RUNTIME_LIBRARY = "libtvm_runtime_opencl.so"
+_TVM_MIN_VERSION = (1, 2)  # CL_TARGET_OPENCL_VERSION of TVM's OpenCL runtime
+_PREFERENCE = ("integrated GPU", "GPU", "CPU", "accelerator")  # the order `igpu`, `igpu1`, ... take
+
+
+@dataclass(frozen=True)
+class CLDevice:
+    """One OpenCL device: what discovery reports and what a TVM target for it needs."""
+
+    platform: str
+    name: str
+    type: str  # "gpu", "cpu" or "accelerator"
+    version: tuple[int, int]  # from CL_DEVICE_VERSION, which TVM's runtime checks
+    driver: str
+    compute_units: int
+    memory: int  # global memory, bytes
+    local_memory: int  # bytes per work group: TVM's max_shared_memory_per_block
+    max_work_group_size: int  # TVM's max_threads_per_block
+    shared_memory: bool  # global memory is the host's memory
+    handle: object = field(default=None, compare=False, repr=False)  # the pyopencl.Device
+
+    @property
+    def kind(self) -> str:
+        if self.type == "gpu":
+            return "integrated GPU" if self.shared_memory else "GPU"
+        return "CPU" if self.type == "cpu" else "accelerator"
+
+    @property
+    def hardware(self) -> str:
+        """Name and platform: one GPU seen through two drivers is two devices to profile."""
+        return f"{self.name} on {self.platform}"
+
+    def summary(self) -> str:
+        where = "shared with the host" if self.shared_memory else "on the device"
+        return (
+            f"{self.kind}, OpenCL {self.version[0]}.{self.version[1]}, {self.compute_units} compute units, "
+            f"{self.memory / 2**30:.1f} GiB memory {where}"
+        )
+
+    def target_attrs(self) -> dict:
+        """The OpenCL target TVM's Target.from_device detects, from pyopencl's numbers (no TVM runtime needed)."""
+        return {
+            "kind": "opencl",
+            "max_threads_per_block": self.max_work_group_size,
+            "max_shared_memory_per_block": self.local_memory,
+            "thread_warp_size": 1,  # what TVM's OpenCL runtime reports for every device
+        }
+
+    def signature(self) -> tuple:
+        """What TVM's runtime can tell about a device, to recognise it among pyopencl's (not memory: PoCL's varies)."""
+        return (self.name, self.driver, f"{self.version[0]}.{self.version[1]}", self.compute_units)
+
+
+def _version(text: str) -> tuple[int, int]:
+    match = re.match(r"OpenCL (\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _read(platform, device) -> CLDevice:
+    import pyopencl as cl
+
+    if device.type & cl.device_type.GPU:
+        kind = "gpu"
+    elif device.type & cl.device_type.CPU:
+        kind = "cpu"
+    else:
+        kind = "accelerator"
+    try:
+        shared = bool(device.host_unified_memory)
+    except cl.Error:  # deprecated since OpenCL 2.0, so a driver may refuse to answer
+        shared = kind == "cpu"
+    return CLDevice(
+        platform=platform.name.strip(),
+        name=device.name.strip(),
+        type=kind,
+        version=_version(device.version),
+        driver=device.driver_version.strip(),
+        compute_units=device.max_compute_units,
+        memory=device.global_mem_size,
+        local_memory=device.local_mem_size,
+        max_work_group_size=device.max_work_group_size,
+        shared_memory=shared,
+        handle=device,
+    )
+
+
+def platform_devices() -> list[CLDevice]:
+    """Every OpenCL device here, in platform order; none without pyopencl or an OpenCL platform."""
+    try:
+        import pyopencl as cl
+    except ImportError:
+        return []
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # the ICD loader found no platform
+        return []
+    found = []
+    for platform in platforms:
+        try:
+            devices = platform.get_devices()
+        except cl.Error:  # a platform with no device, e.g. Mesa's with no supported GPU
+            continue
+        found.extend(_read(platform, device) for device in devices)
+    return found
+
+
+def runtime_available() -> bool:
+    """Whether `import tvm` loaded TVM's OpenCL runtime, so `tvm.opencl(i)` devices can run."""
+    return tvm.get_global_func("device_api.opencl", allow_missing=True) is not None
+
+
+def runtime_missing(lib_dir: Path | None = None) -> str:
+    """One line on why TVM's OpenCL runtime is not loaded, and what would fix it."""
+    lib_dir = lib_dir or Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    library = lib_dir / RUNTIME_LIBRARY
+    if library.exists():
+        return (
+            f"TVM's OpenCL runtime {library} is there but `import tvm` did not load it, so OpenCL devices "
+            f"cannot run; it needs the OpenCL ICD loader libOpenCL.so.1 (ocl-icd-libopencl1) and must be "
+            f"built for TVM {tvm.__version__}"
+        )
+    return (
+        f"TVM's OpenCL runtime {RUNTIME_LIBRARY} is not in {lib_dir} (the apache-tvm wheel from PyPI does "
+        f"not ship it), so OpenCL devices cannot run; build TVM {tvm.__version__} from source with "
+        f"USE_OPENCL=ON and copy its {RUNTIME_LIBRARY} there"
+    )
+
+
+def tvm_reachable(devices: Iterable[CLDevice]) -> list[CLDevice]:
+    """The devices TVM's runtime numbers: GPUs of OpenCL 1.2 or later, else such CPUs."""
+    usable = [d for d in devices if d.version >= _TVM_MIN_VERSION]
+    return [d for d in usable if d.type == "gpu"] or [d for d in usable if d.type == "cpu"]
+
+
+def match_tvm_numbering(devices: Sequence[CLDevice], tvm_signatures: Sequence[tuple]) -> list[tuple[int, CLDevice]]:
+    """(TVM index, device) for each index whose device pyopencl also reports, by what TVM says of it."""
+    pending = list(devices)
+    numbered = []
+    for index, signature in enumerate(tvm_signatures):
+        match = next((d for d in pending if d.signature() == signature), None)
+        if match is not None:
+            pending.remove(match)
+            numbered.append((index, match))
+    return numbered
+
+
+def _tvm_signatures() -> list[tuple]:
+    signatures = []
+    while tvm.opencl(len(signatures)).exist:
+        dev = tvm.opencl(len(signatures))
+        signatures.append((dev.device_name, dev.driver_version, dev.compute_version, dev.multi_processor_count))
+    return signatures
+
+
+def tvm_numbering(devices: Sequence[CLDevice]) -> list[tuple[int, CLDevice]]:
+    """(TVM index, device) for each device TVM can run on: asked of TVM when its runtime is loaded."""
+    if runtime_available():
+        return match_tvm_numbering(devices, _tvm_signatures())
+    return list(enumerate(tvm_reachable(devices)))
+
+
+def name_devices(numbered: Sequence[tuple[int, CLDevice]]) -> list[tuple[str, int, CLDevice]]:
+    """`igpu` for the most preferred device (an integrated GPU first), then `igpu1`, `igpu2`, ..."""
+    ranked = sorted(numbered, key=lambda pair: _PREFERENCE.index(pair[1].kind))
+    return [("igpu" if rank == 0 else f"igpu{rank}", index, d) for rank, (index, d) in enumerate(ranked)]
+
+
+def left_out(devices: Sequence[CLDevice], numbered: Sequence[tuple[int, CLDevice]]) -> list[str]:
+    """A line for each OpenCL device here that TVM cannot run on, saying why."""
+    used = [d for _, d in numbered]
+    lines = []
+    for d in devices:
+        if any(d is u for u in used):
+            continue
+        if d.version < _TVM_MIN_VERSION:
+            why = "TVM's OpenCL runtime needs OpenCL 1.2 or later"
+        elif d.type == "cpu" and any(u.type == "gpu" for u in used):
+            why = "TVM's OpenCL runtime uses CPU devices only where there is no OpenCL GPU"
+        elif d.type == "accelerator":
+            why = "TVM's OpenCL runtime uses no accelerator devices"
+        else:
+            why = "TVM's OpenCL runtime did not list it"
+        lines.append(f"not usable: {d.hardware} ({d.summary()}): {why}")
+    return lines
