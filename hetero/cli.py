@@ -1,13 +1,16 @@
 """The three command lines (Inference.py, print_table.py, measure_io.py): parse, call the library, print.
 
-Users see one `error: ...` line per failure: exit 2 for usage errors, 1 for failures while running;
-`--debug` shows the traceback instead.
+Users see one `error: ...` line per failure: exit 2 for usage errors, 1 for failures while running,
+130 for Ctrl-C; `--debug` shows the traceback instead. What the library warns about while it works (a
+device left out, a table entry not trusted) is printed as `note: ...` lines on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 import tempfile
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from .errors import HeteroError
+from .errors import HeteroError, one_line
 
 USAGE_ERROR = 2
 RUN_ERROR = 1
@@ -48,31 +51,77 @@ def _batch_list(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",")]
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, at least 0, got {text!r}")
+    return value
+
+
+class _NoteHandler(logging.Handler):
+    """The library's warnings as `note: ...` lines, written to whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("hetero")
+    if not any(isinstance(handler, _NoteHandler) for handler in logger.handlers):
+        logger.addHandler(_NoteHandler())
+
+
+def _error(message: str) -> None:
+    """Print `error: message` as one line, whatever control characters the user's text brought in."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    print(f"error: {text}", file=sys.stderr)
+
+
 def _run(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    _show_notes()
     try:
         return main(args)
     except UsageError as exc:
         if "--debug" in args:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return USAGE_ERROR
     except (HeteroError, OSError, ValueError) as exc:
         if "--debug" in args:
             raise
-        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        _error(one_line(exc))
         return RUN_ERROR
     except KeyboardInterrupt:
-        print("error: interrupted; profiles measured so far are kept in the table", file=sys.stderr)
+        _error("interrupted; profiles measured so far are kept in the table")
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
+        if "--debug" in args:
+            raise
+        _error(f"unexpected {type(exc).__name__}: {one_line(exc)} (--debug shows where)")
+        return RUN_ERROR
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
+def _share_note(share) -> str:
+    notes = []
+    if share.takes_over_from:
+        notes.append(f"took over from {share.takes_over_from}")
+    if share.calls > 1:
+        notes.append(f"{share.calls} calls")
+    if share.error:
+        notes.append(f"failed after {share.completed} samples: {share.error}")
+    return "; ".join(notes)
+
+
 def format_report(report) -> str:
-    """The run as a table per device plus a summary, for people."""
+    """The run as a table per share, then what went wrong and a summary, for people."""
     rows = []
     for share in report.shares:
         timing = share.timing
@@ -85,11 +134,20 @@ def format_report(report) -> str:
                 _ms(share.wall_s) if share.size else "-",
                 _ms(timing.h2d_s + timing.d2h_s) if timing else "-",
                 f"{share.compile_s:.1f}" if share.compile_s else "cached",
+                _share_note(share),
             ]
         )
     table = tabulate(
-        rows, headers=["device", "hardware", "samples", "predicted ms", "measured ms", "I/O ms", "compile s"]
+        rows, headers=["device", "hardware", "samples", "predicted ms", "measured ms", "I/O ms", "compile s", "note"]
     )
+    lines = [table]
+    for fault in report.faults:
+        if fault.stage == "run":
+            helpers = sorted({s.device.name for s in report.shares if s.takes_over_from == fault.device})
+            fate = f"its other {fault.moved} samples ran on {', '.join(helpers)}"
+        else:
+            fate = "left out"
+        lines.append(f"fault: {fault.device} failed at {fault.stage}: {fault.error}; {fate}")
     summary = (
         f"{report.network}, batch {report.batch}: wall {_ms(report.wall_s)} ms, "
         f"{report.throughput:.1f} img/s, predicted {_ms(report.predicted_s)} ms; "
@@ -97,7 +155,8 @@ def format_report(report) -> str:
     )
     if report.profiled:
         summary += f"; profiled now: {', '.join(report.profiled)}"
-    return f"{table}\n{summary}"
+    lines.append(summary)
+    return "\n".join(lines)
 
 
 def _save_outputs(path: Path, outputs: np.ndarray) -> None:
@@ -109,12 +168,9 @@ def _save_outputs(path: Path, outputs: np.ndarray) -> None:
 
 
 def _list_devices() -> str:
-    from .devices import OPENCL_RUNTIME_MISSING, OpenCLBackend, available_devices
+    from .devices import OpenCLBackend, available_devices
 
-    lines = [device.describe() for device in available_devices()]
-    if any(d.kind == "opencl" for d in available_devices()) and not OpenCLBackend.runtime_available():
-        lines.append(f"note: {OPENCL_RUNTIME_MISSING}")
-    return "\n".join(lines)
+    return "\n".join([device.describe() for device in available_devices()] + OpenCLBackend.notes())
 
 
 def inference_main(argv: list[str]) -> int:
@@ -134,7 +190,7 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES),
                         help="batch sizes to profile, e.g. 1,2,4 (default: the seed's 20 sizes up to 129)")
     parser.add_argument("--reprofile", action="store_true", help="measure again even if the table has a profile")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+    parser.add_argument("--budget", type=_seconds, default=DEFAULT_BUDGET_S,
                         help=f"profiling seconds per device before the batch stops growing (default {DEFAULT_BUDGET_S:g})")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--list-devices", action="store_true", help="print the devices found here and exit")
@@ -153,8 +209,8 @@ def inference_main(argv: list[str]) -> int:
     if args.input is not None:
         try:
             inputs = np.load(args.input, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read inputs from {args.input}: {exc}") from None
+        except Exception as exc:  # numpy raises many types for a file that is not an array
+            raise UsageError(f"cannot read inputs from {args.input}: {one_line(exc)}") from None
     report = infer(
         args.network,
         args.device,
@@ -186,6 +242,7 @@ def print_table_main(argv: list[str]) -> int:
 
 def measure_io_main(argv: list[str]) -> int:
     from .devices import parse_devices
+    from .inference import check_host_memory
     from .models import get_network
     from .profile import measure_transfers
 
@@ -204,7 +261,9 @@ def measure_io_main(argv: list[str]) -> int:
     last = args.max_batch or args.batch
     if last < args.batch:
         raise UsageError(f"--max_batch {last} is below --batch {args.batch}")
-    rows = measure_transfers(get_network(args.network), devices[0], range(args.batch, last + 1, args.inc))
+    network = get_network(args.network)
+    check_host_memory(network, last)
+    rows = measure_transfers(network, devices[0], range(args.batch, last + 1, args.inc))
     print(
         tabulate(
             [

@@ -3,3 +3,9 @@
 
 class HeteroError(Exception):
     """A failure the user can act on; its message is one line and needs no traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line a report or an `error:` line shows (TVM's messages run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

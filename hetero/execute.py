@@ -1,14 +1,17 @@
 """Run a network on devices: one `Engine` per device, and a split batch run in parallel threads.
 
 TVM releases the GIL inside its calls, so one Python thread per device is enough to keep every
-device busy at once.
+device busy at once. A split run survives devices that fail on their share: what they did not finish
+is split again over the devices still working, so every sample runs exactly once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +20,14 @@ from tvm import relax
 
 from .compile import Compiled, compile_network
 from .devices import Device
-from .errors import HeteroError
+from .errors import HeteroError, one_line
 from .models import Network
+
+log = logging.getLogger(__name__)
 
 
 class ExecutionError(HeteroError):
-    """A device failed while running its share."""
+    """Samples that no device could run: every device that could take them failed."""
 
 
 _set_cpu_threads = tvm.get_global_func("runtime.config_threadpool")
@@ -64,7 +69,11 @@ class Engine:
         if self.device.threads:
             _set_cpu_threads(1, self.device.threads)
 
-    def _infer_here(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+    def compute(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        """One call on this thread, host memory to host memory: all device work goes through here.
+
+        That makes it the one seam where tests inject device faults (a subclass that raises).
+        """
         t0 = time.perf_counter()
         on_device = tvm.runtime.tensor(np.ascontiguousarray(batch, dtype=self.network.dtype), self._dev)
         self._dev.sync()
@@ -76,12 +85,13 @@ class Engine:
         t3 = time.perf_counter()
         return host, Timing(t1 - t0, t2 - t1, t3 - t2)
 
-    def submit(self, batch: np.ndarray) -> Future:
-        """Start one batch (host memory to host memory) on the worker; the future gives (outputs, Timing)."""
-        return self._worker.submit(self._infer_here, batch)
+    def on_worker(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) on this engine's worker thread."""
+        return self._worker.submit(fn, *args)
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        return self.submit(batch).result()
+        """One call of `batch` on the worker, waited for."""
+        return self.on_worker(self.compute, batch).result()
 
     def close(self) -> None:
         self._worker.shutdown()
@@ -102,47 +112,114 @@ def load_engine(network: Network, device: Device) -> Engine:
 
 @dataclass
 class ShareResult:
-    """What one device did with its contiguous slice of the batch."""
+    """What one device did with one contiguous slice of the batch."""
 
     device: Device
     start: int
     size: int
     predicted_s: float
     compile_s: float = 0.0  # spent building this device's module in this process; 0 if cached
-    timing: Timing | None = None
-    wall_s: float = 0.0
-    error: str | None = None
+    timing: Timing | None = None  # summed over the calls that succeeded
+    wall_s: float = 0.0  # from the start of the split run until this share finished
+    error: str | None = None  # why the device stopped; samples from start + completed on ran elsewhere
+    completed: int = 0
+    calls: int = 0  # more than one when the share ran in chunks
+    takes_over_from: str | None = None  # the failed device whose samples this share runs
+
+
+# Given the indices of the engines still working and a number of samples: their shares and predicted seconds.
+Replan = Callable[[list[int], int], tuple[list[int], list[float]]]
+
+
+def _run_share(engine: Engine, share: ShareResult, batch: np.ndarray, limit: int | None, begin: float) -> list:
+    """On the engine's worker: the share as consecutive calls of at most `limit` samples, up to the first failure.
+
+    Returns the outputs of the calls that succeeded; the share records how far it got and why it stopped.
+    """
+    step = limit or len(batch)
+    outputs, timings = [], []
+    for first in range(0, len(batch), step):
+        share.calls += 1
+        try:
+            out, timing = engine.compute(batch[first : first + step])
+        except Exception as exc:  # out of memory, a driver error: the caller moves the rest elsewhere
+            share.error = one_line(exc)
+            break
+        outputs.append(out)
+        timings.append(timing)
+        share.completed += len(out)
+    if timings:
+        share.timing = Timing(sum(t.h2d_s for t in timings), sum(t.exec_s for t in timings),
+                              sum(t.d2h_s for t in timings))
+    share.wall_s = time.perf_counter() - begin
+    return outputs
 
 
 def run_split(
-    engines: list[Engine], inputs: np.ndarray, shares: list[int], predicted_s: list[float]
+    engines: Sequence[Engine],
+    inputs: np.ndarray,
+    shares: Sequence[int],
+    predicted_s: Sequence[float],
+    limits: Sequence[int | None] | None = None,
+    replan: Replan | None = None,
 ) -> tuple[np.ndarray, list[ShareResult], float]:
-    """Give each engine its contiguous slice of `inputs`, run all at once, gather outputs in input order."""
-    starts = np.concatenate(([0], np.cumsum(shares)[:-1])).astype(int)
-    results = [
-        ShareResult(engine.device, int(start), int(size), predicted, engine.compiled.seconds)
-        for engine, start, size, predicted in zip(engines, starts, shares, predicted_s)
-    ]
+    """Give each engine its contiguous slice of `inputs`, run all at once, gather outputs in input order.
+
+    A share larger than its engine's limit (the largest batch its profile showed to fit) runs as
+    consecutive chunks. When an engine fails, the samples it did not finish are split by `replan` over
+    the engines still working and queued behind their work, so each sample runs exactly once. Results
+    list the planned shares, one per engine, then those that took over. Without `replan`, or with no
+    engine left, ExecutionError names every failure once all running shares are done.
+    """
+    limits = [None] * len(engines) if limits is None else limits
+    working = set(range(len(engines)))
+    results: list[ShareResult] = []
+    running: dict[Future, tuple[int, ShareResult]] = {}
+    pieces: list[tuple[int, np.ndarray]] = []
+    unplaced = 0
     begin = time.perf_counter()
-    finished: dict[int, float] = {}
-    futures: list[Future | None] = []
-    for i, (engine, result) in enumerate(zip(engines, results)):
-        future = engine.submit(inputs[result.start : result.start + result.size]) if result.size else None
-        if future is not None:
-            future.add_done_callback(lambda _, i=i: finished.__setitem__(i, time.perf_counter()))
-        futures.append(future)
-    outputs = []
-    for i, (result, future) in enumerate(zip(results, futures)):
-        if future is None:
-            continue
-        try:
-            out, result.timing = future.result()
-            outputs.append(out)
-        except Exception as exc:  # reported per device; the caller decides what to do with the share
-            result.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        result.wall_s = finished.get(i, time.perf_counter()) - begin
+
+    def launch(indices, start, sizes, predicted, takes_over_from=None):
+        for i, size, seconds in zip(indices, sizes, predicted, strict=True):
+            compile_s = 0.0 if takes_over_from else engines[i].compiled.seconds
+            share = ShareResult(engines[i].device, start, int(size), float(seconds), compile_s,
+                                takes_over_from=takes_over_from)
+            if size or takes_over_from is None:
+                results.append(share)
+            if size:
+                batch = inputs[start : start + size]
+                running[engines[i].on_worker(_run_share, engines[i], share, batch, limits[i], begin)] = (i, share)
+            start += size
+
+    launch(range(len(engines)), 0, shares, predicted_s)
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            i, share = running.pop(future)
+            outputs = future.result()
+            if outputs:
+                pieces.append((share.start, np.concatenate(outputs, axis=0)))
+            if share.error is None:
+                continue
+            working.discard(i)
+            left = share.size - share.completed
+            survivors = sorted(working)
+            failed = f"{share.device.name} failed ({share.error})"
+            try:
+                moved, predicted = replan(survivors, left) if survivors and replan else ([], [])
+            except HeteroError as exc:
+                moved, predicted = [], []
+                failed += f"; {exc}"
+            if sum(moved) != left:
+                log.warning(f"{failed}; no working device can take its last {left} samples")
+                unplaced += left
+                continue
+            names = ", ".join(engines[j].device.name for j, size in zip(survivors, moved) if size)
+            log.warning(f"{failed}; moving its last {left} samples to {names}")
+            launch(survivors, share.start + share.completed, moved, predicted, share.device.name)
     wall_s = time.perf_counter() - begin
-    failed = [r for r in results if r.error]
-    if failed:
-        raise ExecutionError("; ".join(f"{r.device.name} failed on its share: {r.error}" for r in failed))
-    return np.concatenate(outputs, axis=0), results, wall_s
+    if unplaced:
+        failures = "; ".join(dict.fromkeys(f"{r.device.name} failed: {r.error}" for r in results if r.error))
+        raise ExecutionError(f"{unplaced} of {len(inputs)} samples could not run: {failures}")
+    pieces.sort(key=lambda piece: piece[0])
+    return np.concatenate([out for _, out in pieces], axis=0), results, wall_s

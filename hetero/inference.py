@@ -8,24 +8,38 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from .devices import Device, parse_devices
-from .errors import HeteroError
+from .errors import HeteroError, one_line
 from .execute import Engine, ShareResult, load_engine, run_split
 from .models import Network, get_network
 from .partition import PARTITIONERS
-from .profile import SEED_BATCHES, profile_engine
-from .table import Profile, ProfileTable
+from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
+from .table import Profile, ProfileTable, key_change
 
 DEFAULT_TABLE = Path("profiles") / "profile_table.json"
 DEFAULT_BUDGET_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fault:
+    """A device that did not do what was planned for it, and what became of its work."""
+
+    device: str
+    stage: str  # "load" (compile or upload), "profile" (no batch size ran) or "run"
+    error: str
+    moved: int = 0  # samples it had been given and did not finish, run by the other devices instead
 
 
 @dataclass
@@ -38,9 +52,10 @@ class InferenceReport:
     partition_s: float
     predicted_s: float
     wall_s: float
-    shares: list[ShareResult]
+    shares: list[ShareResult]  # one per device that ran, then those that took over a failed device's samples
     outputs: np.ndarray
     profiled: list[str]
+    faults: list[Fault] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -62,23 +77,45 @@ class InferenceReport:
                     "hardware": r.device.hardware,
                     "samples": r.size,
                     "first_sample": r.start,
+                    "completed": r.completed,
+                    "calls": r.calls,
                     "predicted_ms": r.predicted_s * 1e3,
                     "measured_ms": r.wall_s * 1e3,
                     "exec_ms": r.timing.exec_s * 1e3 if r.timing else 0.0,
                     "io_ms": (r.timing.h2d_s + r.timing.d2h_s) * 1e3 if r.timing else 0.0,
                     "compile_s": r.compile_s,
+                    "error": r.error,
+                    "takes_over_from": r.takes_over_from,
                 }
                 for r in self.shares
             ],
+            "faults": [dataclasses.asdict(f) for f in self.faults],
         }
 
 
 def reserve_cores(devices: Sequence[Device]) -> list[Device]:
-    """Leave one core per accelerator for the thread that feeds it, so a busy CPU pool cannot starve it."""
+    """Leave one core per accelerator for the thread that feeds it, so a busy CPU pool cannot starve it.
+
+    A CPU device that already names its thread count keeps it.
+    """
     feeders = sum(1 for d in devices if d.kind != "cpu")
     cores = os.cpu_count() or 1
     cpu_threads = max(1, cores - feeders) if feeders else 0
-    return [dataclasses.replace(d, threads=cpu_threads) if d.kind == "cpu" else d for d in devices]
+    return [dataclasses.replace(d, threads=cpu_threads) if d.kind == "cpu" and not d.threads else d for d in devices]
+
+
+def check_host_memory(network: Network, batch: int, what: str = "batch") -> None:
+    """Refuse, before allocating, a batch whose inputs and outputs alone exceed the host's free memory.
+
+    Devices run large shares in chunks, but the whole batch lives in host memory; without this check an
+    oversized batch ends in the kernel's out-of-memory killer rather than in an error line.
+    """
+    sample = np.prod(network.input_shape) + np.prod(network.output_shape)
+    needed = int(batch * sample * np.dtype(network.dtype).itemsize)
+    free = psutil.virtual_memory().available
+    if needed > free:
+        raise HeteroError(f"{what} {batch} needs {needed / 2**30:.1f} GiB of host memory for its inputs and "
+                          f"outputs, more than the {free / 2**30:.1f} GiB free")
 
 
 def ensure_profiles(
@@ -89,15 +126,34 @@ def ensure_profiles(
     budget_s: float = DEFAULT_BUDGET_S,
     progress: bool = True,
 ) -> tuple[list[Profile], list[str]]:
-    """Each engine's profile from the table, measuring (and saving) the ones missing or asked for again."""
+    """Each engine's profile from the table, measuring (and saving) the ones missing or asked for again.
+
+    Each profile is saved as soon as it is complete, and an interrupted one is saved marked as partial
+    and finished by the next run. Profiles of the same hardware under another key (another TVM, target
+    or driver) are not trusted: the user is told, and the device is measured afresh.
+    """
     profiles, measured = [], []
     for engine in engines:
-        profile = None if reprofile else table.get(engine.device.key, engine.network.name)
-        if profile is None:
-            profile = profile_engine(engine, batches, budget_s, progress)
-            table.put(profile)
-            table.save()
-            measured.append(engine.device.name)
+        key, network = engine.device.key, engine.network.name
+        stored = table.get(key, network)
+        if stored is not None and not stored.interrupted and not reprofile:
+            profiles.append(stored)
+            continue
+        if stored is None:
+            for old in table.superseded(key, network):
+                log.warning(f"{engine.device.name}: not using the table's profile of {network} measured under "
+                            f"{key_change(old.device_key, key)}; measuring again")
+        earlier = stored.measurements if stored is not None and stored.interrupted and not reprofile else ()
+        try:
+            profile = profile_engine(engine, batches, budget_s, progress, earlier)
+        except ProfilingInterrupted as stop:
+            if stop.profile.measurements:
+                table.put(stop.profile)
+                table.save()
+            raise
+        table.put(profile)
+        table.save()
+        measured.append(engine.device.name)
         profiles.append(profile)
     return profiles, measured
 
@@ -116,6 +172,53 @@ def plan(profiles: Sequence[Profile], batch: int, partitioner: str = "exact") ->
     return shares, [float(cost[share]) for cost, share in zip(costs, shares)], seconds
 
 
+def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, profile_batches: Sequence[int]) -> None:
+    """Refuse a run that cannot work before anything is compiled, profiled or allocated."""
+    if inputs is None:
+        if batch is None or batch < 1:
+            raise HeteroError(f"batch must be at least 1, got {batch}")
+        check_host_memory(net, batch)
+    elif tuple(inputs.shape[1:]) != tuple(net.input_shape) or len(inputs) < 1:
+        raise HeteroError(
+            f"inputs of shape {tuple(inputs.shape)} do not fit {net.name}, which takes (N, {', '.join(map(str, net.input_shape))})"
+        )
+    elif not (np.issubdtype(inputs.dtype, np.integer) or np.issubdtype(inputs.dtype, np.floating)):
+        raise HeteroError(f"inputs of dtype {inputs.dtype} are not real numbers")
+    if profile_batches:
+        check_host_memory(net, max(profile_batches), "profiling batch")
+
+
+def _load_engines(
+    net: Network, devices: Sequence[Device], load: Callable[[Network, Device], Engine]
+) -> tuple[list[Engine], list[Fault]]:
+    """An engine per device that compiles and loads; the others are left out and reported, not fatal."""
+    engines, faults = [], []
+    for device in devices:
+        try:
+            engines.append(load(net, device))
+        except Exception as exc:  # a compile error, or a device that cannot hold the weights
+            faults.append(Fault(device.name, "load", one_line(exc)))
+            log.warning(f"{device.name} left out: {faults[-1].error}")
+    return engines, faults
+
+
+def _runnable(
+    net: Network, engines: list[Engine], profiles: list[Profile], faults: list[Fault]
+) -> tuple[list[Engine], list[Profile]]:
+    """The engines that ran at least one profiled size; the others are added to `faults`."""
+    kept = []
+    for engine, profile in zip(engines, profiles):
+        if profile.max_batch() == 0:
+            error = next(m.error for m in profile.measurements if m.error)
+            faults.append(Fault(engine.device.name, "profile", f"every profiled batch size failed: {error}"))
+            log.warning(f"{engine.device.name} left out: {faults[-1].error}")
+        else:
+            kept.append((engine, profile))
+    if not kept:
+        raise HeteroError(f"no device can run {net.name}: " + "; ".join(f"{f.device}: {f.error}" for f in faults))
+    return [engine for engine, _ in kept], [profile for _, profile in kept]
+
+
 def infer(
     network: str | Network,
     devices: str | Sequence[Device] = "cpu",
@@ -127,28 +230,35 @@ def infer(
     reprofile: bool = False,
     budget_s: float = DEFAULT_BUDGET_S,
     progress: bool = True,
+    load: Callable[[Network, Device], Engine] = load_engine,
 ) -> InferenceReport:
-    """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`."""
-    net = get_network(network) if isinstance(network, str) else network
+    """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`.
+
+    A device that fails to compile, runs no profiled size, or fails on its share is reported in the
+    report's faults while the others do its work; HeteroError only when no device can. `load` makes the
+    engines (the cached compile by default).
+    """
     chosen = reserve_cores(parse_devices(devices) if isinstance(devices, str) else list(devices))
-    if inputs is None:
-        if batch is None or batch < 1:
-            raise HeteroError(f"batch must be at least 1, got {batch}")
-        inputs = net.random_input(batch)
-    elif tuple(inputs.shape[1:]) != tuple(net.input_shape) or len(inputs) < 1:
-        raise HeteroError(
-            f"inputs of shape {tuple(inputs.shape)} do not fit {net.name}, which takes (N, {', '.join(map(str, net.input_shape))})"
-        )
-    batch = len(inputs)
+    net = get_network(network) if isinstance(network, str) else network
+    _check_request(net, batch, inputs, profile_batches)
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)
-    engines = [load_engine(net, device) for device in chosen]
+    inputs = net.random_input(batch) if inputs is None else inputs
+    engines, faults = _load_engines(net, chosen, load)
     profiles, measured = ensure_profiles(engines, table, profile_batches, reprofile, budget_s, progress)
-    shares, predicted, partition_s = plan(profiles, batch, partitioner)
-    outputs, results, wall_s = run_split(engines, inputs, shares, predicted)
+    engines, profiles = _runnable(net, engines, profiles, faults)
+
+    def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:
+        shares, predicted, _ = plan([profiles[i] for i in survivors], samples, partitioner)
+        return shares, predicted
+
+    shares, predicted, partition_s = plan(profiles, len(inputs), partitioner)
+    limits = [p.max_batch() or None for p in profiles]
+    outputs, results, wall_s = run_split(engines, inputs, shares, predicted, limits, replan)
+    faults += [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]
     return InferenceReport(
         network=net.name,
-        batch=batch,
+        batch=len(inputs),
         partitioner=partitioner,
         partition_s=partition_s,
         predicted_s=max(predicted),
@@ -156,4 +266,5 @@ def infer(
         shares=results,
         outputs=outputs,
         profiled=measured,
+        faults=faults,
     )

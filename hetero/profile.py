@@ -2,7 +2,8 @@
 
 Execution and host-device copies are timed apart, after a warm-up run, as medians of repeats. Slow
 devices stay practical: once a device has spent its time budget and its per-sample time has
-flattened, larger batches are predicted from the last ones instead of measured.
+flattened, larger batches are predicted from the last ones instead of measured. A size that fails
+(out of memory, say) is recorded with its reason and caps the batch the device is given per call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tvm
 from tqdm import tqdm
 
 from .devices import Device
+from .errors import one_line
 from .execute import Engine
 from .models import Network
 from .table import Measurement, Profile
@@ -30,8 +32,8 @@ HARD_LIMIT = 4  # beyond this many budgets a device stops growing the batch even
 
 def measure_batch(engine: Engine, batch: int) -> Measurement:
     """Time one batch size: one warm-up run, then repeats; a failure is recorded, not raised."""
-    inputs = engine.network.random_input(batch)
     try:
+        inputs = engine.network.random_input(batch)
         engine.infer(inputs)
         timings = []
         spent = 0.0
@@ -40,8 +42,7 @@ def measure_batch(engine: Engine, batch: int) -> Measurement:
             timings.append(timing)
             spent += timing.total_s
     except Exception as exc:  # out of memory and friends: the size is recorded as failed
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Measurement(batch, [], [], [], error=reason)
+        return Measurement(batch, [], [], [], error=one_line(exc))
     return Measurement(
         batch,
         exec_s=[t.exec_s for t in timings],
@@ -58,34 +59,60 @@ def _flattened(measurements: list[Measurement]) -> bool:
     return (max(last) - min(last)) / min(last) <= FLAT
 
 
+class ProfilingInterrupted(KeyboardInterrupt):
+    """Ctrl-C while profiling, carrying the sizes measured so far (an interrupted Profile) to be saved."""
+
+    def __init__(self, profile: Profile):
+        super().__init__()
+        self.profile = profile
+
+
 def profile_engine(
-    engine: Engine, batches: Sequence[int] = SEED_BATCHES, budget_s: float = 60.0, progress: bool = True
+    engine: Engine,
+    batches: Sequence[int] = SEED_BATCHES,
+    budget_s: float = 60.0,
+    progress: bool = True,
+    earlier: Sequence[Measurement] = (),
 ) -> Profile:
-    """Profile one network on one device over `batches`, within `budget_s` seconds where possible."""
+    """Profile one network on one device over `batches`, within `budget_s` seconds where possible.
+
+    Sizes found in `earlier` (an interrupted profile's measurements) are kept rather than measured again;
+    Ctrl-C raises ProfilingInterrupted with what has been measured.
+    """
     sizes = sorted(set(batches))
+    kept = {m.batch: m for m in earlier}
     measurements: list[Measurement] = []
     stopped = None
     start = time.perf_counter()
     bar = tqdm(sizes, desc=f"profiling {engine.network.name} on {engine.device.name}", unit="size",
                disable=not progress, leave=False)
-    for batch in bar:
-        spent = time.perf_counter() - start
-        if measurements and spent > budget_s and _flattened(measurements):
-            stopped = (f"time budget {budget_s:g}s spent and per-sample time flat; "
-                       f"sizes from {batch} up are extrapolated")
-            break
-        if measurements and measurements[-1].error is None:
-            expected = measurements[-1].per_sample_s * batch * (MIN_REPEATS + 1)
-            if spent + expected > HARD_LIMIT * budget_s:
-                stopped = (f"batch {batch} would pass {HARD_LIMIT}x the time budget of {budget_s:g}s; "
-                           f"sizes from {batch} up are extrapolated")
+    try:
+        for batch in bar:
+            measurement = kept.get(batch)
+            if measurement is None:
+                spent = time.perf_counter() - start
+                if measurements and spent > budget_s and _flattened(measurements):
+                    stopped = (f"time budget {budget_s:g}s spent and per-sample time flat; "
+                               f"sizes from {batch} up are extrapolated")
+                    break
+                if measurements and measurements[-1].error is None:
+                    expected = measurements[-1].per_sample_s * batch * (MIN_REPEATS + 1)
+                    if spent + expected > HARD_LIMIT * budget_s:
+                        stopped = (f"batch {batch} would pass {HARD_LIMIT}x the time budget of {budget_s:g}s; "
+                                   f"sizes from {batch} up are extrapolated")
+                        break
+                measurement = measure_batch(engine, batch)
+            measurements.append(measurement)
+            if measurement.error is not None:
+                stopped = f"batch {batch} failed, so larger sizes were not tried: {measurement.error}"
                 break
-        measurement = measure_batch(engine, batch)
-        measurements.append(measurement)
-        if measurement.error is not None:
-            stopped = f"batch {batch} failed, so larger sizes were not tried: {measurement.error}"
-            break
-    bar.close()
+    except KeyboardInterrupt:
+        done = ", ".join(str(m.batch) for m in measurements) or "none"
+        partial = Profile(engine.device.key, engine.network.name, measurements,
+                          f"interrupted by the user; sizes measured: {done}", interrupted=True)
+        raise ProfilingInterrupted(partial) from None
+    finally:
+        bar.close()
     return Profile(engine.device.key, engine.network.name, measurements, stopped)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -27,6 +28,7 @@ VERSION = 1
 NOISY_IQR = 0.1  # exec times whose interquartile range passes 10% of the median are flagged
 
 Key = tuple[str, str]  # (device_key, network)
+KEY_FIELDS = " | "  # a device key is "<hardware> | <target> | tvm <version>"; the hardware comes first
 
 
 @dataclass
@@ -72,12 +74,17 @@ class Measurement:
 
 @dataclass
 class Profile:
-    """How one device runs one network, and the predictions the partitioner plans with."""
+    """How one device runs one network, and the predictions the partitioner plans with.
+
+    An `interrupted` profile holds the sizes measured before the user stopped profiling: it is kept so
+    that nothing measured is lost, and the next run measures the rest instead of trusting it.
+    """
 
     device_key: str
     network: str
     measurements: list[Measurement]
     stopped: str | None = None
+    interrupted: bool = False
 
     def __post_init__(self) -> None:
         self.measurements = sorted(self.measurements, key=lambda m: m.batch)
@@ -92,17 +99,29 @@ class Profile:
             return None
         return max((m.batch for m in self.measurements if m.error is None and m.batch < min(failed)), default=0)
 
+    def _one_call(self, sizes: np.ndarray) -> np.ndarray:
+        """Predicted seconds of running each size in one call, from the sizes that ran."""
+        ran = [m for m in self.measurements if m.error is None]
+        if not ran:
+            return np.zeros(sizes.shape)
+        # np.interp extrapolates the per-sample time flat beyond the profiled sizes
+        return sizes * np.interp(sizes, [m.batch for m in ran], [m.per_sample_s for m in ran])
+
     def _seconds(self, sizes: np.ndarray) -> np.ndarray:
-        """Predicted seconds per size, not yet made monotone; inf above max_batch()."""
+        """Predicted seconds per size, not yet made monotone.
+
+        Above max_batch() the executor runs a share as consecutive chunks of max_batch() samples, so that is
+        what is predicted; a device on which every size failed (max_batch() == 0) cannot run a sample: inf.
+        """
         if not self.measurements:
             raise ValueError(f"no measurements of {self.network} on {self.device_key} to predict from")
-        ran = [m for m in self.measurements if m.error is None]
-        if ran:  # np.interp extrapolates flat beyond the profiled sizes
-            seconds = sizes * np.interp(sizes, [m.batch for m in ran], [m.per_sample_s for m in ran])
-        else:  # every size failed: max_batch() is 0, so only the empty share is finite
-            seconds = np.zeros(sizes.shape)
         limit = self.max_batch()
-        return seconds if limit is None else np.where(sizes > limit, np.inf, seconds)
+        if limit is None:
+            return self._one_call(sizes)
+        if limit == 0:
+            return np.where(sizes > 0, np.inf, 0.0)
+        chunks, rest = np.divmod(sizes, limit)
+        return chunks * self._one_call(np.array(float(limit))) + self._one_call(rest)
 
     def predict(self, batch: int) -> float:
         """Predicted seconds (execution and copies) for `batch` samples."""
@@ -120,22 +139,48 @@ class TableError(HeteroError):
 
 
 def _profile_to_json(profile: Profile) -> dict:
-    return {"stopped": profile.stopped, "measurements": [asdict(m) for m in profile.measurements]}
+    return {
+        "stopped": profile.stopped,
+        "interrupted": profile.interrupted,
+        "measurements": [asdict(m) for m in profile.measurements],
+    }
+
+
+def _seconds_list(value: object, name: str, allow_empty: bool) -> list[float]:
+    """A list of finite non-negative seconds from the file; ValueError for anything else."""
+    if not isinstance(value, list) or not (value or allow_empty) or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in value
+    ):
+        raise ValueError(f"{name} must be a list of seconds, got {value!r:.60}")
+    return [float(t) for t in value]
+
+
+def _measurement_from_json(m: dict) -> Measurement:
+    """A measurement checked so that every derived time is defined: what the partitioner relies on."""
+    batch, error = m["batch"], m["error"]
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a whole number of at least 1, got {batch!r:.60}")
+    if error is not None and not isinstance(error, str):
+        raise ValueError(f"error must be text or null, got {error!r:.60}")
+    ran = error is None
+    exec_s = _seconds_list(m["exec_s"], "exec_s", allow_empty=not ran)
+    if ran and min(exec_s) == 0:
+        raise ValueError(f"batch {batch} has an execution time of 0")
+    return Measurement(
+        batch, exec_s, _seconds_list(m["h2d_s"], "h2d_s", not ran), _seconds_list(m["d2h_s"], "d2h_s", not ran), error
+    )
 
 
 def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
-    measurements = [
-        Measurement(
-            batch=int(m["batch"]),
-            exec_s=[float(t) for t in m["exec_s"]],
-            h2d_s=[float(t) for t in m["h2d_s"]],
-            d2h_s=[float(t) for t in m["d2h_s"]],
-            error=None if m["error"] is None else str(m["error"]),
-        )
-        for m in entry["measurements"]
-    ]
-    stopped = entry["stopped"]
-    return Profile(device_key, network, measurements, None if stopped is None else str(stopped))
+    stopped, interrupted = entry["stopped"], entry.get("interrupted", False)  # tables from before it was kept
+    if stopped is not None and not isinstance(stopped, str):
+        raise ValueError(f"stopped must be text or null, got {stopped!r:.60}")
+    if not isinstance(interrupted, bool):
+        raise ValueError(f"interrupted must be true or false, got {interrupted!r:.60}")
+    if not isinstance(entry["measurements"], list) or not entry["measurements"]:
+        raise ValueError(f"the profile of {network!r:.60} on {device_key!r:.60} has no list of measurements")
+    measurements = [_measurement_from_json(m) for m in entry["measurements"]]
+    return Profile(device_key, network, measurements, stopped, interrupted)
 
 
 def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:
@@ -217,6 +262,18 @@ class ProfileTable:
     def get(self, device_key: str, network: str) -> Profile | None:
         return self._profiles.get((device_key, network))
 
+    def superseded(self, device_key: str, network: str) -> list[Profile]:
+        """Profiles of `network` on the same hardware under another key (another target, TVM or driver).
+
+        They do not apply to `device_key`: the caller tells the user so instead of trusting them silently.
+        """
+        hardware = device_key.split(KEY_FIELDS)[0]
+        return [
+            profile
+            for (key, name), profile in sorted(self._profiles.items())
+            if name == network and key != device_key and key.split(KEY_FIELDS)[0] == hardware
+        ]
+
     def put(self, profile: Profile) -> None:
         key = (profile.device_key, profile.network)
         self._profiles[key] = profile
@@ -243,6 +300,14 @@ class ProfileTable:
         self._changed.clear()
 
 
+def key_change(old: str, new: str) -> str:
+    """How a stored key differs from a device's key of the same hardware, e.g. "tvm 0.26.0 (now tvm 0.27.0)"."""
+    old_fields, new_fields = old.split(KEY_FIELDS)[1:], new.split(KEY_FIELDS)[1:]
+    was = KEY_FIELDS.join(f for f in old_fields if f not in new_fields)
+    now = KEY_FIELDS.join(f for f in new_fields if f not in old_fields)
+    return f"{was or 'a key without ' + now} (now {now or 'without it'})"
+
+
 def _row(m: Measurement) -> list:
     if m.error is not None:
         return [m.batch, None, None, None, None, None, m.error]
@@ -266,6 +331,8 @@ def format_table(table: ProfileTable) -> str:
         header = f"{profile.device_key}  [{profile.network}]"
         if profile.stopped:
             header += f"  stopped: {profile.stopped}"
+        if profile.interrupted:
+            header += "  (partial: the next run measures the rest)"
         rows = tabulate(
             [_row(m) for m in profile.measurements],
             headers=["batch", "ms/sample", "img/s", "exec ms", "H2D ms", "D2H ms", "note"],

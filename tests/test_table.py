@@ -56,13 +56,17 @@ def test_cost_curve_is_monotone_and_matches_predict():
     assert any(b < a for a, b in zip(raw, raw[1:])), "this profile's raw prediction falls somewhere"
 
 
-def test_failed_size_caps_the_batch():
+def test_failed_size_caps_the_call_and_larger_shares_are_predicted_in_chunks():
     p = _profile(failed_at=16)
     assert p.max_batch() == 8, "only measured sizes are trusted below the failure"
     assert p.predict(8) == pytest.approx(0.016)
-    assert p.predict(9) == math.inf
-    curve = p.cost_curve(12)
-    assert np.all(np.isfinite(curve[:9])) and np.all(np.isinf(curve[9:]))
+    assert p.predict(9) == pytest.approx(0.016 + 0.010), "a chunk of 8, then one of 1"
+    assert p.predict(16) == pytest.approx(2 * 0.016)
+    assert p.predict(21) == pytest.approx(2 * 0.016 + 5 * 0.0035)
+    assert p.predict(40) == pytest.approx(5 * 0.016)
+    curve = p.cost_curve(40)
+    assert np.all(np.isfinite(curve))
+    assert np.allclose(curve, np.maximum.accumulate([p.predict(s) for s in range(41)]))
 
 
 def test_every_size_failed():
