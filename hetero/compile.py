@@ -22,8 +22,11 @@ from .devices import Device
 from .errors import HeteroError
 from .models import Network
 
-# hetero's own passes are part of what a compile produces: their source is part of the cache key
-_OWN_PASSES = hashlib.sha256(Path(__file__).with_name("cpu_schedule.py").read_bytes()).hexdigest()
+# hetero's own schedules decide what a compile produces and how fast it runs, so a digest of their
+# source is part of the module cache key and of every profile's key.
+BUILD_ID = hashlib.sha256(
+    b"".join(Path(__file__).with_name(name).read_bytes() for name in ("cpu_schedule.py", "gpu_schedule.py"))
+).hexdigest()[:12]
 
 
 class CompileError(HeteroError):
@@ -58,7 +61,7 @@ def module_key(network: Network, device: Device) -> str:
         str(device.target),
         str(device.target.host),
         tvm.__version__,
-        _OWN_PASSES,
+        BUILD_ID,
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 

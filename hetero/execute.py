@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .compile import Compiled, compile_network
+from .compile import BUILD_ID, Compiled, compile_network
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
@@ -46,6 +46,11 @@ class Timing:
         return self.h2d_s + self.exec_s + self.d2h_s
 
 
+def profile_key(device: Device) -> str:
+    """The table key of a device's profiles: its identity and the hetero build whose schedules ran there."""
+    return f"{device.key} | hetero {BUILD_ID}"
+
+
 class Engine:
     """A compiled network resident on one device, with its weights uploaded once.
 
@@ -63,6 +68,10 @@ class Engine:
         self._main = self._vm["main"]
         self._weights = [tvm.runtime.tensor(p, self._dev) for p in network.params]
         self._worker = ThreadPoolExecutor(1, f"hetero-{device.name}", initializer=self._size_thread_pool)
+
+    @property
+    def profile_key(self) -> str:
+        return profile_key(self.device)
 
     def _size_thread_pool(self) -> None:
         """Give this device's worker thread its share of the cores (0 keeps TVM's default)."""

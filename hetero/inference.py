@@ -134,7 +134,7 @@ def ensure_profiles(
     """
     profiles, measured = [], []
     for engine in engines:
-        key, network = engine.device.key, engine.network.name
+        key, network = engine.profile_key, engine.network.name
         stored = table.get(key, network)
         if stored is not None and not stored.interrupted and not reprofile:
             profiles.append(stored)

@@ -28,7 +28,7 @@ VERSION = 1
 NOISY_IQR = 0.1  # exec times whose interquartile range passes 10% of the median are flagged
 
 Key = tuple[str, str]  # (device_key, network)
-KEY_FIELDS = " | "  # a device key is "<hardware> | <target> | tvm <version>"; the hardware comes first
+KEY_FIELDS = " | "  # a key is "<hardware> | <target> | tvm <version> | hetero <build>"; hardware first
 
 
 @dataclass
