@@ -25,7 +25,7 @@ from .models import Network
 # hetero's own schedules decide what a compile produces and how fast it runs, so a digest of their
 # source is part of the module cache key and of every profile's key.
 BUILD_ID = hashlib.sha256(
-    b"".join(Path(__file__).with_name(name).read_bytes() for name in ("cpu_schedule.py", "gpu_schedule.py"))
+    b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*_schedule.py")))
 ).hexdigest()[:12]
 
 
