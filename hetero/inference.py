@@ -22,7 +22,7 @@ from .devices import Device, parse_devices
 from .errors import HeteroError, one_line
 from .execute import Engine, ShareResult, load_engine, run_split
 from .models import Network, get_network
-from .partition import PARTITIONERS
+from .partition import PARTITIONERS, predicted_times, split_or_single
 from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
 from .table import Profile, ProfileTable, key_change
 
@@ -165,11 +165,11 @@ def plan(profiles: Sequence[Profile], batch: int, partitioner: str = "exact") ->
     costs = [profile.cost_curve(batch) for profile in profiles]
     start = time.perf_counter()
     try:
-        shares = PARTITIONERS[partitioner](costs, batch)
+        shares = split_or_single(costs, batch, partitioner)
     except ValueError as exc:
         raise HeteroError(str(exc)) from exc
     seconds = time.perf_counter() - start
-    return shares, [float(cost[share]) for cost, share in zip(costs, shares)], seconds
+    return shares, predicted_times(costs, shares), seconds
 
 
 def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, profile_batches: Sequence[int]) -> None:

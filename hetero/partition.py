@@ -121,3 +121,27 @@ PARTITIONERS: dict[str, Callable[[Sequence[np.ndarray], int], list[int]]] = {
     "exact": partition_exact,
     "greedy": partition_greedy,
 }
+
+
+# Devices running at the same time slow each other down a little (host memory bandwidth, PCIe, the cores
+# that feed accelerators), which profiles of each device alone cannot show. Predictions of a split charge
+# this fraction, so a device whose share would gain less than it stays idle.
+CONCURRENCY_SLOWDOWN = 0.05
+
+
+def predicted_times(costs: Sequence[np.ndarray], shares: Sequence[int],
+                    slowdown: float = CONCURRENCY_SLOWDOWN) -> list[float]:
+    """Each device's predicted seconds for its share, charged `slowdown` when more than one device works."""
+    factor = 1 + slowdown if sum(1 for share in shares if share) > 1 else 1.0
+    return [float(cost[share]) * factor for cost, share in zip(costs, shares, strict=True)]
+
+
+def split_or_single(costs: Sequence[np.ndarray], batch: int, partitioner: str = "exact",
+                    slowdown: float = CONCURRENCY_SLOWDOWN) -> list[int]:
+    """The partitioner's split, or the best device alone where that is predicted no slower."""
+    split = PARTITIONERS[partitioner](costs, batch)
+    single = [0] * len(costs)
+    single[int(np.argmin([float(cost[batch]) for cost in costs]))] = batch
+    if max(predicted_times(costs, single, slowdown)) <= max(predicted_times(costs, split, slowdown)):
+        return single
+    return split

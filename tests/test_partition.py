@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetero.partition import PARTITIONERS, makespan, partition_exact, partition_greedy
+from hetero.partition import (
+    PARTITIONERS,
+    makespan,
+    partition_exact,
+    partition_greedy,
+    predicted_times,
+    split_or_single,
+)
 
 
 @st.composite
@@ -129,3 +136,37 @@ def test_zero_batch(name):
 def test_contract_violations_are_refused(costs, batch):
     with pytest.raises(ValueError):
         partition_exact(costs, batch)
+
+
+def test_a_split_that_gains_less_than_the_slowdown_stays_on_the_best_device():
+    fast, slow = np.arange(101) * 1.0, np.arange(101) * 40.0  # the slow device could take 2 of 100 samples
+    assert partition_exact([fast, slow], 100) == [98, 2]
+    assert split_or_single([fast, slow], 100) == [100, 0]
+    assert split_or_single([fast, slow], 100, slowdown=0.0) == [98, 2]
+    assert predicted_times([fast, slow], [98, 2]) == pytest.approx([98 * 1.05, 80 * 1.05])
+    assert predicted_times([fast, slow], [100, 0]) == [100.0, 0.0]
+
+
+def test_a_split_that_gains_more_than_the_slowdown_is_kept():
+    fast, half = np.arange(101) * 1.0, np.arange(101) * 2.0
+    assert split_or_single([fast, half], 99) == [66, 33]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cost_tables(), st.sampled_from(sorted(PARTITIONERS)), st.sampled_from([0.0, 0.05, 0.5]))
+def test_chosen_split_is_never_predicted_slower_than_the_best_device_or_the_greedy(case, name, slowdown):
+    costs, batch = case
+    if not _feasible(costs, batch):
+        return
+    try:
+        chosen = max(predicted_times(costs, split_or_single(costs, batch, name, slowdown), slowdown))
+    except ValueError:  # the greedy gets stuck where no single device fits the batch
+        assert name == "greedy"
+        return
+    assert chosen <= min(float(cost[batch]) for cost in costs)
+    if name == "exact":
+        try:
+            greedy = split_or_single(costs, batch, "greedy", slowdown)
+        except ValueError:
+            return
+        assert chosen <= max(predicted_times(costs, greedy, slowdown))
