@@ -23,7 +23,7 @@ import numpy as np
 from tabulate import tabulate
 
 from .cli import _Parser, _batch_list, _positive_int, _run
-from .devices import Device, parse_devices
+from .devices import PRECISIONS, Device, parse_devices, with_precision
 from .execute import Engine, load_engine, run_split
 from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, plan, reserve_cores
 from .models import Network, get_network
@@ -71,7 +71,8 @@ def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int, warm
 
 
 def torch_run(network: Network, device: Device, inputs: np.ndarray) -> Callable[[], object] | None:
-    """One PyTorch eager fp32 pass of the same architecture on the same device, or None without torch."""
+    """One PyTorch eager pass of the same architecture on the same device in the device's precision,
+    or None without torch."""
     try:
         import torch
 
@@ -84,12 +85,13 @@ def torch_run(network: Network, device: Device, inputs: np.ndarray) -> Callable[
     target = torch.device("cpu" if device.kind == "cpu" else f"cuda:{device.index}")
     if device.kind == "cpu":
         torch.set_num_threads(device.threads or torch.get_num_threads())
-    model = model.eval().to(target)
+    dtype = torch.float16 if device.precision == "fp16" else torch.float32
+    model = model.eval().to(target, dtype)
     batch = torch.from_numpy(inputs)
 
     def run() -> None:
         with torch.inference_mode():
-            model(batch.to(target)).cpu()
+            model(batch.to(target, dtype)).float().cpu()
 
     return run
 
@@ -178,13 +180,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES))
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 for CUDA GPUs")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="append results here")
     parser.add_argument("--machine", default=platform.node(), help="machine name for BENCHMARKS.md")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
-    devices = parse_devices(args.device)
+    devices = with_precision(parse_devices(args.device), args.precision)
     table = ProfileTable.load(args.table, create=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m hetero.benchmark " + shlex.join(argv)
@@ -195,7 +198,7 @@ def main(argv: list[str]) -> int:
                                args.budget, with_torch=not args.no_torch)
             text = format_markdown(result)
             print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
-            sections.append(f"#### {network}, batch {batch}, `{args.device}`\n\n{text}\n")
+            sections.append(f"#### {network}, batch {batch}, `{args.device}`, {args.precision}\n\n{text}\n")
     with open(args.markdown, "a", encoding="utf-8") as out:
         out.write(f"\n### {args.machine}, {stamp}\n\n`{command}`\n\n" + "\n".join(sections))
     return 0

@@ -176,6 +176,7 @@ def _list_devices() -> str:
 def inference_main(argv: list[str]) -> int:
     from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, infer
     from .models import network_names
+    from .devices import PRECISIONS
     from .partition import PARTITIONERS
     from .profile import SEED_BATCHES
 
@@ -187,6 +188,9 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, help="write the outputs, in input order, to this .npy file")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE, help=f"profile table (default {DEFAULT_TABLE})")
     parser.add_argument("--partitioner", choices=sorted(PARTITIONERS), default="exact")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp16 runs CUDA GPUs on tensor cores (outputs within 1e-2 relative of fp32); "
+                             "other devices stay fp32")
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES),
                         help="batch sizes to profile, e.g. 1,2,4 (default: the seed's 20 sizes up to 129)")
     parser.add_argument("--reprofile", action="store_true", help="measure again even if the table has a profile")
@@ -222,6 +226,7 @@ def inference_main(argv: list[str]) -> int:
         reprofile=args.reprofile,
         budget_s=args.budget,
         progress=not args.no_progress and not args.json,
+        precision=args.precision,
     )
     if args.output is not None:
         _save_outputs(args.output, report.outputs)

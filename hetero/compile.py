@@ -19,7 +19,7 @@ import tvm_ffi
 from tvm import relax
 
 from .devices import Device
-from .errors import HeteroError
+from .errors import HeteroError, one_line
 from .models import Network
 
 # hetero's own schedules decide what a compile produces and how fast it runs, so a digest of their
@@ -46,12 +46,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HETERO_CACHE") or Path.home() / ".cache" / "hetero")
 
 
-def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    if target.kind.name == "llvm":
+def _pipeline(device: Device) -> tvm.transform.Pass:
+    """hetero's own schedules where it has them (TVM's defaults leave CPU loops unscheduled and run
+    convolutions on GPUs at a third of PyTorch's speed), TVM's default pipeline elsewhere."""
+    kind = device.target.kind.name
+    if kind == "llvm":
         from .cpu_schedule import cpu_pipeline
 
-        return cpu_pipeline(target)
-    return relax.get_default_pipeline(target)
+        return cpu_pipeline(device.target)
+    if kind == "cuda":
+        from .gpu_schedule import gpu_pipeline
+
+        return gpu_pipeline(device.target, device.precision)
+    return relax.get_default_pipeline(device.target)
 
 
 def module_key(network: Network, device: Device) -> str:
@@ -60,6 +67,7 @@ def module_key(network: Network, device: Device) -> str:
         str(tvm_ffi.structural_hash(network.module)),
         str(device.target),
         str(device.target.host),
+        device.precision,
         tvm.__version__,
         BUILD_ID,
     ]
@@ -68,15 +76,14 @@ def module_key(network: Network, device: Device) -> str:
 
 def compile_network(network: Network, device: Device, use_cache: bool = True) -> Compiled:
     """Build (or load from the cache) the module that runs `network` on `device`."""
-    path = cache_dir() / f"{network.name}-{device.target.kind.name}-{module_key(network, device)}.so"
+    path = cache_dir() / f"{network.name}-{device.target.kind.name}-{device.precision}-{module_key(network, device)}.so"
     if use_cache and path.exists():
         return Compiled(tvm.runtime.load_module(str(path)), path, 0.0, cached=True)
     start = time.perf_counter()
     try:
-        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device.target))
+        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device))
     except Exception as exc:  # TVM raises many types; the user needs the first line only
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompileError(f"compiling {network.name} for {device.name} failed: {first_line}") from exc
+        raise CompileError(f"compiling {network.name} for {device.name} failed: {one_line(exc)}") from exc
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:

@@ -6,6 +6,7 @@ target for them and tell whether TVM can run on them; nothing else in hetero bra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import re
@@ -32,12 +33,13 @@ class Device:
     hardware: str  # what the hardware calls itself, e.g. "NVIDIA H100 80GB HBM3"
     target: tvm.target.Target = field(compare=False, hash=False)
     threads: int = 0  # CPU worker threads for this device's runs; 0 means TVM's default
+    precision: str = "fp32"  # arithmetic of its compiled network: fp32, or fp16 on CUDA GPUs
     details: str = field(default="", compare=False)  # what --list-devices adds, e.g. an OpenCL device's memory
 
     @property
     def key(self) -> str:
-        """Identity under which profiles are stored: the same hardware, target and TVM reuse them."""
-        return f"{self.hardware} | {self.target} | tvm {tvm.__version__}"
+        """Identity under which profiles are stored: the same hardware, target, precision and TVM reuse them."""
+        return f"{self.hardware} | {self.target} | {self.precision} | tvm {tvm.__version__}"
 
     def tvm_device(self) -> tvm.runtime.Device:
         return tvm.device(self.kind, self.index)
@@ -172,3 +174,14 @@ def parse_devices(spec: str) -> list[Device]:
             raise DeviceError(f"device {name!r} ({device.hardware}): {OPENCL_RUNTIME_MISSING}")
         devices.append(device)
     return devices
+
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def with_precision(devices: list[Device], precision: str) -> list[Device]:
+    """Devices set to compute in `precision`: fp16 applies to CUDA GPUs (tensor cores); the CPU and
+    OpenCL devices stay fp32, which their schedules run fastest."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    return [dataclasses.replace(d, precision=precision) if d.kind == "cuda" else d for d in devices]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .devices import Device, parse_devices
+from .devices import Device, parse_devices, with_precision
 from .errors import HeteroError, one_line
 from .execute import Engine, ShareResult, load_engine, run_split
 from .models import Network, get_network
@@ -231,6 +231,7 @@ def infer(
     budget_s: float = DEFAULT_BUDGET_S,
     progress: bool = True,
     load: Callable[[Network, Device], Engine] = load_engine,
+    precision: str = "fp32",
 ) -> InferenceReport:
     """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`.
 
@@ -238,7 +239,8 @@ def infer(
     report's faults while the others do its work; HeteroError only when no device can. `load` makes the
     engines (the cached compile by default).
     """
-    chosen = reserve_cores(parse_devices(devices) if isinstance(devices, str) else list(devices))
+    chosen = reserve_cores(with_precision(parse_devices(devices) if isinstance(devices, str) else list(devices),
+                                          precision))
     net = get_network(network) if isinstance(network, str) else network
     _check_request(net, batch, inputs, profile_batches)
     if not isinstance(table, ProfileTable):

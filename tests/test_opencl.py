@@ -136,7 +136,7 @@ def test_generated_opencl_builds_on_each_device_as_tvm_runtime_builds_it():
     network = hetero.get_network(SMALL_NETWORK)
     by_name = {name: d for name, _, d in opencl.name_devices(opencl.tvm_numbering(PLATFORM_DEVICES))}
     for device in OPENCL_DEVICES:
-        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device.target))
+        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device))
         # TVM's runtime splits the source at these markers and builds one program per kernel.
         pieces = [piece.split("\n", 1) for piece in _opencl_source(executable.mod).split("// Function: ")[1:]]
         assert len(pieces) > 10

@@ -1,0 +1,285 @@
+"""Default cpu_generic pipeline vs hetero.cpu_schedule.cpu_pipeline (vs PyTorch), img/s.
+
+    python benchmarks/cpu_schedule.py                       # layers + networks, batch 1 and 8
+    python benchmarks/cpu_schedule.py --networks resnet-50,mobilenet,vgg-16 --no-layers \
+        --torch-python /tmp/torchvenv/bin/python
+
+The unscheduled default pipeline is slow (resnet-18: ~1.6 s per image), so whole
+networks are compiled with it only when listed in --default-networks.  Each
+number is the median of --repeats timed calls after one warm-up call; the
+minimum is printed too because this 2-core machine is shared.  On a busy
+machine use ``--threads 1 --clock cpu`` (process CPU time, for TVM and
+PyTorch alike): wall-clock numbers with 2 threads swing by 2-5x when another
+process holds a core, since every parallel region waits for its slowest thread.
+TVM_NUM_THREADS is set to --threads before TVM starts its thread pool: TVM's
+default on x86 is half the logical CPUs (it assumes hyper-threading), i.e. a
+single thread on this 2-vCPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LAYERS = {
+    # name: (C, K, H, kernel, stride, groups)
+    "conv3x3 64->64 56x56": (64, 64, 56, 3, 1, 1),
+    "conv3x3 128->128 28x28": (128, 128, 28, 3, 1, 1),
+    "conv3x3 256->256 14x14": (256, 256, 14, 3, 1, 1),
+    "conv3x3 512->512 7x7": (512, 512, 7, 3, 1, 1),
+    "conv1x1 256->64 56x56": (256, 64, 56, 1, 1, 1),
+    "conv3x3/2 128->256 28x28": (128, 256, 28, 3, 2, 1),
+    "conv7x7/2 3->64 224x224": (3, 64, 224, 7, 2, 1),
+    "dwconv3x3 256 28x28": (256, 256, 28, 3, 1, 256),
+    "dwconv3x3/2 128 56x56": (128, 128, 56, 3, 2, 128),
+}
+
+
+def _cpu_ticks() -> float:
+    """Busy CPU seconds of the whole machine (all CPUs), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """Share of the machine's CPU used by *other* processes while measuring.
+
+    This machine is shared; a number measured while another process held a
+    core is flagged instead of silently reported.
+    """
+
+    def __enter__(self):
+        self.wall, self.busy, t = time.perf_counter(), _cpu_ticks(), os.times()
+        self.own = t.user + t.system + t.children_user + t.children_system
+        return self
+
+    def __exit__(self, *exc):
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system - self.own
+        wall = time.perf_counter() - self.wall
+        foreign = max(_cpu_ticks() - self.busy - own, 0.0)
+        self.share = foreign / max(wall * (os.cpu_count() or 1), 1e-9)
+        return False
+
+
+@dataclass
+class Timing:
+    times: list[float] = field(default_factory=list)
+    compile_s: float = 0.0
+    foreign: float = 0.0  # share of the CPUs other processes used meanwhile
+
+    @property
+    def median(self) -> float:
+        s = sorted(self.times)
+        return s[len(s) // 2]
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+def _layer_module(C, K, H, k, stride, groups):
+    import tvm
+    from tvm import relax
+
+    n = tvm.tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n, C, H, H), "float32"))
+    w = relax.Var("w", relax.TensorType((K, C // groups, k, k), "float32"))
+    b = relax.Var("b", relax.TensorType((K, 1, 1), "float32"))
+    with bb.function("main", [x, w, b]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=k // 2, groups=groups))
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, b))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((K, C // groups, k, k)).astype("float32") * 0.1,
+              rng.standard_normal((K, 1, 1)).astype("float32")]
+    return bb.get(), params, (C, H, H)
+
+
+CLOCK = time.perf_counter
+
+
+def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) -> tuple[Timing, object]:
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    t0 = time.perf_counter()
+    ex = relax.build(mod, target, relax_pipeline=pipeline) if pipeline else relax.build(mod, target)
+    timing = Timing(compile_s=time.perf_counter() - t0)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = np.random.default_rng(1).standard_normal((batch, *sample_shape)).astype("float32")
+    args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(np.asarray(p)) for p in params]
+    out = vm["main"](*args).numpy()  # warm-up
+    with ForeignLoad() as load:
+        for _ in range(repeats):
+            t1 = CLOCK()
+            vm["main"](*args)
+            timing.times.append(CLOCK() - t1)
+    timing.foreign = load.share
+    return timing, out
+
+
+TORCH_SCRIPT = r"""
+import json, sys, time, importlib.util
+import torch
+try:
+    import torchvision  # noqa: F401
+except Exception:  # torchvision built against another torch: its C ops are not needed
+    for name in [m for m in sys.modules if m.startswith("torchvision")]:
+        del sys.modules[name]
+    torch.library.register_fake = lambda *a, **k: (lambda f: f)
+spec = importlib.util.spec_from_file_location("torch_models", sys.argv[1])
+tm = importlib.util.module_from_spec(spec); spec.loader.exec_module(tm)
+threads, repeats, clock = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(threads)
+clk = time.process_time if clock == "cpu" else time.perf_counter
+shapes = {"inception_v3": (3, 299, 299)}
+out = {}
+for item in sys.argv[5:]:
+    net, batch = item.split(":"); batch = int(batch)
+    model = tm.torch_model(net)
+    if model is None:
+        continue
+    model.eval()
+    x = torch.randn(batch, *shapes.get(net, (3, 224, 224)))
+    with torch.no_grad():
+        model(x)
+        ts = []
+        for _ in range(repeats):
+            t0 = clk(); model(x); ts.append(clk() - t0)
+    out[item] = ts
+print(json.dumps(out))
+"""
+
+
+def _torch_times(python: str, items: list[str], threads: int, repeats: int,
+                 clock: str) -> tuple[dict[str, list[float]], float]:
+    with ForeignLoad() as load:
+        proc = subprocess.run(
+            [python, "-c", TORCH_SCRIPT, str(ROOT / "hetero" / "torch_models.py"), str(threads),
+             str(repeats), clock, *items],
+            capture_output=True, text=True, timeout=3600,
+        )
+    if proc.returncode != 0:
+        print(f"(PyTorch run failed: {proc.stderr.strip().splitlines()[-1:]})")
+        return {}, load.share
+    return json.loads(proc.stdout.strip().splitlines()[-1]), load.share
+
+
+BUSY = 0.10  # flag a number when other processes used more than this share of the CPUs
+
+
+def _fmt(batch: int, t: Timing | None) -> str:
+    if t is None:
+        return f"{'-':>18s}"
+    mark = "*" if t.foreign > BUSY else " "
+    return f"{batch / t.median:8.1f} ({batch / t.best:6.1f}){mark}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--networks", default="resnet-18,resnet-50,mobilenet,vgg-16")
+    ap.add_argument("--default-networks", default="resnet-18",
+                    help="networks also compiled with the (slow) unscheduled default pipeline")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated layer names")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, robust on a shared machine; needs --threads 1")
+    ap.add_argument("--torch-python", default=None,
+                    help="python of a separate venv with torch (+torchvision) for a PyTorch column")
+    args = ap.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures process CPU time: use it with --threads 1")
+    global CLOCK  # noqa: PLW0603
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool exists
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import tvm  # noqa: F401
+
+    from hetero.cpu_schedule import cpu_pipeline, default_target
+
+    target = default_target()
+    pipeline = cpu_pipeline(target)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"target {target}  TVM threads {args.threads}  repeats {args.repeats}  clock {args.clock}")
+    print("img/s as median (best);  default = relax.backend.cpu_generic default pipeline;  "
+          f"* = other processes used >{BUSY:.0%} of the CPUs meanwhile (number unreliable)")
+    header = f"{'':34s} {'batch':>5s} {'default':>18s} {'cpu_pipeline':>18s} {'speedup':>8s}"
+
+    if not args.no_layers:
+        print("\n== single layers (conv + bias + relu, symbolic batch) ==")
+        print(header + f" {'GFLOP/s':>8s}")
+        for name in args.layers.split(","):
+            C, K, H, k, stride, groups = LAYERS[name]
+            mod, params, shape = _layer_module(C, K, H, k, stride, groups)
+            ho = (H + 2 * (k // 2) - k) // stride + 1
+            flops = 2 * K * ho * ho * (C // groups) * k * k
+            for batch in batches:
+                reps = max(1, args.repeats if batch == 1 else args.repeats // 2)
+                base, ref = _time_module(mod, params, shape, batch, None, 1, target)
+                sched, out = _time_module(mod, params, shape, batch, pipeline, reps, target)
+                err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+                flag = "" if err < 1e-4 else f"  MISMATCH rel err {err:.1e}"
+                print(f"{name:34s} {batch:5d} {_fmt(batch, base)} {_fmt(batch, sched)} "
+                      f"{base.median / sched.median:7.1f}x {flops * batch / sched.median / 1e9:8.1f}{flag}",
+                      flush=True)
+
+    nets = [n for n in args.networks.split(",") if n]
+    if nets:
+        from hetero.models import get_network
+
+        print("\n== networks ==")
+        print(header + f" {'PyTorch':>18s} {'vs torch':>8s} {'compile':>8s}")
+        defaults = set(args.default_networks.split(","))
+        for net_name in nets:
+            net = get_network(net_name)
+            torch_res, torch_foreign = {}, 0.0
+            if args.torch_python:  # measured next to the TVM numbers: the machine is shared
+                items = [f"{net_name}:{b}" for b in batches]
+                torch_res, torch_foreign = _torch_times(args.torch_python, items, args.threads,
+                                                        args.repeats, args.clock)
+            for batch in batches:
+                base = ref = None
+                if net_name in defaults:
+                    base, ref = _time_module(net.module, net.params, net.input_shape, batch, None, 1, target)
+                sched, out = _time_module(net.module, net.params, net.input_shape, batch, pipeline,
+                                          args.repeats, target)
+                flag = ""
+                if ref is not None:
+                    err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+                    flag = "" if err < 1e-4 else f"  MISMATCH rel err {err:.1e}"
+                tt = torch_res.get(f"{net_name}:{batch}")
+                torch_t = Timing(times=tt, foreign=torch_foreign) if tt else None
+                speed = f"{base.median / sched.median:7.1f}x" if base else f"{'-':>8s}"
+                vs = f"{torch_t.median / sched.median:7.2f}x" if torch_t else f"{'-':>8s}"
+                print(f"{net_name:34s} {batch:5d} {_fmt(batch, base)} {_fmt(batch, sched)} {speed} "
+                      f"{_fmt(batch, torch_t)} {vs} {sched.compile_s:7.1f}s{flag}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""TVM on one CUDA GPU: the default pipeline vs hetero's gpu_pipeline (fp32, fp16) vs PyTorch eager.
+
+For each network: compiles every TVM variant (in parallel worker processes), checks each one's
+outputs against the default pipeline's (same weights, same input), times every variant and
+PyTorch eager (fp32 as configured by default -- cuDNN may use TF32 -- strict fp32 without TF32,
+and fp16), and prints one table with img/s, the ratios to PyTorch and the compile times.
+
+Run from the repository root, on a machine with a CUDA GPU, TVM and torch/torchvision::
+
+    python -m benchmarks.gpu_engine                      # resnet-50, mobilenet, vgg-16 at batch 64
+    python -m benchmarks.gpu_engine --networks resnet-50 --batch 128 --variants fp16
+    python -m benchmarks.gpu_engine --compile-only       # no GPU needed: just build everything
+
+A variant that fails to build or run prints its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _lean_hetero() -> None:
+    """Make ``hetero.models`` / ``hetero.gpu_schedule`` / ``hetero.torch_models`` importable even
+    where the package's own ``__init__`` cannot be (it pulls in psutil, tabulate, tqdm, ...)."""
+    try:
+        import hetero  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    except ImportError:
+        import types  # pylint: disable=import-outside-toplevel
+
+        package = types.ModuleType("hetero")
+        package.__path__ = [str(ROOT / "hetero")]
+        sys.modules["hetero"] = package
+
+
+_lean_hetero()  # also runs in the compile workers, which import this module afresh
+
+VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
+    "tvm-default": ("default", "fp32", {}),
+    "hetero-fp32": ("hetero", "fp32", {}),
+    "hetero-fp32-nopipe": ("hetero", "fp32", {"software_pipeline": False}),
+    "hetero-fp16": ("hetero", "fp16", {}),
+}
+VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
+                   "fp16": "hetero-fp16"}
+TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
+
+
+# ------------------------------------------------------------------------------------ compile
+
+
+def cuda_target(arch: str):
+    """The target of issue 4 for an ``sm_XX`` GPU, host code for this CPU (as hetero.devices)."""
+    import platform
+
+    import tvm
+
+    host = tvm.target.Target({"kind": "llvm", "mtriple": f"{platform.machine()}-linux-gnu",
+                              "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    return tvm.target.Target(
+        {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024,
+         "max_shared_memory_per_block": 49152, "thread_warp_size": 32, "max_num_threads": 1024},
+        host,
+    )
+
+
+def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tuple[str | None, float, str | None]:
+    """Build one variant and export it; (library path, seconds, error).  Runs in a worker."""
+    try:
+        import tvm
+        from tvm import relax
+
+        from hetero.gpu_schedule import gpu_pipeline
+        from hetero.models import get_network
+
+        target = cuda_target(arch)
+        net = get_network(network)
+        kind, precision, options = VARIANTS[variant]
+        pipeline = (relax.get_default_pipeline(target) if kind == "default"
+                    else gpu_pipeline(target, precision, **options))
+        start = time.perf_counter()
+        executable = relax.build(net.module, target, relax_pipeline=pipeline)
+        path = os.path.join(out_dir, f"{network}-{variant}.so")
+        executable.export_library(path)
+        return path, time.perf_counter() - start, None
+    except Exception:  # pylint: disable=broad-except
+        return None, 0.0, _short_error()
+
+
+def _short_error() -> str:
+    lines = [line for line in traceback.format_exc().strip().splitlines() if line.strip()]
+    # TVM errors end with the interesting line; keep a little context
+    return " | ".join(lines[-3:])[-600:]
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Result:
+    network: str
+    variant: str
+    compile_s: float | None = None
+    ms: float | None = None  # median milliseconds per batch
+    spread: float | None = None  # (max - min) / median over the samples
+    rel_err: float | None = None  # vs tvm-default's output
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _time_calls(run, sync, budget_s: float, min_samples: int = 5, max_samples: int = 15) -> tuple[float, float]:
+    """Median and relative spread of seconds per call; run() is warmed up here."""
+    for _ in range(3):
+        run()
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    one = max(time.perf_counter() - start, 1e-5)
+    number = max(1, int(0.05 / one))  # ~50 ms per sample
+    samples = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < max_samples and (len(samples) < min_samples or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        for _ in range(number):
+            run()
+        sync()
+        samples.append((time.perf_counter() - start) / number)
+    median = statistics.median(samples)
+    return median, (max(samples) - min(samples)) / median
+
+
+def time_tvm(path: str, network: str, batch: int, budget_s: float):
+    """(output of the first call, median s, spread) for the exported library at ``path``."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from hetero.models import get_network
+
+    net = get_network(network)
+    dev = tvm.cuda(0)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(path), dev)
+    main = vm["main"]
+    x = tvm.runtime.tensor(net.random_input(batch, seed=0), dev)
+    weights = [tvm.runtime.tensor(p, dev) for p in net.params]
+    out = main(x, *weights).numpy().astype(np.float64)
+    seconds, spread = _time_calls(lambda: main(x, *weights), dev.sync, budget_s)
+    del vm, weights, x
+    return out, seconds, spread
+
+
+def time_torch(network: str, variant: str, batch: int, budget_s: float):
+    import torch
+
+    from hetero.torch_models import torch_model
+
+    model = torch_model(network)
+    if model is None:
+        raise RuntimeError(f"no PyTorch counterpart for {network}")
+    model = model.eval().cuda()
+    dtype = torch.float16 if variant == "torch-fp16" else torch.float32
+    model = model.to(dtype)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    if variant == "torch-fp32-notf32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        size = 299 if network == "inception_v3" else 224
+        x = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype)
+        with torch.inference_mode():
+            seconds, spread = _time_calls(lambda: model(x), torch.cuda.synchronize, budget_s)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        del model
+        torch.cuda.empty_cache()
+    return seconds, spread
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_table(results: list[Result], batch: int) -> None:
+    by_key = {(r.network, r.variant): r for r in results}
+    width = max([len("network")] + [len(r.network) for r in results])
+    header = (f"{'network':<{width}} {'variant':<18} {'compile s':>9} {'ms/batch':>9} {'img/s':>8} "
+              f"{'spread':>6} {'/torch32':>8} {'/t32noTF':>8} {'/torch16':>8} {'rel err':>9}")
+    print("\n" + header)
+    print("-" * len(header))
+    for r in results:
+        ips = batch / (r.ms / 1e3) if r.ms else None
+
+        def ratio(torch_variant: str) -> str:
+            ref = by_key.get((r.network, torch_variant))
+            if ips is None or ref is None or not ref.ms:
+                return "-"
+            return f"{ips / (batch / (ref.ms / 1e3)):.2f}x"
+
+        spread = "-" if r.spread is None else f"{100 * r.spread:.0f}%"
+        print(f"{r.network:<{width}} {r.variant:<18} {_fmt(r.compile_s, '.1f'):>9} {_fmt(r.ms, '.2f'):>9} "
+              f"{_fmt(ips, '.0f'):>8} {spread:>6} {ratio('torch-fp32'):>8} {ratio('torch-fp32-notf32'):>8} "
+              f"{ratio('torch-fp16'):>8} {_fmt(r.rel_err, '.1e'):>9}")
+        if r.error:
+            print(f"{'':<{width}} {'':<18} ERROR: {r.error}")
+    print(f"\nimg/s at batch {batch}.  /torch32, /t32noTF, /torch16: img/s over PyTorch eager's in fp32 "
+          "(default settings: cuDNN may use TF32), in fp32 with TF32 off, and in fp16.  rel err = "
+          "max|out - ref| / max|ref| against tvm-default's output (same weights, same input).  spread = "
+          "(max - min) / median of the timing samples.  compile s: relax.build + export_library.")
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--networks", default="resnet-50,mobilenet,vgg-16")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--variants", default="default,fp32,fp32-nopipe,fp16",
+                        help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
+                             "(hetero's, without software pipelining), fp16")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
+                        help="parallel compile processes (1: compile in this process)")
+    parser.add_argument("--time-budget", type=float, default=2.0, help="seconds of timing per variant")
+    parser.add_argument("--compile-only", action="store_true", help="build (and report) only; no GPU needed")
+    parser.add_argument("--arch", default=None, help="sm_XX; default: GPU 0's")
+    parser.add_argument("--describe", action="store_true",
+                        help="also print the rule and tile hetero's pipeline gives every GEMM kernel")
+    args = parser.parse_args(argv)
+
+    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    variants = [VARIANT_ALIASES.get(v.strip(), v.strip()) for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANT_ALIASES)}")
+    if "tvm-default" in variants:  # the reference for the error check comes first
+        variants.remove("tvm-default")
+        variants.insert(0, "tvm-default")
+
+    wall = time.perf_counter()
+    import tvm
+
+    arch = args.arch
+    if arch is None:
+        if tvm.cuda(0).exist:
+            arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        elif args.compile_only:
+            arch = "sm_90"
+        else:
+            print("no CUDA GPU visible to TVM (use --compile-only to only build)", file=sys.stderr)
+            return 1
+    print(f"TVM {tvm.__version__}, target arch {arch}, batch {args.batch}, networks {networks}, "
+          f"variants {variants}")
+    if tvm.cuda(0).exist:
+        print(f"GPU 0: {tvm.cuda(0).device_name}")
+    if not args.no_torch and not args.compile_only:
+        try:
+            import torch
+
+            print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+                  f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                  f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+        except Exception:  # pylint: disable=broad-except
+            print(f"PyTorch unavailable: {_short_error()}")
+            args.no_torch = True
+
+    if args.describe:
+        from hetero.gpu_schedule import describe_schedules
+        from hetero.models import get_network
+
+        target = cuda_target(arch)
+        for network in networks:
+            for variant in variants:
+                kind, precision, _ = VARIANTS[variant]
+                if kind != "hetero":
+                    continue
+                print(f"\n{network} {variant}: kernel, rule, GEMM M (batch 64) x N x K, tile")
+                try:
+                    for k in describe_schedules(get_network(network).module, target, precision):
+                        if k.tile is not None or k.rule not in ("dlight.Fallback",):
+                            tile = f"{k.tile.bm}x{k.tile.bn}x{k.tile.bk}" if k.tile is not None else ""
+                            shape = f"{k.m}x{k.n}x{k.k}" if k.m is not None else ""
+                            print(f"  {k.name:<44} {k.rule:<18} {shape:<18} {tile}")
+                except Exception:  # pylint: disable=broad-except
+                    print(f"  describe failed: {_short_error()}")
+
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="hetero-gpu-bench-") as out_dir:
+        # ---- compile everything first, in parallel
+        jobs = [(n, v) for n in networks for v in variants]
+        compiled: dict[tuple[str, str], tuple[str | None, float, str | None]] = {}
+        print(f"\ncompiling {len(jobs)} modules with {args.jobs} process(es) ...", flush=True)
+        if args.jobs > 1 and len(jobs) > 1:
+            try:
+                ctx = multiprocessing.get_context("spawn")
+                with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+                    futures = {pool.submit(compile_variant, n, v, arch, out_dir): (n, v) for n, v in jobs}
+                    for future in cf.as_completed(futures):
+                        key = futures[future]
+                        try:
+                            compiled[key] = future.result()
+                        except Exception:  # pylint: disable=broad-except  (a worker died)
+                            compiled[key] = (None, 0.0, _short_error())
+                        path, seconds, error = compiled[key]
+                        print(f"  {key[0]} {key[1]}: " + (f"{seconds:.1f} s" if error is None else f"FAILED {error}"),
+                              flush=True)
+            except Exception:  # pylint: disable=broad-except
+                print(f"  process pool failed ({_short_error()}); compiling in this process", flush=True)
+        for key in jobs:
+            if key not in compiled or (compiled[key][2] is not None and "BrokenProcessPool" in compiled[key][2]):
+                compiled[key] = compile_variant(key[0], key[1], arch, out_dir)
+                path, seconds, error = compiled[key]
+                print(f"  {key[0]} {key[1]}: " + (f"{seconds:.1f} s" if error is None else f"FAILED {error}"),
+                      flush=True)
+        print(f"compiled in {time.perf_counter() - wall:.0f} s (wall, including startup)", flush=True)
+
+        # ---- run, one network at a time
+        for network in networks:
+            reference = None
+            for variant in variants:
+                path, seconds, error = compiled[(network, variant)]
+                result = Result(network, variant, compile_s=seconds if error is None else None, error=error)
+                results.append(result)
+                if error is not None or args.compile_only:
+                    continue
+                try:
+                    out, secs, spread = time_tvm(path, network, args.batch, args.time_budget)
+                    result.ms, result.spread = secs * 1e3, spread
+                    if variant == "tvm-default":
+                        reference = out
+                    elif reference is not None:
+                        import numpy as np
+
+                        result.rel_err = float(np.abs(out - reference).max() / np.abs(reference).max())
+                except Exception:  # pylint: disable=broad-except
+                    result.error = _short_error()
+                print(f"  {network} {variant}: "
+                      + (f"{result.ms:.2f} ms/batch, rel err {_fmt(result.rel_err, '.1e')}" if result.ms
+                         else f"FAILED {result.error}"), flush=True)
+            if args.no_torch or args.compile_only:
+                continue
+            for variant in TORCH_VARIANTS:
+                result = Result(network, variant)
+                results.append(result)
+                try:
+                    secs, spread = time_torch(network, variant, args.batch, args.time_budget)
+                    result.ms, result.spread = secs * 1e3, spread
+                except Exception:  # pylint: disable=broad-except
+                    result.error = _short_error()
+                print(f"  {network} {variant}: "
+                      + (f"{result.ms:.2f} ms/batch" if result.ms else f"FAILED {result.error}"), flush=True)
+
+    print_table(results, args.batch)
+    print(f"total {time.perf_counter() - wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

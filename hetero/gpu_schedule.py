@@ -1,0 +1,937 @@
+"""Tuning-free CUDA schedules for CNN inference (issue 4).
+
+TVM 0.27's default CUDA pipeline (``relax.backend.cuda.get_default_pipeline``) legalizes every
+operator to TIR and schedules it with dlight.  dlight's ``Matmul`` rule does take NCHW convs as
+implicit GEMMs, but with one small tile (32x64, 4x4 per thread), shared-memory reads that
+bank-conflict, and im2col loads that NCHW makes uncoalesced; its float16 tensor-core variant
+raises on fused convs; depthwise convs go to ``GeneralReduction``, which spends a warp on a
+9-element reduction.  The wheel has no cuDNN/cuBLAS/CUTLASS, so everything has to be TIR.
+
+:func:`gpu_pipeline` is the default pipeline with three changes.
+
+1. Relax rewrites before legalization (:func:`prepare_module`; target independent, so they are
+   checked numerically on the CPU):
+
+   * ``x + b`` with a ``(C, 1, 1)`` operand gets it reshaped to ``(1, C, 1, 1)``; then
+     ``ConvertLayout`` turns the whole graph NHWC (weights OHWI), so an im2col row (kh, kw, c)
+     and a weight row are contiguous along c; transposes that only move unit axes become free
+     reshapes;
+   * ``fp16``: the function runs in float16 -- parameters are cast where first used (a bias after
+     its reshapes, so the cast fuses into the conv epilogue), convs and matmuls accumulate in
+     float32 (``out_dtype``) and are cast back, averages run in float32, and the result is cast
+     to float32: the signature (float32 in and out) does not change.
+
+2. Schedule rules tried before dlight's (a rule that fails returns "no schedule", never raises):
+
+   * :func:`schedule_gemm_tensorcore` (float16 operands): every conv / matmul as an implicit GEMM
+     ``C[M, N] += A[M, K] * B[N, K]`` on wmma 16x16x16 fragments with float32 accumulation,
+     register-staged double-buffered shared tiles, software pipeline, fused epilogue;
+   * :func:`schedule_gemm_simt` (float32): the same GEMM on CUDA cores, 8x8 outputs per thread
+     (2x2 virtual threads of 4x4), float4 global loads, shared tiles stored transposed so every
+     inner-loop shared read is a conflict-free float4, the next K tile prefetched to registers
+     while the current one is computed;
+   * tiles are picked per kernel (:func:`pick_simt_config`, :func:`pick_tensorcore_config`) from
+     its static N, K and its M estimated at batch 64: the largest tile that still gives every SM
+     two blocks.  The batch stays symbolic (M = n*H*W, padded to the tile);
+   * :func:`schedule_small_reduction`: depthwise convs and pools, one output per thread with the
+     (<= 64 element) reduction in registers, threads along the channel (coalesced in NHWC).
+
+3. dlight's rules last, each wrapped so that one that raises falls through to the next.
+
+Usage::
+
+    relax.build(network.module, target, relax_pipeline=gpu_pipeline(target, "fp16"))
+
+:func:`describe_schedules` tells which rule and tile each kernel gets, without building.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import logging
+import math
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.gpu.matmul import (
+    auto_inline_consumer_chain,
+    auto_inline_producers,
+    get_index_map,
+    get_reduction_blocks,
+)
+from tvm.sym.analyzer import Analyzer
+from tvm.tirx.analysis import undefined_vars
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PRECISIONS",
+    "SimtConfig",
+    "TensorCoreConfig",
+    "KernelSchedule",
+    "describe_schedules",
+    "gpu_pipeline",
+    "gpu_rules",
+    "pick_simt_config",
+    "pick_tensorcore_config",
+    "prepare_module",
+    "schedule_gemm_simt",
+    "schedule_gemm_tensorcore",
+    "schedule_small_reduction",
+]
+
+PRECISIONS = ("fp32", "fp16")
+
+# The batch the tile heuristics assume (the batch itself stays symbolic in every kernel).
+PLANNING_BATCH = 64
+# Streaming multiprocessors the tile heuristics try to fill (H100 SXM: 132).
+DEFAULT_NUM_SMS = 132
+
+# =============================================================================================
+# Relax rewrites (target independent)
+# =============================================================================================
+
+_ARITH = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+          "relax.minimum")
+_LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze",
+               "relax.flatten")
+# ops whose float16 version would lose too much: run them in float32
+_FP32_OPS = ("relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean", "relax.sum",
+             "relax.variance", "relax.nn.softmax", "relax.nn.log_softmax")
+
+
+def _tensor_shape(expr: relax.Expr) -> list | None:
+    ty = expr.ty
+    if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
+        return list(ty.shape.values)
+    return None
+
+
+def _tensor_dtype(expr: relax.Expr) -> str | None:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _map_functions(mod: tvm.IRModule, fn: Callable[[relax.Function], relax.Function]) -> tvm.IRModule:
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)  # never mutate the caller's
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = fn(func)
+    return mod
+
+
+@mutator
+class _BroadcastTo4D(PyExprMutator):
+    """``x (N,C,H,W) + b (C,1,1)`` -> ``x + reshape(b, (1,C,1,1))``.
+
+    ConvertLayout cannot give a rank-3 operand a 4-D layout, so it would convert every bias add
+    back to NCHW; with both operands 4-D it permutes the (tiny) bias instead.
+    """
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in _ARITH and len(call.args) == 2):
+            return call
+        shapes = [_tensor_shape(a) for a in call.args]
+        if any(s is None for s in shapes):
+            return call
+        ranks = [len(s) for s in shapes]
+        if ranks[0] == ranks[1] or max(ranks) != 4 or min(ranks) == 0:
+            return call
+        args = list(call.args)
+        low = ranks.index(min(ranks))
+        args[low] = self.builder_.emit(relax.op.reshape(args[low], [1] * (4 - ranks[low]) + shapes[low]))
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+
+@tvm.transform.module_pass(opt_level=0, name="hetero.BroadcastTo4D")
+def broadcast_to_4d(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return _map_functions(mod, lambda f: _BroadcastTo4D().visit_expr(f))
+
+
+@mutator
+class _PermuteToReshape(PyExprMutator):
+    """``permute_dims`` that keeps the order of the non-unit axes -> ``reshape`` (a free view).
+
+    ConvertLayout leaves ``permute_dims(reshape(bias), [0, 2, 3, 1])`` from (1, C, 1, 1) to
+    (1, 1, 1, C): a copy kernel per bias per call, where a reshape costs nothing.
+    """
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.permute_dims"):
+            return call
+        shape = _tensor_shape(call.args[0])
+        if shape is None:
+            return call
+        axes = call.attrs.axes
+        axes = list(range(len(shape)))[::-1] if axes is None else [int(a) for a in axes]
+        moved = [a for a in axes if _static(shape[a]) != 1]  # a symbolic extent counts as > 1
+        if moved != sorted(moved):
+            return call
+        return relax.op.reshape(call.args[0], [shape[a] for a in axes])
+
+
+@tvm.transform.module_pass(opt_level=0, name="hetero.PermuteToReshape")
+def permute_to_reshape(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return _map_functions(mod, lambda f: _PermuteToReshape().visit_expr(f))
+
+
+@mutator
+class _ToFloat16(PyExprMutator):
+    """Run a float32 function in float16 (see :func:`to_float16`)."""
+
+    def __init__(self, params: Sequence[relax.Var]) -> None:
+        super().__init__()
+        self.params = list(params)
+        self.casts: dict[int, relax.Var] = {}
+
+    def _half(self, expr: relax.Expr) -> relax.Expr:
+        """``expr`` cast to float16 (each parameter once, where first used)."""
+        if _tensor_dtype(expr) != "float32":
+            return expr
+        for index, param in enumerate(self.params):
+            if expr.same_as(param):
+                if index not in self.casts:
+                    self.casts[index] = self.builder_.emit(relax.op.astype(expr, "float16"))
+                return self.casts[index]
+        return self.builder_.emit(relax.op.astype(expr, "float16"))
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+        if not isinstance(call.op, tvm.ir.Op):
+            return super().visit_call_(call)
+        name = call.op.name
+        # Visit the arguments here: normalising the call with some of them already float16 and
+        # the others (parameters) still float32 would fail type inference.
+        args = [self.visit_expr(a) for a in call.args]
+        if name not in _LAYOUT_OPS:
+            # A parameter reshaped or permuted stays float32 until its consumer casts it: a
+            # bias cast right before its add fuses into the conv's epilogue, not a kernel.
+            args = [self._half(a) if any(a.same_as(p) for p in self.params) else a for a in args]
+        if any(_tensor_dtype(a) == "float16" for a in args) or name in ("relax.nn.conv2d",
+                                                                         "relax.matmul"):
+            args = [self._half(a) for a in args]
+        if name == "relax.nn.conv2d" and all(_tensor_dtype(a) == "float16" for a in args):
+            at = call.attrs
+            out = self.builder_.emit(relax.op.nn.conv2d(
+                args[0], args[1], at.strides, at.padding, at.dilation, at.groups, at.data_layout,
+                at.kernel_layout, at.out_layout, out_dtype="float32"))
+            return relax.op.astype(out, "float16")
+        if name == "relax.matmul" and all(_tensor_dtype(a) == "float16" for a in args):
+            out = self.builder_.emit(relax.op.matmul(args[0], args[1], out_dtype="float32"))
+            return relax.op.astype(out, "float16")
+        if name in _FP32_OPS and args and _tensor_dtype(args[0]) == "float16":
+            args[0] = self.builder_.emit(relax.op.astype(args[0], "float32"))
+            out = self.builder_.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
+            return relax.op.astype(out, "float16")
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+
+def _cast_result(func: relax.Function, dtype: str) -> relax.Function:
+    """``func`` with its (tensor) result cast to ``dtype``, in a binding block after the body."""
+    body = func.body
+    if not isinstance(body, relax.SeqExpr) or _tensor_dtype(body.body) in (None, dtype):
+        return func
+    out = relax.Var("result", relax.TensorType(body.body.ty.shape, dtype))
+    block = relax.BindingBlock([relax.VarBinding(out, relax.op.astype(body.body, dtype))])
+    return relax.Function(func.params, relax.SeqExpr([*body.blocks, block], out), out.ty,
+                          func.is_pure, func.attrs, func.span)
+
+
+def _to_float16(func: relax.Function) -> relax.Function:
+    if any(_tensor_dtype(p) not in (None, "float32") for p in func.params):
+        return func  # not a float32 function: leave it alone
+    if _tensor_dtype(func.body) != "float32":
+        return func  # a tuple (or non-tensor) result: not handled
+    func = _ToFloat16(func.params).visit_expr(func)
+    return _cast_result(func, "float32")
+
+
+@tvm.transform.module_pass(opt_level=0, name="hetero.ToFloat16")
+def to_float16(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Run every float32 Relax function in float16, keeping its float32 signature.
+
+    Parameters are cast to float16 once, where first used; conv2d and matmul get
+    ``out_dtype="float32"`` (float32 accumulation: the tensor-core schedule uses f16 x f16 -> f32
+    fragments) and their result is cast to float16, so the activations between layers are float16;
+    averaging ops run in float32; the result is cast back to float32.
+    """
+    return _map_functions(mod, _to_float16)
+
+
+def prepare_module(mod: tvm.IRModule, precision: str = "fp32", layout: str = "NHWC") -> tvm.IRModule:
+    """The Relax-level rewrites of :func:`gpu_pipeline` (target independent).
+
+    The result computes the same function as ``mod`` (to float16 rounding for ``"fp16"``), with
+    the same signature, so it can be built for ``llvm`` and compared with ``mod`` on the CPU.
+    ``layout`` is ``"NHWC"`` (the default) or ``"NCHW"`` (keep the network's layout).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if layout not in ("NHWC", "NCHW"):
+        raise ValueError(f"layout must be NHWC or NCHW, got {layout!r}")
+    seq: list[tvm.transform.Pass] = []
+    if layout == "NHWC":
+        seq += [broadcast_to_4d, relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+                permute_to_reshape]
+    if precision == "fp16":
+        seq.append(to_float16)
+    seq += [relax.transform.Normalize(), relax.transform.DeadCodeElimination()]
+    return tvm.transform.Sequential(seq)(mod)
+
+
+# =============================================================================================
+# TIR schedules
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class SimtConfig:
+    """Tile of the CUDA-core GEMM: ``bm`` (I) x ``bn`` (J) outputs per block, ``bk`` per stage."""
+
+    ty: int = 16  # threads along I
+    tx: int = 16  # threads along J
+    vi: int = 2  # virtual threads along I (a thread's rows are vi blocks of mi, bm/vi apart)
+    vj: int = 2
+    mi: int = 4  # rows per virtual thread
+    mj: int = 4
+    bk: int = 16
+    vec: int = 4  # vector width of the global -> shared loads
+
+    @property
+    def bm(self) -> int:
+        return self.ty * self.vi * self.mi
+
+    @property
+    def bn(self) -> int:
+        return self.tx * self.vj * self.mj
+
+    @property
+    def threads(self) -> int:
+        return self.tx * self.ty
+
+
+@dataclass(frozen=True)
+class TensorCoreConfig:
+    """Tile of the wmma GEMM: a block is wi x wj warps, each ti x tj 16x16 fragments."""
+
+    wi: int = 2  # warps along I
+    wj: int = 4  # warps along J
+    ti: int = 4  # 16x16 fragments per warp along I
+    tj: int = 2
+    tk: int = 2  # 16-wide K steps per shared-memory stage
+
+    @property
+    def bm(self) -> int:
+        return 16 * self.wi * self.ti
+
+    @property
+    def bn(self) -> int:
+        return 16 * self.wj * self.tj
+
+    @property
+    def bk(self) -> int:
+        return 16 * self.tk
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.wi * self.wj
+
+
+# candidates, largest tile first
+SIMT_CONFIGS = (
+    SimtConfig(ty=16, tx=16, vi=2, vj=2),  # 128 x 128, 256 threads, 8x8 per thread
+    SimtConfig(ty=16, tx=16, vi=2, vj=1),  # 128 x 64
+    SimtConfig(ty=16, tx=16, vi=1, vj=1),  # 64 x 64
+    SimtConfig(ty=16, tx=8, vi=1, vj=1),  # 64 x 32, 128 threads
+    SimtConfig(ty=8, tx=8, vi=1, vj=1),  # 32 x 32, 64 threads
+)
+TENSORCORE_CONFIGS = (
+    TensorCoreConfig(wi=2, wj=4, ti=4, tj=2),  # 128 x 128, 8 warps of 64 x 32
+    TensorCoreConfig(wi=4, wj=2, ti=2, tj=2),  # 128 x 64, 8 warps of 32 x 32
+    TensorCoreConfig(wi=2, wj=2, ti=2, tj=2),  # 64 x 64, 4 warps
+)
+# Not offered, because TVM 0.27 fails to lower them: tk=1 (the k1 software pipeline loses its
+# fragments), one warp or one fragment along J, one fragment along I (the staged epilogue mixes
+# float16/float32 access_ptr).  GEMMs that need them (N < 64 or not a multiple of the tile's N)
+# go to the CUDA-core schedule.
+
+
+def _static(expr) -> int | None:
+    return int(expr) if isinstance(expr, tirx.IntImm) else None
+
+
+def _estimate(expr, batch: int = PLANNING_BATCH) -> int:
+    """An extent at the planning batch: every symbolic variable (the batch) set to ``batch``."""
+    if isinstance(expr, tirx.IntImm):
+        return int(expr)
+    analyzer = Analyzer()
+    for var in undefined_vars(expr):
+        analyzer.bind(var, tirx.IntImm(str(var.ty), batch))
+    value = analyzer.simplify(expr)
+    return int(value) if isinstance(value, tirx.IntImm) else batch
+
+
+def _pick(configs, extents, num_sms: int, blocks_per_sm: int):
+    """The largest tile that does not overshoot N and still makes ``num_sms * blocks_per_sm``
+    blocks at the planning batch; failing that, the tile that makes the most blocks (and, of
+    those, pads the least)."""
+    _, m_expr, n_expr, _ = extents
+    m, n = _estimate(m_expr), _estimate(n_expr)
+    fitting = [c for c in configs if c.bn <= max(n, min(c.bn for c in configs))]
+    best, best_key = None, None
+    for cfg in fitting:
+        rows, cols = math.ceil(m / cfg.bm), math.ceil(n / cfg.bn)
+        if rows * cols >= num_sms * blocks_per_sm:
+            return cfg
+        key = (-rows * cols, rows * cfg.bm * cols * cfg.bn)
+        if best_key is None or key < best_key:
+            best, best_key = cfg, key
+    return best
+
+
+def pick_simt_config(extents, num_sms: int = DEFAULT_NUM_SMS) -> SimtConfig:
+    """Tile for the GEMM with normalized extents ``(S, M, N, K)`` (M may be symbolic)."""
+    cfg = _pick(SIMT_CONFIGS, extents, num_sms, blocks_per_sm=2)
+    k = _estimate(extents[3])
+    if k <= 8:
+        cfg = SimtConfig(**{**cfg.__dict__, "bk": 8})
+    return cfg
+
+
+def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS) -> TensorCoreConfig | None:
+    """Tile for the wmma GEMM with normalized extents ``(S, M, N, K)``; None when no tile's N
+    divides the GEMM's N (see TENSORCORE_CONFIGS)."""
+    n = _static(extents[2])
+    configs = tuple(c for c in TENSORCORE_CONFIGS if n is not None and n % c.bn == 0)
+    return _pick(configs, extents, num_sms, blocks_per_sm=2) if configs else None
+
+
+# ------------------------------------------------------------------------------ GEMM analysis
+
+
+def _gemm_block(sch: s_tir.Schedule):
+    """The one reduction block of a GEMM-like PrimFunc (everything else spatial), or None."""
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    reductions = get_reduction_blocks(sch, blocks)
+    if reductions is None:
+        return None
+    main = reductions[0]
+    if get_index_map(sch.get(main)) is None:
+        return None
+    return main
+
+
+def _k_contiguous(block: tirx.SBlock, read: int) -> bool:
+    """Whether the innermost index of read ``read`` of ``block`` moves with a reduction axis
+    (the operand is stored K-contiguous, like an NHWC im2col row or an OHWI weight row)."""
+    reduce_vars = {iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+    region = block.reads[read].region
+    if not region:
+        return True
+    used = undefined_vars(region[-1].min)
+    if any(v in reduce_vars for v in used):
+        return True
+    return not used  # a constant innermost index: nothing to gain either way
+
+
+def _in_dtypes(block: tirx.SBlock) -> tuple[str, str, str]:
+    return (str(block.reads[0].source.dtype), str(block.reads[1].source.dtype),
+            str(block.writes[0].source.dtype))
+
+
+def _normalize_gemm(sch: s_tir.Schedule, main):
+    """dlight's normalisation: ``C[S, I, J] += A[S, I, K] * B[S, J, K]`` on reindexed buffers."""
+    reindex_a = sch.reindex(main, ("read", 0))
+    reindex_b = sch.reindex(main, ("read", 1))
+    reindex_c = sch.reindex(main, ("write", 0))
+    matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+    sch.transform_layout(reindex_a, ("write", 0), a_map)
+    sch.transform_layout(reindex_b, ("write", 0), b_map)
+    sch.transform_layout(reindex_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, matmul_map)
+
+
+# ------------------------------------------------------------------------------ CUDA-core GEMM
+
+
+def schedule_gemm_simt(func: tirx.PrimFunc, pick: Callable | None = None,
+                       pipeline: bool = True) -> s_tir.Schedule | None:
+    """A GEMM-like PrimFunc (conv, matmul, + elementwise epilogue) on CUDA cores, or None.
+
+    ``pick(extents) -> SimtConfig`` chooses the tile from the normalized ``(S, M, N, K)``.
+    With ``pipeline`` the K loop is software pipelined: the global loads of tile k+1 go to
+    registers before tile k is computed from the other half of a double-buffered shared tile.
+    """
+    sch = s_tir.Schedule(func)
+    main = _gemm_block(sch)
+    if main is None:
+        return None
+    block = sch.get(main)
+    k_major = [_k_contiguous(block, 0), _k_contiguous(block, 1)]
+    _normalize_gemm(sch, main)
+    extents = [sch.get(lp).extent for lp in sch.get_loops(main)]
+    cfg: SimtConfig = (pick or pick_simt_config)(extents)
+    if cfg is None:
+        return None
+
+    sch.pad_einsum(main, [1, cfg.bm, cfg.bn, cfg.bk])
+    batch, i, j, k = sch.get_loops(main)
+    bi, vi, ti, mi = sch.split(i, [None, cfg.vi, cfg.ty, cfg.mi])
+    bj, vj, tj, mj = sch.split(j, [None, cfg.vj, cfg.tx, cfg.mj])
+    ko, ki = sch.split(k, [None, cfg.bk])
+    sch.reorder(bi, bj, vi, vj, ti, tj, ko, ki, mi, mj)
+    sch.bind(batch, "blockIdx.z")
+    sch.bind(bi, "blockIdx.x")  # M (n*H*W) is the large one: x allows 2^31 - 1 blocks
+    sch.bind(bj, "blockIdx.y")
+    sch.bind(vi, "vthread.y")
+    sch.bind(vj, "vthread.x")
+    sch.bind(ti, "threadIdx.y")
+    sch.bind(tj, "threadIdx.x")
+    sch.annotate(tj, "pragma_auto_unroll_max_step", 512)
+    sch.annotate(tj, "pragma_unroll_explicit", 1)
+
+    l2g = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(l2g, tj, preserve_unit_loops=True)
+
+    def fetch(index: int):
+        shared = sch.cache_read(main, index, "shared")
+        sch.compute_at(shared, ko, preserve_unit_loops=True)
+        rows, cols = sch.get_loops(shared)[-2:]
+        if not k_major[index]:  # the operand is contiguous along its row (M or N) axis
+            sch.reorder(cols, rows)
+            rows, cols = cols, rows
+        fused = sch.fuse(rows, cols)
+        _, f_ty, f_tx, f_vec = sch.split(fused, [None, cfg.ty, cfg.tx, cfg.vec])
+        sch.vectorize(f_vec)
+        sch.bind(f_ty, "threadIdx.y")
+        sch.bind(f_tx, "threadIdx.x")
+        # Stored transposed, [k][row]: a thread's 4 rows at one k are one aligned float4, and the
+        # 16 threads of a half-warp read 16 consecutive float4 (no bank conflicts).  The row pitch
+        # bm + 4 (bn + 4) keeps the transposing stores at most 2-way conflicted.
+        sch.transform_layout(shared, ("write", 0), lambda s, r, c: (s, c, r))
+        sch.storage_align(shared, 0, axis=1, factor=32, offset=4)
+        if pipeline:
+            sch.annotate(shared, "tirx.manifest_shared_memory_local_stage", 1)
+        return shared
+
+    a_sh = fetch(0)
+    b_sh = fetch(1)
+    auto_inline_producers(sch, a_sh)
+    auto_inline_producers(sch, b_sh)
+
+    for index in (0, 1):  # registers: the thread's rows (columns) of A (B) at one k
+        local = sch.cache_read(main, index, "local")
+        sch.compute_at(local, ki, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(local)[-1])
+    sch.unroll(ki)
+    if pipeline:
+        # ko's body: A global->regs, A regs->shared, B global->regs, B regs->shared, compute
+        sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 0, 1])
+        sch.annotate(ko, "software_pipeline_order", [0, 3, 1, 4, 2])
+
+    auto_inline_consumer_chain(sch, l2g)
+    sch.vectorize(sch.get_loops(l2g)[-1])
+    sch.decompose_reduction(main, ko)
+    return sch
+
+
+# ------------------------------------------------------------------------------ tensor-core GEMM
+
+
+def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:  # pylint: disable=unused-argument
+    """``inspect.stack()`` without the per-frame module search (``inspect.getmodule``)."""
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    stack = []
+    while frame is not None:
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, frame.f_lineno)
+        stack.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                       [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return stack
+
+
+def _wmma_intrinsics() -> dict[str, str]:
+    """Names of the f16 x f16 -> f32 wmma intrinsics (B transposed, shared.dyn), registered once.
+
+    Importing ``tvm.s_tir.tensor_intrin.cuda`` parses a few hundred TVMScript intrinsics, and the
+    parser calls ``inspect.stack()`` for each: 20 s on a small machine, almost all of it in
+    ``inspect.getmodule``.  The import runs with a lean ``inspect.stack`` (2 s).
+    """
+    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
+        with _IMPORT_LOCK:
+            original = inspect.stack
+            inspect.stack = _fast_stack
+            try:
+                import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+            finally:
+                inspect.stack = original
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group  # pylint: disable=import-outside-toplevel
+
+    return get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn",
+                                 in_dtype="float16", out_dtype="float32", trans_b=True)
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) -> s_tir.Schedule | None:
+    """A float16 GEMM-like PrimFunc on wmma tensor cores (float32 accumulation), or None.
+
+    The structure is dlight's ``MatmulTensorization`` (register-staged double-buffered shared
+    tiles, software pipeline, fragment loads, staged epilogue), with a tile chosen per kernel and
+    its primitives reordered so that it also works for convs whose M is ``n*H*W``: dlight's order
+    (blockize first) leaves TVM unable to prove that the padded tile covers the un-padded rows.
+    """
+    sch = s_tir.Schedule(func)
+    main = _gemm_block(sch)
+    if main is None:
+        return None
+    block = sch.get(main)
+    a_dtype, b_dtype, c_dtype = _in_dtypes(block)
+    if (a_dtype, b_dtype, c_dtype) != ("float16", "float16", "float32"):
+        return None
+    k_major = [_k_contiguous(block, 0), _k_contiguous(block, 1)]
+    _normalize_gemm(sch, main)
+    extents = [sch.get(lp).extent for lp in sch.get_loops(main)]
+    cfg: TensorCoreConfig = (pick or pick_tensorcore_config)(extents)
+    if cfg is None:
+        return None
+    n_static = _static(extents[2])
+    if n_static is None or n_static % cfg.bn:
+        return None  # padding N breaks the vectorized epilogue's codegen: CUDA cores take it
+
+    sch.pad_einsum(main, [1, cfg.bm, cfg.bn, cfg.bk])
+    batch, i, j, k = sch.get_loops(main)
+    i, i_inner = sch.split(i, [None, 16])
+    j, j_inner = sch.split(j, [None, 16])
+    k, k_inner = sch.split(k, [None, 16])
+    i0, i1, i2 = sch.split(i, [None, cfg.wi, cfg.ti])
+    j0, j1, j2 = sch.split(j, [None, cfg.wj, cfg.tj])
+    k0, k1 = sch.split(k, [None, cfg.tk])
+    sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2, i_inner, j_inner, k_inner)
+    sch.bind(batch, "blockIdx.z")
+    sch.bind(i0, "blockIdx.x")
+    sch.bind(j0, "blockIdx.y")
+    warp = sch.fuse(i1, j1)
+    sch.bind(warp, "threadIdx.y")
+    num_warps = cfg.wi * cfg.wj
+
+    def fetch(index: int):
+        shared = sch.cache_read(main, index, "shared.dyn")
+        sch.compute_at(shared, k0)
+        rows, cols = sch.get_loops(shared)[-2:]
+        if not k_major[index]:
+            sch.reorder(cols, rows)
+            rows, cols = cols, rows
+        fused = sch.fuse(rows, cols)
+        # 8 x float16 = 16 bytes per load; a transposing (row-contiguous) fetch stores the vector
+        # element by element, which CUDA codegen only supports up to 4 lanes of float16
+        vec = 8 if k_major[index] else 4
+        _, f_ty, f_tx, f_vec = sch.split(fused, [None, num_warps, 32, vec])
+        sch.bind(f_tx, "threadIdx.x")
+        sch.bind(f_ty, "threadIdx.y")
+        sch.vectorize(f_vec)
+        sch.storage_align(shared, 0, axis=-2, factor=16, offset=8)
+        sch.annotate(shared, "tirx.manifest_shared_memory_local_stage", 1)
+        sch.annotate(shared, "double_buffer_scope", 0)
+        return shared
+
+    a_sh = fetch(0)
+    b_sh = fetch(1)
+    auto_inline_producers(sch, a_sh)
+    auto_inline_producers(sch, b_sh)
+
+    a_mat = sch.cache_read(main, 0, "wmma.matrix_a")
+    b_mat = sch.cache_read(main, 1, "wmma.matrix_b")
+    sch.compute_at(a_mat, k1)
+    sch.compute_at(b_mat, k1)
+
+    acc_s2g = sch.cache_write(main, 0, "shared.dyn")
+    sch.storage_align(acc_s2g, 0, -2, 16, 4)
+    store = sch.cache_write(main, 0, "wmma.accumulator")
+    sch.reverse_compute_at(store, warp)
+    sch.reverse_compute_at(acc_s2g, warp)
+    si, sj = sch.get_loops(store)[-2:]
+    si0, si1 = sch.split(si, [None, 16])
+    sj0, sj1 = sch.split(sj, [None, 16])
+    sch.reorder(si0, sj0, si1, sj1)
+    # The epilogue goes in before blockize: after it, every primitive on this scope fails
+    # ("not a stage pipeline") because the un-padding consumer's region cover is lost.
+    auto_inline_consumer_chain(sch, acc_s2g)
+
+    block_outer = sch.blockize(i_inner)
+    init = sch.decompose_reduction(block_outer, k0)
+    init_inner = sch.get_child_blocks(init)[0]
+
+    intrin = _wmma_intrinsics()
+    for mat, name in ((a_mat, "load_a"), (b_mat, "load_b")):
+        li, lj = sch.get_loops(mat)[-2:]
+        li0, li1 = sch.split(li, [None, 16])
+        lj0, lj1 = sch.split(lj, [None, 16])
+        sch.reorder(li0, lj0, li1, lj1)
+        sch.unroll(li0)
+        sch.unroll(lj0)
+        sch.tensorize(li1, intrin[name])
+    sch.tensorize(sch.get_loops(init_inner)[-2], intrin["init"])
+    sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
+    sch.tensorize(sch.get_loops(main)[-3], intrin["compute"])
+
+    sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
+    sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
+    sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
+    sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
+
+    fused = sch.fuse(*sch.get_loops(acc_s2g)[-2:])
+    _, f_tx, f_vec = sch.split(fused, [None, 32, 4])
+    sch.bind(f_tx, "threadIdx.x")
+    sch.vectorize(f_vec)
+    return sch
+
+
+# ------------------------------------------------------------------------------ small reductions
+
+_get_sblock_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+
+
+
+def schedule_small_reduction(func: tirx.PrimFunc, max_reduction: int = 64,
+                             threads: int = 256) -> s_tir.Schedule | None:
+    """One output per thread, the reduction (at most ``max_reduction`` elements) in a register.
+
+    For depthwise convs and pools: the spatial loops are fused (channel innermost, so in NHWC a
+    warp reads consecutive channels), producers (padding) inlined into the reads, the epilogue
+    into the write-back.  None when the PrimFunc is not one reduction block plus spatial blocks.
+    """
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    reductions = get_reduction_blocks(sch, blocks)
+    if reductions is None:
+        return None
+    main = reductions[0]
+    block = sch.get(main)
+    loops = sch.get_loops(main)
+    if len(loops) != len(block.iter_vars):
+        return None
+    size = 1
+    for iv in block.iter_vars:
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            extent = _static(iv.dom.extent)
+            if extent is None:
+                return None
+            size *= extent
+    if size > max_reduction:
+        return None
+    # a freshly legalized block: loop i binds iter var i (trivial binding)
+    realize = _get_sblock_realize(sch, main)
+    spatial, reduce = [], []
+    for loop, iv, value in zip(loops, block.iter_vars, realize.iter_values):
+        if not value.same_as(sch.get(loop).loop_var):
+            return None
+        (reduce if iv.iter_type == tirx.IterVar.CommReduce else spatial).append(loop)
+    if not spatial or not reduce:
+        return None
+    auto_inline_producers(sch, main)
+    sch.reorder(*spatial, *reduce)
+    fused = sch.fuse(*spatial)
+    bx, tx = sch.split(fused, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    l2g = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(l2g, tx, preserve_unit_loops=True)
+    auto_inline_consumer_chain(sch, l2g)
+    sch.decompose_reduction(main, reduce[0])
+    for loop in reduce:
+        sch.unroll(loop)
+    return sch
+
+
+# ------------------------------------------------------------------------------ rules & pipeline
+
+
+class _Rule(ScheduleRule):
+    """A schedule function as a dlight rule; any exception means "not for this function"."""
+
+    def __init__(self, name: str, fn: Callable[[tirx.PrimFunc, tvm.target.Target], s_tir.Schedule | None]):
+        self.name = name
+        self.fn = fn
+
+    def apply(self, func, target, tunable):  # pylint: disable=missing-function-docstring
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        try:
+            return self.fn(func, target)
+        except Exception as exc:  # pylint: disable=broad-except
+            lines = str(exc).strip().splitlines()
+            logger.debug("%s does not schedule a function: %s", self.name,
+                         lines[-1] if lines else type(exc).__name__)
+            return None
+
+
+def _lowers(sch: s_tir.Schedule | None, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """``sch`` if its function lowers and generates CUDA code on its own, else None."""
+    if sch is None:
+        return None
+    func = sch.mod["main"].with_attr("global_symbol", "main").with_attr("target", target)
+    tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
+    return sch
+
+
+def _sm_version(target: tvm.target.Target) -> int:
+    arch = str(target.attrs.get("arch", ""))
+    digits = arch.replace("sm_", "").rstrip("a")
+    return int(digits) if digits.isdigit() else 0
+
+
+def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int = DEFAULT_NUM_SMS,
+              tensor_cores: bool | None = None, verify: bool = True,
+              trace: Callable[[str, object, list], None] | None = None,
+              software_pipeline: bool = True) -> list[ScheduleRule]:
+    """The schedule rules of :func:`gpu_pipeline`, in the order they are tried.
+
+    With ``verify``, a tensor-core schedule is only used when its function generates code on its
+    own (~0.1 s a kernel): TVM 0.27 fails to lower some tile/shape combinations, and one kernel
+    that fails would fail the whole build.  ``trace(rule, config, extents)`` is told each GEMM
+    tile picked (see :func:`describe_schedules`).
+    """
+    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
+
+    if tensor_cores is None:
+        tensor_cores = precision == "fp16" and target.kind.name == "cuda" and _sm_version(target) >= 70
+
+    def traced(rule: str, pick: Callable) -> Callable:
+        def picker(extents):
+            cfg = pick(extents, num_sms)
+            if trace is not None:
+                trace(rule, cfg, extents)
+            return cfg
+        return picker
+
+    rules: list[ScheduleRule] = []
+    if tensor_cores:
+        def tensorcore(func, tgt):
+            sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick_tensorcore_config))
+            return _lowers(sch, tgt) if verify else sch
+
+        rules.append(_Rule("tensorcore-gemm", tensorcore))
+    rules += [
+        _Rule("simt-gemm", lambda f, t: schedule_gemm_simt(f, traced("simt-gemm", pick_simt_config),
+                                                           pipeline=software_pipeline)),
+        _Rule("small-reduction", lambda f, t: schedule_small_reduction(f)),
+    ]
+    for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()):
+        rules.append(_Rule(f"dlight.{type(rule).__name__}", lambda f, t, r=rule: r.apply(f, t, False)))
+    rules.append(_NamedRule("dlight.Fallback", dl.gpu.Fallback()))  # the last resort: never skipped
+    return rules
+
+
+class _NamedRule(ScheduleRule):
+    def __init__(self, name: str, rule: ScheduleRule):
+        self.name = name
+        self.rule = rule
+
+    def apply(self, func, target, tunable):  # pylint: disable=missing-function-docstring
+        return self.rule.apply(func, target, tunable)
+
+
+def _fused_module(mod: tvm.IRModule, target: tvm.target.Target, precision: str, layout: str) -> tvm.IRModule:
+    """``mod`` after the Relax rewrites, legalization and fusion: the PrimFuncs to schedule."""
+    with target:
+        mod = prepare_module(mod, precision, layout)
+        return tvm.transform.Sequential([
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ])(mod)
+
+
+@dataclass(frozen=True)
+class KernelSchedule:
+    """How :func:`gpu_pipeline` schedules one fused PrimFunc."""
+
+    name: str
+    rule: str  # the rule that scheduled it, e.g. "simt-gemm", "dlight.Fallback"
+    tile: object | None = None  # SimtConfig / TensorCoreConfig for the GEMM rules
+    m: int | None = None  # GEMM extents, M at the planning batch
+    n: int | None = None
+    k: int | None = None
+
+
+def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: str = "fp32", *,
+                       layout: str = "NHWC", num_sms: int = DEFAULT_NUM_SMS,
+                       tensor_cores: bool | None = None) -> list[KernelSchedule]:
+    """Which rule (and tile) :func:`gpu_pipeline` gives each kernel of ``mod``; builds nothing."""
+    picked: list = []
+    rules = gpu_rules(target, precision, num_sms, tensor_cores,
+                      trace=lambda rule, cfg, ext: picked.append((rule, cfg, ext)))
+    out = []
+    fused = _fused_module(mod, target, precision, layout)
+    for gv, func in sorted(fused.functions_items(), key=lambda item: item[0].name_hint):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        for rule in rules:
+            picked.clear()
+            with target:
+                if rule.apply(func, target, False) is None:
+                    continue
+            mine = [p for p in picked if p[0] == rule.name]
+            if mine:
+                _, cfg, ext = mine[-1]
+                out.append(KernelSchedule(gv.name_hint, rule.name, cfg, _estimate(ext[1]),
+                                          _estimate(ext[2]), _estimate(ext[3])))
+            else:
+                out.append(KernelSchedule(gv.name_hint, rule.name))
+            break
+    return out
+
+
+def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: str = "NHWC",
+                 num_sms: int = DEFAULT_NUM_SMS, tensor_cores: bool | None = None,
+                 software_pipeline: bool = True) -> tvm.transform.Pass:
+    """The Relax -> VM pipeline for a CUDA ``target`` with hetero's rewrites and schedules.
+
+    ``precision`` is ``"fp32"`` or ``"fp16"`` (float16 storage and tensor cores, float32
+    accumulation; inputs and outputs stay float32).  ``layout="NCHW"`` skips the NHWC conversion,
+    ``tensor_cores=False`` the wmma schedule (default: on for fp16 on sm_70 and newer),
+    ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop.
+    ``num_sms`` (streaming multiprocessors) steers the tile choice.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    from tvm.relax.backend.cuda import pipeline as cuda  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
+
+    @tvm.transform.module_pass(opt_level=0, name="hetero.GPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            mod = prepare_module(mod, precision, layout)
+            seq = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target)
+                + [
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    relax.transform.DeadCodeElimination(),
+                    dl.ApplyDefaultSchedule(*gpu_rules(target, precision, num_sms, tensor_cores,
+                                                       software_pipeline=software_pipeline)),
+                ]
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline

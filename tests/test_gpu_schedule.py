@@ -1,0 +1,174 @@
+"""hetero.gpu_schedule: the Relax rewrites are checked numerically on the CPU (they are target
+independent); the CUDA schedules are checked by building for an sm_90 target (no GPU needed) and
+by looking at which rule, tile and instructions each kernel got."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from hetero._layers import Graph
+from hetero.gpu_schedule import (
+    SimtConfig,
+    TensorCoreConfig,
+    describe_schedules,
+    gpu_pipeline,
+    pick_simt_config,
+    pick_tensorcore_config,
+    prepare_module,
+)
+from hetero.models import get_network
+
+CUDA_TARGET = tvm.target.Target(
+    {"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
+     "max_shared_memory_per_block": 49152, "thread_warp_size": 32, "max_num_threads": 1024},
+    "llvm",
+)
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
+
+FP32_TOLERANCE = 1e-4  # max |out - ref| / max |ref|
+FP16_TOLERANCE = 1e-2  # the fp16 mode's stated bound (measured ~1e-3 on these networks)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_network() -> tuple[tvm.IRModule, tuple[np.ndarray, ...]]:
+    """Every layer kind the registered CNNs use, on a 3x32x32 input, symbolic batch."""
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, 3, 32, 32), "float32"))
+    bb = relax.BlockBuilder()
+    g = Graph(bb)
+    with bb.function("main", attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = g.conv(x, 16, 3, 2, 1)  # 3x3 stride 2, BN folded, ReLU: 16x16x16
+            y = g.conv(y, 16, 3, 1, 1, groups=16)  # depthwise
+            y = g.conv(y, 32, 1)  # pointwise
+            z = g.conv(y, 32, 3, 1, 1, relu=False)
+            y = g.relu(g.add(z, g.conv(y, 32, 1, relu=False)))  # residual with a 1x1 shortcut
+            y = g.max_pool(y, 3, 2, 1)  # 8x8
+            y = g.concat([g.conv(y, 8, 1, bn=False), g.conv(y, 8, (1, 3), 1, (0, 1), bias=False),
+                          g.avg_pool(y, 3, 1, 1)])  # 48 channels
+            y = g.relu(g.batch_norm(y))  # per-channel scale and shift
+            y = g.conv(y, 64, 3, 2, 1)  # 4x4
+            h = g.linear(g.flatten(y), 32, relu=True)
+            out = bb.emit_output(g.add(g.linear(h, 10), g.classifier(y, 10)))
+        bb.emit_func_output(out, params=[x, *g.weights])
+    params = g.init_weights(np.random.default_rng(0))
+    return bb.finalize(), params
+
+
+def _run_on_cpu(mod: tvm.IRModule, params, batch: np.ndarray) -> np.ndarray:
+    target = tvm.target.Target("llvm")
+    vm = relax.VirtualMachine(relax.build(mod, target, relax_pipeline=relax.get_default_pipeline(target)),
+                              tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(batch), *[tvm.runtime.tensor(p) for p in params])
+    return out.numpy()
+
+
+def _relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def tiny_reference():
+    mod, params = _tiny_network()
+    batch = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    return mod, params, batch, _run_on_cpu(mod, params, batch)
+
+
+def test_nhwc_rewrite_computes_the_same_function(tiny_reference):
+    mod, params, batch, ref = tiny_reference
+    prepared = prepare_module(mod, "fp32")
+    out = _run_on_cpu(prepared, params, batch)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert _relative_error(out, ref) < FP32_TOLERANCE
+    text = prepared["main"].script()
+    assert 'data_layout="NHWC"' in text and 'data_layout="NCHW"' not in text  # every conv converted
+    assert prepared["main"].params[0].ty.dtype == "float32"  # signature unchanged
+
+
+def test_fp16_rewrite_stays_within_the_stated_error(tiny_reference):
+    mod, params, batch, ref = tiny_reference
+    prepared = prepare_module(mod, "fp16")
+    text = prepared["main"].script()
+    assert 'out_dtype="float32"' in text  # convs and matmuls accumulate in float32
+    assert "float16" in text
+    out = _run_on_cpu(prepared, params, batch)
+    assert out.dtype == np.float32  # inputs and outputs stay float32
+    assert _relative_error(out, ref) < FP16_TOLERANCE
+
+
+def test_rewrites_keep_the_batch_symbolic():
+    prepared = prepare_module(get_network("resnet-18").module, "fp16")
+    x = prepared["main"].params[0]
+    assert not isinstance(x.ty.shape.values[0], tvm.tirx.IntImm)
+    assert not isinstance(prepared["main"].body.body.ty.shape.values[0], tvm.tirx.IntImm)
+
+
+def test_bad_precision_is_rejected():
+    with pytest.raises(ValueError, match="precision"):
+        gpu_pipeline(CUDA_TARGET, "int8")
+
+
+def test_tiles_follow_the_problem_shape():
+    n = tvm.tirx.Var("n", "int64")
+
+    def extents(rows_per_sample: int, cols: int, depth: int):
+        return [tvm.tirx.IntImm("int64", 1), n * rows_per_sample, tvm.tirx.IntImm("int64", cols),
+                tvm.tirx.IntImm("int64", depth)]
+
+    big = pick_simt_config(extents(56 * 56, 256, 64))
+    assert (big.bm, big.bn) == (128, 128)
+    assert pick_simt_config(extents(56 * 56, 64, 576)).bn == 64  # no tile wider than N
+    late = pick_simt_config(extents(7 * 7, 512, 4608))  # 3136 rows: smaller tiles fill the SMs
+    assert late.bm * late.bn < 128 * 128
+    assert isinstance(big, SimtConfig)
+    tc = pick_tensorcore_config(extents(28 * 28, 128, 1152))
+    assert isinstance(tc, TensorCoreConfig) and (tc.bm, tc.bn) == (128, 128)
+
+
+@pytest.mark.parametrize("precision,gemm_rule", [("fp32", "simt-gemm"), ("fp16", "tensorcore-gemm")])
+def test_every_conv_of_resnet18_is_a_tiled_gemm(precision, gemm_rule):
+    kernels = describe_schedules(get_network("resnet-18").module, CUDA_TARGET, precision)
+    convs = [k for k in kernels if "conv2d" in k.name]
+    assert len(convs) >= 12
+    assert {k.rule for k in convs} == {gemm_rule}
+    assert all(k.tile is not None and k.tile.bm >= 64 for k in convs)
+    assert not any(k.rule == "dlight.Fallback" and ("conv2d" in k.name or "matmul" in k.name) for k in kernels)
+
+
+def test_depthwise_convs_reduce_in_registers():
+    kernels = describe_schedules(get_network("mobilenet").module, CUDA_TARGET, "fp32")
+    by_rule: dict[str, list[str]] = {}
+    for k in kernels:
+        if "conv2d" in k.name:
+            by_rule.setdefault(k.rule, []).append(k.name)
+    # identical layers share one kernel: 9 distinct depthwise and 10 distinct other convs
+    assert len(by_rule.get("small-reduction", [])) == 9  # the depthwise convs
+    assert len(by_rule.get("simt-gemm", [])) == 10  # the first conv and the pointwise convs
+    assert set(by_rule) == {"small-reduction", "simt-gemm"}
+
+
+def _cuda_source(executable) -> str:
+    return "\n".join(m.inspect_source() for m in executable.mod.imports[0].imports
+                     if m.kind == "cuda")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("network,precision", [("squeezenet_v1.1", "fp16"), ("resnet-18", "fp32"),
+                                               ("resnet-18", "fp16")])
+def test_cuda_build(network, precision):
+    executable = relax.build(get_network(network).module, CUDA_TARGET,
+                             relax_pipeline=gpu_pipeline(CUDA_TARGET, precision))
+    source = _cuda_source(executable)
+    assert "__global__" in source
+    if precision == "fp16":
+        assert "wmma::mma_sync" in source  # tensor cores
+        assert "wmma::accumulator, 16, 16, 16, float>" in source  # float32 accumulation
+    else:
+        assert "*(float4*)" in source  # vectorized loads and stores
+        assert "mma_sync" not in source
