@@ -75,6 +75,16 @@ class ForeignLoad:
         return False
 
 
+def wait_quiet(max_wait: float, probe: float = 2.0) -> bool:
+    """Wait (up to max_wait s) until other processes use < BUSY of the CPUs for `probe` s."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(probe)
+        if load.share < BUSY or time.perf_counter() > deadline:
+            return load.share < BUSY
+
+
 @dataclass
 class Timing:
     times: list[float] = field(default_factory=list)
@@ -115,6 +125,7 @@ def _layer_module(C, K, H, k, stride, groups):
 
 
 CLOCK = time.perf_counter
+WAIT_QUIET = 0.0  # seconds to wait for a quiet machine before each measurement
 
 
 def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) -> tuple[Timing, object]:
@@ -129,6 +140,8 @@ def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) ->
     x = np.random.default_rng(1).standard_normal((batch, *sample_shape)).astype("float32")
     args = [tvm.runtime.tensor(x)] + [tvm.runtime.tensor(np.asarray(p)) for p in params]
     out = vm["main"](*args).numpy()  # warm-up
+    if WAIT_QUIET:
+        wait_quiet(WAIT_QUIET)
     with ForeignLoad() as load:
         for _ in range(repeats):
             t1 = CLOCK()
@@ -173,6 +186,8 @@ print(json.dumps(out))
 
 def _torch_times(python: str, items: list[str], threads: int, repeats: int,
                  clock: str) -> tuple[dict[str, list[float]], float]:
+    if WAIT_QUIET:
+        wait_quiet(WAIT_QUIET)
     with ForeignLoad() as load:
         proc = subprocess.run(
             [python, "-c", TORCH_SCRIPT, str(ROOT / "hetero" / "torch_models.py"), str(threads),
@@ -207,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time, robust on a shared machine; needs --threads 1")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each measurement wait up to this long for other processes "
+                         "to leave the CPUs alone (shared machine)")
     ap.add_argument("--torch-python", default=None,
                     help="python of a separate venv with torch (+torchvision) for a PyTorch column")
     args = ap.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures process CPU time: use it with --threads 1")
-    global CLOCK  # noqa: PLW0603
+    global CLOCK, WAIT_QUIET  # noqa: PLW0603
+    WAIT_QUIET = args.wait_quiet
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool exists
