@@ -38,8 +38,10 @@ class Device:
 
     @property
     def key(self) -> str:
-        """Identity under which profiles are stored: the same hardware, target, precision and TVM reuse them."""
-        return f"{self.hardware} | {self.target} | {self.precision} | tvm {tvm.__version__}"
+        """Identity under which profiles are stored: the same hardware, target, precision, thread count
+        and TVM reuse them."""
+        threads = f" | {self.threads} threads" if self.threads else ""
+        return f"{self.hardware} | {self.target} | {self.precision}{threads} | tvm {tvm.__version__}"
 
     def tvm_device(self) -> tvm.runtime.Device:
         return tvm.device(self.kind, self.index)

@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from .compile import BUILD_ID, Compiled, compile_network
+from .cpu_schedule import ensure_cpu_threads
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
@@ -74,7 +75,13 @@ class Engine:
         return profile_key(self.device)
 
     def _size_thread_pool(self) -> None:
-        """Give this device's worker thread its share of the cores (0 keeps TVM's default)."""
+        """Give this device's worker thread its share of the cores.
+
+        TVM sizes a thread's pool when it first runs a parallel kernel, by default with half the
+        logical CPUs on x86, and config_threadpool can only lower that: so every core is allowed
+        first (unless TVM_NUM_THREADS says otherwise), then the device's share is set.
+        """
+        ensure_cpu_threads()
         if self.device.threads:
             _set_cpu_threads(1, self.device.threads)
 
