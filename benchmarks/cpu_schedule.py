@@ -2,7 +2,12 @@
 
     python benchmarks/cpu_schedule.py                       # layers + networks, batch 1 and 8
     python benchmarks/cpu_schedule.py --networks resnet-50,mobilenet,vgg-16 --no-layers \
-        --torch-python /tmp/torchvenv/bin/python
+        --default-networks none --wait-quiet 120 --torch-python /tmp/torchvenv/bin/python
+    python benchmarks/cpu_schedule.py --threads 1 --clock cpu ...   # busy machine
+
+--torch-python: a venv outside the project, e.g.
+    python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy
+    /tmp/torchvenv/bin/pip install --no-deps torchvision==0.28.0
 
 The unscheduled default pipeline is slow (resnet-18: ~1.6 s per image), so whole
 networks are compiled with it only when listed in --default-networks.  Each
