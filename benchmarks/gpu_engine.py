@@ -80,7 +80,6 @@ def cuda_target(arch: str):
 def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tuple[str | None, float, str | None]:
     """Build one variant and export it; (library path, seconds, error).  Runs in a worker."""
     try:
-        import tvm
         from tvm import relax
 
         from hetero.gpu_schedule import gpu_pipeline

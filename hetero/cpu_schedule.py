@@ -323,14 +323,29 @@ def _root_blocks(sch: s_tir.Schedule, func_name: str = "main") -> list:
     return list(sch.get_child_blocks(root))
 
 
-def generic_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
-    """Parallel + vectorise every block of ``func`` (after inlining)."""
+def _located(func: tirx.PrimFunc, find: Callable) -> tuple[s_tir.Schedule, list, object] | None:
+    """A schedule of ``func`` with its elementwise blocks inlined, the blocks left, and what
+    ``find(sch, blocks)`` locates among them; None when either comes up empty."""
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    blocks = [info.block_rv for info in infos]
-    blocks = _inline_all(sch, blocks)
+    blocks = _inline_all(sch, [info.block_rv for info in infos])
+    found = find(sch, blocks)
+    return None if found is None else (sch, blocks, found)
+
+
+def _static_shape(buf) -> list[int | None]:
+    """A buffer's extents, None where one is symbolic (the batch)."""
+    return [int(x) if isinstance(x, tirx.IntImm) else None for x in buf.shape]
+
+
+def generic_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
+    """Parallel + vectorise every block of ``func`` (after inlining)."""
+    prepared = _located(func, lambda sch, blocks: blocks)
+    if prepared is None:
+        return None
+    sch, blocks, _ = prepared
     for blk in blocks:
         lanes = _vector_lanes(target, _out_dtype_bits(sch, blk))
         _schedule_block_generic(sch, blk, lanes)
@@ -503,21 +518,15 @@ def conv2d_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedul
       register tile while it is hot.
     """
     opts = CONV_OPTIONS
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    prepared = _located(func, _find_conv)
+    if prepared is None:
         return None
-    blocks = _inline_all(sch, [info.block_rv for info in infos])
-    found = _find_conv(sch, blocks)
-    if found is None:
-        return None
+    sch, blocks, found = prepared
     conv, w_load, d_load = found
     stmt = sch.get(conv)
     out_buf = stmt.writes[0].source
     lanes = _vector_lanes(target, int(out_buf.dtype.bits))
-    _, k_ext, h_ext, w_ext = [
-        (int(x) if isinstance(x, tirx.IntImm) else None) for x in out_buf.shape
-    ]
+    _, k_ext, h_ext, w_ext = _static_shape(out_buf)
     if k_ext is None or w_ext is None or h_ext is None:
         return None
     tile = _pick_conv_tile(k_ext, w_ext, lanes, opts["max_acc"])
@@ -710,14 +719,10 @@ def dense_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule
     columns stay in L1, the inner column loop is vectorised.  The P partial
     results are summed by a small write-back block.
     """
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    prepared = _located(func, _find_dense)
+    if prepared is None:
         return None
-    blocks = _inline_all(sch, [info.block_rv for info in infos])
-    blk = _find_dense(sch, blocks)
-    if blk is None:
-        return None
+    sch, blocks, blk = prepared
     stmt = sch.get(blk)
     out_buf = stmt.writes[0].source
     lanes = _vector_lanes(target, int(out_buf.dtype.bits))
@@ -820,20 +825,14 @@ def window_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedul
     reduction window innermost but one with the accumulator row in registers,
     parallel over (n, c); for stride > 1 the padded input is stored column
     deinterleaved (``w % s, w // s``) so the vector loads are contiguous."""
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    prepared = _located(func, _find_window)
+    if prepared is None:
         return None
-    blocks = _inline_all(sch, [info.block_rv for info in infos])
-    found = _find_window(sch, blocks)
-    if found is None:
-        return None
+    sch, blocks, found = prepared
     blk, data_buf, stride = found
     stmt = sch.get(blk)
     out_buf = stmt.writes[0].source
-    _, c_ext, h_ext, w_ext = [
-        (int(x) if isinstance(x, tirx.IntImm) else None) for x in out_buf.shape
-    ]
+    _, c_ext, h_ext, w_ext = _static_shape(out_buf)
     if w_ext is None or w_ext < 4 or c_ext is None:
         return None
     lanes = _vector_lanes(target, int(out_buf.dtype.bits))

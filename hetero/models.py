@@ -33,7 +33,7 @@ import tvm
 from tvm import relax
 
 from ._layers import Graph
-from .errors import HeteroError
+from .errors import HeteroError, one_line
 
 __all__ = [
     "Network",
@@ -406,11 +406,6 @@ def densenet121(g: Graph, x: relax.Var) -> relax.Var:
 # --------------------------------------------------------------------- ONNX
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _int_initializers_as_constants(model, onnx):  # noqa: ANN001 - onnx types
     """Copy of ``model`` whose non-float initializers (shapes, axes, ...) are Constant nodes.
 
@@ -452,7 +447,7 @@ def _load_onnx(path: str) -> Network:
     try:
         model = onnx.load(str(file))
     except Exception as err:  # protobuf decode errors, permissions, bad external data, ...
-        raise ValueError(f"cannot read ONNX model {path!r}: {_one_line(err)}") from None
+        raise ValueError(f"cannot read ONNX model {path!r}: {one_line(err)}") from None
 
     graph = model.graph
     if not graph.node:
@@ -482,7 +477,7 @@ def _load_onnx(path: str) -> Network:
         mod = from_onnx(_int_initializers_as_constants(model, onnx),
                         shape_dict={inp.name: [n, *sample]}, keep_params_in_input=True)
     except Exception as err:  # unsupported ops, shape errors, old IR versions, ...
-        raise ValueError(f"cannot convert ONNX model {path!r}: {_one_line(err)}") from None
+        raise ValueError(f"cannot convert ONNX model {path!r}: {one_line(err)}") from None
     mod, detached = detach_params(mod)
     main = mod["main"]
 
