@@ -75,6 +75,7 @@ class InferenceReport:
                 {
                     "device": r.device.name,
                     "hardware": r.device.hardware,
+                    "precision": r.device.precision,
                     "samples": r.size,
                     "first_sample": r.start,
                     "completed": r.completed,
