@@ -17,6 +17,10 @@ intra_op_num_threads = threads and all graph optimizations.  hetero's side is
 hetero.cpu_schedule, cached on disk) in a child process started with
 TVM_NUM_THREADS = threads.  For every network and thread count the two sides are
 measured back to back (hetero first, then onnxruntime), each in a fresh process.
+hetero's package is copied to a temporary folder at start and every child imports
+that copy, so all hetero numbers of one run come from the same schedules even if
+the working tree changes meanwhile; the table names hetero's BUILD_ID (digest of
+its *_schedule.py sources, part of the compile cache key).
 
 Clock: at 1 thread, process CPU time (robust on this shared 2-core machine); at
 more threads, wall time (CPU time would charge spinning pool threads).  Each
@@ -29,15 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from cpu_schedule import BUSY, ForeignLoad  # noqa: E402
+from cpu_schedule import BUSY, ForeignLoad
 
 ORT_SCRIPT = r"""
 import json, os, sys, time, importlib.util
@@ -82,10 +88,11 @@ print(json.dumps({"ort": ort.__version__, "times": out}))
 """
 
 
-def hetero_worker(items: list[str], repeats: int, clock: str) -> None:
+def hetero_worker(items: list[str], repeats: int, clock: str, src: str) -> None:
     """Child process (TVM_NUM_THREADS already set): time hetero's CPU engine, print JSON."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, src)
     from hetero import get_network, parse_devices
+    from hetero.compile import BUILD_ID
     from hetero.execute import load_engine
 
     clk = time.process_time if clock == "cpu" else time.perf_counter
@@ -103,12 +110,12 @@ def hetero_worker(items: list[str], repeats: int, clock: str) -> None:
             engine.infer(x)
             ts.append(clk() - t0)
         out[item] = ts
-    print(json.dumps({"times": out}))
+    print(json.dumps({"times": out, "build": BUILD_ID}))
 
 
 def _run(cmd: list[str], env: dict | None = None) -> tuple[dict, float]:
     with ForeignLoad() as load:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1]), load.share
@@ -129,26 +136,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print the final table as Markdown")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--clock", default="wall", help=argparse.SUPPRESS)
+    ap.add_argument("--src", default=str(ROOT), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        hetero_worker(args.worker, args.repeats, args.clock)
+        hetero_worker(args.worker, args.repeats, args.clock, args.src)
         return 0
+    with tempfile.TemporaryDirectory(prefix="hetero-src-") as src:
+        shutil.copytree(ROOT / "hetero", Path(src) / "hetero",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        return _compare(args, src)
+
+
+def _compare(args: argparse.Namespace, src: str) -> int:
 
     nets = [n for n in args.networks.split(",") if n]
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    ort_version = "?"
+    ort_version = build = "?"
     for net in nets:
         for threads in [int(t) for t in args.threads.split(",")]:
             clock = "cpu" if threads == 1 else "wall"
             items = [f"{net}:{b}" for b in batches]
             env = dict(os.environ, TVM_NUM_THREADS=str(threads))
             het, het_load = _run([sys.executable, __file__, "--repeats", str(args.repeats),
-                                  "--clock", clock, "--worker", *items], env)
+                                  "--clock", clock, "--src", src, "--worker", *items], env)
             ort, ort_load = _run([args.ort_python, "-c", ORT_SCRIPT, str(ROOT / "hetero" / "torch_models.py"),
                                   args.onnx_dir, str(threads), str(args.repeats), clock, *items],
                                  dict(os.environ, OMP_NUM_THREADS=str(threads)))
-            ort_version = ort["ort"]
+            ort_version, build = ort["ort"], het["build"]
             for b in batches:
                 h = b / _median(het["times"][f"{net}:{b}"])
                 o = b / _median(ort["times"][f"{net}:{b}"])
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{net:10s} batch {b} threads {threads} ({clock}): hetero {h:7.2f} img/s, "
                       f"onnxruntime {o:7.2f} img/s, ratio {h / o:5.2f}", flush=True)
 
-    print(f"\nhetero (TVM, hetero.cpu_schedule) vs onnxruntime {ort_version} CPUExecutionProvider; "
+    print(f"\nhetero (TVM, hetero.cpu_schedule, BUILD_ID {build}) vs onnxruntime {ort_version} CPUExecutionProvider; "
           f"median of {args.repeats}; clock: cpu = process CPU time, wall = wall time; "
           f"* = other processes used >{BUSY:.0%} of the CPUs meanwhile\n")
     head = ["network", "batch", "threads", "clock", "hetero img/s", "onnxruntime img/s", "hetero/onnxruntime"]

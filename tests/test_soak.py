@@ -49,7 +49,8 @@ def test_split_runs_do_not_grow_memory_or_threads(tmp_path):
         gc.collect()
         grown = process.memory_info().rss - rss
         assert grown < RSS_TOLERANCE, f"RSS grew by {grown / 2**20:.1f} MiB over {RUNS} runs"
-        assert threading.active_count() == threads and process.num_threads() == os_threads, "threads leaked"
+        # Threads left by earlier tests may end meanwhile, so the count may fall, never rise.
+        assert threading.active_count() <= threads and process.num_threads() <= os_threads, "threads leaked"
         assert faults == (WARMUP + RUNS) // 5, "every fifth run had its failure recovered"
     finally:
         flaky.close()
