@@ -10,13 +10,13 @@ import timeit
 
 import numpy as np
 
-from hetero.partition import PARTITIONERS, makespan
+from hetero.partition import PARTITIONERS, makespan, split_or_single
 from hetero.table import Measurement, Profile
 
 BATCH = 1000
 PROFILED = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 # (fixed overhead s, seconds per sample, largest batch that fits or None): a CPU, an iGPU, six GPUs of
-# three kinds, two of them short of memory, so the curves have overhead-dominated starts and inf tails.
+# three kinds, two of them short of memory, so the curves have overhead-dominated starts and chunked tails.
 DEVICES = [
     (0.002, 0.0100, None),
     (0.004, 0.0040, None),
@@ -45,8 +45,10 @@ def _profile(index: int, overhead: float, per_sample: float, fits: int | None) -
 def main() -> None:
     costs = [_profile(i, *device).cost_curve(BATCH) for i, device in enumerate(DEVICES)]
     print(f"batch {BATCH} over {len(costs)} devices (median of 50 repeats)")
-    for name, partition in PARTITIONERS.items():
-        number = 20 if name == "exact" else 1
+    runs = dict(PARTITIONERS)
+    runs["exact, or the best device alone (what Inference.py runs)"] = lambda c, b: split_or_single(c, b, "exact")
+    for name, partition in runs.items():
+        number = 1 if name == "greedy" else 20
         times = timeit.repeat(lambda: partition(costs, BATCH), number=number, repeat=50)
         shares = partition(costs, BATCH)
         print(
