@@ -156,17 +156,22 @@ def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) ->
     return timing, out
 
 
-TORCH_SCRIPT = r"""
-import json, sys, time, importlib.util
+# Imports torch (and torchvision even where it was built against another torch: its C ops are not
+# needed) and loads hetero/torch_models.py from argv[1] as `tm`, in the PyTorch interpreter.
+TORCH_PREAMBLE = r"""
+import json, os, sys, time, importlib.util
 import torch
 try:
     import torchvision  # noqa: F401
-except Exception:  # torchvision built against another torch: its C ops are not needed
+except Exception:
     for name in [m for m in sys.modules if m.startswith("torchvision")]:
         del sys.modules[name]
     torch.library.register_fake = lambda *a, **k: (lambda f: f)
 spec = importlib.util.spec_from_file_location("torch_models", sys.argv[1])
 tm = importlib.util.module_from_spec(spec); spec.loader.exec_module(tm)
+"""
+
+TORCH_SCRIPT = TORCH_PREAMBLE + r"""
 threads, repeats, clock = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(threads)
 clk = time.process_time if clock == "cpu" else time.perf_counter

@@ -43,21 +43,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from cpu_schedule import BUSY, ForeignLoad
+from cpu_schedule import BUSY, TORCH_PREAMBLE, ForeignLoad
 
-ORT_SCRIPT = r"""
-import json, os, sys, time, importlib.util
+ORT_SCRIPT = TORCH_PREAMBLE + r"""
 import numpy as np
-import torch
-try:
-    import torchvision  # noqa: F401
-except Exception:  # torchvision built against another torch: its C ops are not needed
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-        del sys.modules[name]
-    torch.library.register_fake = lambda *a, **k: (lambda f: f)
 import onnxruntime as ort
-spec = importlib.util.spec_from_file_location("torch_models", sys.argv[1])
-tm = importlib.util.module_from_spec(spec); spec.loader.exec_module(tm)
 onnx_dir, threads, repeats, clock = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 clk = time.process_time if clock == "cpu" else time.perf_counter
 torch.set_num_threads(threads)
