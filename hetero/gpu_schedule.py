@@ -463,6 +463,19 @@ def _normalize_gemm(sch: s_tir.Schedule, main):
 # ------------------------------------------------------------------------------ CUDA-core GEMM
 
 
+def _stage_operand(sch: s_tir.Schedule, main, index: int, scope: str, at, k_major: bool,
+                   preserve_unit_loops: bool = False):
+    """Stage GEMM operand `index` of `main` in `scope` at loop `at`, copying along the operand's
+    contiguous axis (K, or its row axis where it is not K-major); the staged block and its fused copy loop."""
+    shared = sch.cache_read(main, index, scope)
+    sch.compute_at(shared, at, preserve_unit_loops=preserve_unit_loops)
+    rows, cols = sch.get_loops(shared)[-2:]
+    if not k_major:
+        sch.reorder(cols, rows)
+        rows, cols = cols, rows
+    return shared, sch.fuse(rows, cols)
+
+
 def schedule_gemm_simt(func: tirx.PrimFunc, pick: Callable | None = None,
                        pipeline: bool = True) -> s_tir.Schedule | None:
     """A GEMM-like PrimFunc (conv, matmul, + elementwise epilogue) on CUDA cores, or None.
@@ -503,13 +516,7 @@ def schedule_gemm_simt(func: tirx.PrimFunc, pick: Callable | None = None,
     sch.reverse_compute_at(l2g, tj, preserve_unit_loops=True)
 
     def fetch(index: int):
-        shared = sch.cache_read(main, index, "shared")
-        sch.compute_at(shared, ko, preserve_unit_loops=True)
-        rows, cols = sch.get_loops(shared)[-2:]
-        if not k_major[index]:  # the operand is contiguous along its row (M or N) axis
-            sch.reorder(cols, rows)
-            rows, cols = cols, rows
-        fused = sch.fuse(rows, cols)
+        shared, fused = _stage_operand(sch, main, index, "shared", ko, k_major[index], preserve_unit_loops=True)
         _, f_ty, f_tx, f_vec = sch.split(fused, [None, cfg.ty, cfg.tx, cfg.vec])
         sch.vectorize(f_vec)
         sch.bind(f_ty, "threadIdx.y")
@@ -627,13 +634,7 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) 
     num_warps = cfg.wi * cfg.wj
 
     def fetch(index: int):
-        shared = sch.cache_read(main, index, "shared.dyn")
-        sch.compute_at(shared, k0)
-        rows, cols = sch.get_loops(shared)[-2:]
-        if not k_major[index]:
-            sch.reorder(cols, rows)
-            rows, cols = cols, rows
-        fused = sch.fuse(rows, cols)
+        shared, fused = _stage_operand(sch, main, index, "shared.dyn", k0, k_major[index])
         # 8 x float16 = 16 bytes per load; a transposing (row-contiguous) fetch stores the vector
         # element by element, which CUDA codegen only supports up to 4 lanes of float16
         vec = 8 if k_major[index] else 4
