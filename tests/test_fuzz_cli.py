@@ -85,7 +85,19 @@ def _arguments(flags: list[str], values: list[str], files: list[str], valid: lis
         st.text(max_size=10),
     ).filter(_fuzzed_flag)
     junk = st.lists(token, max_size=6)
-    return st.tuples(junk, st.sampled_from([[], *valid]), junk).map(lambda parts: [a for part in parts for a in part])
+    return (st.tuples(junk, st.sampled_from([[], *valid]), junk)
+            .map(lambda parts: [a for part in parts for a in part])
+            .filter(lambda argv: not (argv and _takes_next_as_value(argv[-1], flags))))
+
+
+VALUELESS = {"--reprofile", "--json", "--no-progress", "--list-devices", "--debug", "--help"}
+
+
+def _takes_next_as_value(token: str, flags: list[str]) -> bool:
+    """Whether `token` (a flag or an abbreviation of one, without `=value`) would swallow the poison after it
+    as its value, which would make the poison no poison at all."""
+    return (token.startswith("--") and len(token) > 2 and "=" not in token
+            and any(flag.startswith(token) and flag not in VALUELESS for flag in flags))
 
 
 INFERENCE_FLAGS = ["--network", "--device", "--batch", "--input", "--output", "--table", "--partitioner",
