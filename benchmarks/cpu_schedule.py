@@ -249,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tvm  # noqa: F401
 
-    from hetero.cpu_schedule import cpu_pipeline, default_target
+    from hetero.cpu_schedule import cpu_pipeline
+    from hetero.devices import cpu_target
 
-    target = default_target()
+    target = cpu_target()
     pipeline = cpu_pipeline(target)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"target {target}  TVM threads {args.threads}  repeats {args.repeats}  clock {args.clock}")

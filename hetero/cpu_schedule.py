@@ -26,8 +26,8 @@ All schedules keep the batch dimension symbolic.  Also applied: the
 :func:`mark_trivial_noalias` fix for a TVM codegen pitfall, see there.
 
 Runtime note: TVM's thread pool uses half the logical CPUs by default on
-x86 (it assumes hyper-threading): one thread on a 2-vCPU machine.  Call
-:func:`ensure_cpu_threads` (or set ``TVM_NUM_THREADS``) before the first run.
+x86 (it assumes hyper-threading): one thread on a 2-vCPU machine.  hetero's
+engines raise that (``hetero.execute``); set ``TVM_NUM_THREADS`` elsewhere.
 """
 
 from __future__ import annotations
@@ -51,38 +51,13 @@ __all__ = [
     "ScheduleForCPU",
     "conv2d_rule",
     "cpu_pipeline",
-    "default_target",
     "dense_rule",
-    "ensure_cpu_threads",
     "generic_rule",
     "mark_trivial_noalias",
     "parallel_only_rule",
     "schedule_prim_func",
     "window_rule",
 ]
-
-
-def default_target(num_cores: int | None = None) -> tvm.target.Target:
-    """The llvm target of this host (``mcpu`` from LLVM's host detection)."""
-    cfg = {
-        "kind": "llvm",
-        "mtriple": "x86_64-linux-gnu",
-        "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-    }
-    if num_cores:
-        cfg["num-cores"] = int(num_cores)
-    return tvm.target.Target(cfg)
-
-
-def ensure_cpu_threads(num_threads: int | None = None) -> int:
-    """Set ``TVM_NUM_THREADS`` (default: all CPUs) unless the user set it.
-
-    Takes effect only before TVM's thread pool starts (the first parallel
-    kernel run); returns the value in effect.
-    """
-    if "TVM_NUM_THREADS" not in os.environ:
-        os.environ["TVM_NUM_THREADS"] = str(num_threads or os.cpu_count() or 1)
-    return int(os.environ["TVM_NUM_THREADS"])
 
 
 # --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ is split again over the devices still working, so every sample runs exactly once
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,6 @@ import tvm
 from tvm import relax
 
 from .compile import BUILD_ID, Compiled, compile_network
-from .cpu_schedule import ensure_cpu_threads
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
@@ -81,7 +81,7 @@ class Engine:
         logical CPUs on x86, and config_threadpool can only lower that: so every core is allowed
         first (unless TVM_NUM_THREADS says otherwise), then the device's share is set.
         """
-        ensure_cpu_threads()
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         if self.device.threads:
             _set_cpu_threads(1, self.device.threads)
 
@@ -113,13 +113,13 @@ class Engine:
         self._worker.shutdown()
 
 
-_engines: dict[tuple[str, str, str, int], Engine] = {}
+_engines: dict[tuple[str, str, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
 def load_engine(network: Network, device: Device) -> Engine:
     """The engine for (network, device), compiled or loaded from the disk cache once per process."""
-    key = (network.name, device.name, device.key, device.threads)
+    key = (network.name, device.name, device.key)  # the key holds the thread count and precision
     with _engines_lock:
         if key not in _engines:
             _engines[key] = Engine(network, device, compile_network(network, device))

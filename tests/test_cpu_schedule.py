@@ -15,13 +15,13 @@ from hetero.cpu_schedule import (
     DEFAULT_RULES,
     ScheduleForCPU,
     cpu_pipeline,
-    default_target,
     generic_rule,
     parallel_only_rule,
     schedule_prim_func,
 )
+from hetero.devices import cpu_target
 
-TARGET = default_target()
+TARGET = cpu_target()
 BATCHES = (1, 3)
 RTOL = 1e-4
 
