@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import hetero
+from hetero import execute
 from hetero.execute import load_engine, run_split
 from hetero.inference import infer
 from hetero.table import ProfileTable
@@ -48,3 +49,18 @@ def test_outputs_stay_in_input_order_for_any_split(two_cpus):
         np.testing.assert_allclose(outputs, whole, rtol=1e-4, atol=1e-5)
         assert [r.size for r in results] == shares and wall_s > 0
     assert threading.active_count() == threads_before, "a split run left threads behind"
+
+
+def test_engine_input_buffer_serves_every_batch_size(monkeypatch):
+    """Each engine stages inputs in one buffer that grows and is reused: no call may see another's rows."""
+    monkeypatch.setattr(execute, "_PARALLEL_COPY_BYTES", 0)  # every copy goes through the copy threads
+    monkeypatch.setattr(execute, "_COPY_THREADS", 3)
+    network = hetero.get_network(SMALL_NETWORK)
+    engine = load_engine(network, hetero.parse_devices("cpu")[0])
+    inputs = network.random_input(6, seed=11)
+    whole, _ = engine.infer(inputs)
+    for first, last in [(4, 6), (0, 6), (1, 2), (0, 5)]:
+        part, _ = engine.infer(inputs[first:last])
+        np.testing.assert_allclose(part, whole[first:last], rtol=1e-5, atol=1e-6)
+    doubles, _ = engine.infer(inputs.astype(np.float64))
+    np.testing.assert_allclose(doubles, whole, rtol=1e-5, atol=1e-6)
