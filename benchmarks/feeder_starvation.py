@@ -1,7 +1,8 @@
 """Does a busy CPU device starve the thread that feeds a GPU?
 
-Times GPU runs alone, then while the CPU engine computes a batch with every core, then with one core
-left for the feeding thread (what hetero does when GPUs take part), and prints the slowdowns.
+Times GPU runs alone, then while the CPU engine computes a batch with every core, then with the cores
+hetero.inference.reserve_cores leaves to one GPU's threads (what hetero does when GPUs take part), and
+prints the slowdowns.
 
     python -m benchmarks.feeder_starvation [NETWORK]
 """
@@ -14,6 +15,7 @@ import time
 
 from hetero import get_network, parse_devices
 from hetero.execute import load_engine
+from hetero.inference import CORES_PER_ACCELERATOR
 
 
 def gpu_times_while(gpu, gpu_batch, busy=None, runs=20) -> float:
@@ -34,7 +36,7 @@ def main(network_name: str = "resnet-50") -> None:
     gpu.infer(gpu_batch)
     alone = gpu_times_while(gpu, gpu_batch)
     print(f"{network_name}: gpu0 alone {alone * 1e3:.2f} ms per batch of 64")
-    for threads in (cores, cores - 1):
+    for threads in (cores, cores - CORES_PER_ACCELERATOR):
         cpu = load_engine(network, dataclasses.replace(parse_devices("cpu")[0], threads=threads))
         cpu.infer(cpu_batch[:2])
         busy = gpu_times_while(gpu, gpu_batch, cpu.on_worker(cpu.compute, cpu_batch))

@@ -39,6 +39,7 @@ class DeviceResult:
     share: int
     predicted_s: float  # for its share in the split
     split_s: float  # measured for its share in the split, median
+    split_upload_s: float  # of which copying its inputs to the device, median
 
 
 @dataclass
@@ -121,11 +122,13 @@ def benchmark(
         return lambda: run_split(engines, inputs, whole, idle)
 
     split_walls: list[list[float]] = [[] for _ in engines]
+    split_uploads: list[list[float]] = [[] for _ in engines]
 
     def split() -> None:
         _, results, _ = run_split(engines, inputs, shares, predicted)
-        for walls, result in zip(split_walls, results):
+        for walls, uploads, result in zip(split_walls, split_uploads, results):
             walls.append(result.wall_s)
+            uploads.append(result.timing.h2d_s if result.timing else 0.0)
 
     runs = [alone(i) for i in range(len(engines))] + [split]
     torch_runs = [torch_run(net, d, inputs) if with_torch else None for d in devices]
@@ -133,9 +136,9 @@ def benchmark(
     torch_seconds = iter(timed[len(runs):])
     results = [
         DeviceResult(engine.device, batch / seconds, batch / next(torch_seconds) if torch else None, share,
-                     predicted_s, statistics.median(walls[warmup:]))
-        for engine, seconds, torch, share, predicted_s, walls in zip(engines, timed, torch_runs, shares, predicted,
-                                                                   split_walls)
+                     predicted_s, statistics.median(walls[warmup:]), statistics.median(uploads[warmup:]))
+        for engine, seconds, torch, share, predicted_s, walls, uploads in zip(
+            engines, timed, torch_runs, shares, predicted, split_walls, split_uploads)
     ]
     return BenchmarkResult(net.name, batch, results, batch / timed[len(engines)], partition_s * 1e6)
 
@@ -147,7 +150,7 @@ def format_markdown(result: BenchmarkResult) -> str:
             d.device.hardware,
             d.share,
             f"{d.predicted_s * 1e3:.1f}" if d.share else "-",
-            f"{d.split_s * 1e3:.1f}" if d.share else "-",
+            f"{d.split_s * 1e3:.1f} ({d.split_upload_s * 1e3:.1f})" if d.share else "-",
             f"{d.alone_img_s:.1f}",
             f"{d.torch_img_s:.1f}" if d.torch_img_s else "-",
             f"{d.alone_img_s / d.torch_img_s:.2f}" if d.torch_img_s else "-",
@@ -158,7 +161,7 @@ def format_markdown(result: BenchmarkResult) -> str:
                  f"{result.split_img_s:.1f}", "", ""])
     table = tabulate(
         rows,
-        headers=["device", "hardware", "share", "predicted ms", "split ms", "hetero img/s", "PyTorch img/s",
+        headers=["device", "hardware", "share", "predicted ms", "split ms (upload)", "hetero img/s", "PyTorch img/s",
                  "hetero/PyTorch"],
         tablefmt="github",
     )

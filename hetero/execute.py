@@ -49,10 +49,10 @@ class Timing:
         return self.h2d_s + self.exec_s + self.d2h_s
 
 
-# Copies into a staging buffer larger than this are spread over threads (numpy releases the GIL).
+# An accelerator's engine copies inputs larger than this into its staging buffer with a helper thread
+# beside its own (numpy releases the GIL): one of the cores hetero.inference.reserve_cores keeps free.
 _PARALLEL_COPY_BYTES = 4 << 20
-_COPY_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
-_copiers = ThreadPoolExecutor(_COPY_THREADS, "hetero-copy")
+_COPY_HELPERS = 1
 _CUDA_HOST = 3  # DLPack's kDLCUDAHost: page-locked host memory, allocated with cudaMallocHost
 
 
@@ -65,13 +65,17 @@ def staging_device(device: tvm.runtime.Device) -> tvm.runtime.Device:
     return tvm.cpu()
 
 
-def _copy_in_parallel(destination: np.ndarray, source: np.ndarray) -> None:
-    if source.nbytes < _PARALLEL_COPY_BYTES or len(source) < 2:
+def _copy(destination: np.ndarray, source: np.ndarray, helpers: ThreadPoolExecutor | None) -> None:
+    """Copy rows, part of them on the helper threads while this thread copies the rest."""
+    if helpers is None or source.nbytes < _PARALLEL_COPY_BYTES or len(source) < 2:
         np.copyto(destination, source)
         return
-    parts = np.array_split(np.arange(len(source)), _COPY_THREADS)
-    list(_copiers.map(lambda rows: np.copyto(destination[rows[0] : rows[-1] + 1], source[rows[0] : rows[-1] + 1]),
-                      [rows for rows in parts if len(rows)]))
+    bounds = np.linspace(0, len(source), _COPY_HELPERS + 2, dtype=int)
+    parts = [slice(first, last) for first, last in zip(bounds[:-1], bounds[1:])]
+    pending = [helpers.submit(np.copyto, destination[part], source[part]) for part in parts[1:]]
+    np.copyto(destination[parts[0]], source[parts[0]])
+    for done in pending:
+        done.result()
 
 
 class BatchBuffer:
@@ -91,13 +95,13 @@ class BatchBuffer:
             self._capacity = samples
         return self._tensor._create_view((samples, *self._sample_shape))
 
-    def fill(self, batch: np.ndarray) -> tvm.runtime.Tensor:
+    def fill(self, batch: np.ndarray, helpers: ThreadPoolExecutor | None = None) -> tvm.runtime.Tensor:
         """`batch` copied in (cast to the network's dtype), for host buffers only."""
         staged = self.view(len(batch))
         shape = (len(batch), *self._sample_shape)
         nbytes = math.prod(shape) * np.dtype(self._dtype).itemsize
         host = np.frombuffer((ctypes.c_byte * nbytes).from_address(staged.data_ptr()), self._dtype).reshape(shape)
-        _copy_in_parallel(host, batch)
+        _copy(host, batch, helpers)
         return staged
 
 
@@ -125,10 +129,11 @@ class Engine:
         sample = tuple(network.input_shape)
         if self._dev.type == "cpu":
             self._staging = BatchBuffer(self._dev, sample, network.dtype)  # what the network reads
-            self._on_device = None
+            self._on_device = self._copy_helpers = None
         else:
             self._staging = BatchBuffer(staging_device(self._dev), sample, network.dtype)
             self._on_device = BatchBuffer(self._dev, sample, network.dtype)
+            self._copy_helpers = ThreadPoolExecutor(_COPY_HELPERS, f"hetero-{device.name}-copy")
         self._worker = ThreadPoolExecutor(1, f"hetero-{device.name}", initializer=self._size_thread_pool)
 
     @property
@@ -152,7 +157,7 @@ class Engine:
         That makes it the one seam where tests inject device faults (a subclass that raises).
         """
         t0 = time.perf_counter()
-        staged = self._staging.fill(batch)
+        staged = self._staging.fill(batch, self._copy_helpers)
         if self._on_device is None:
             on_device = staged
         else:
@@ -177,6 +182,8 @@ class Engine:
 
     def close(self) -> None:
         self._worker.shutdown()
+        if self._copy_helpers:
+            self._copy_helpers.shutdown()
 
 
 _engines: dict[tuple[str, str, str], Engine] = {}

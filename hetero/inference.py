@@ -94,14 +94,20 @@ class InferenceReport:
         }
 
 
-def reserve_cores(devices: Sequence[Device]) -> list[Device]:
-    """Leave one core per accelerator for the thread that feeds it, so a busy CPU pool cannot starve it.
+# Per accelerator: one core for the thread that launches its work, one for its engine's copy helper.
+CORES_PER_ACCELERATOR = 2
 
-    A CPU device that already names its thread count keeps it.
+
+def reserve_cores(devices: Sequence[Device]) -> list[Device]:
+    """Leave cores to each accelerator's threads, so that a busy CPU pool cannot starve them.
+
+    TVM's CPU kernels wait at barriers for their slowest thread, so a CPU share whose threads are
+    descheduled by a GPU's copies slows as a whole (on a 32-core host, resnet-50's 10-sample CPU share
+    took 5x its prediction next to two GPUs). A CPU device that already names its thread count keeps it.
     """
-    feeders = sum(1 for d in devices if d.kind != "cpu")
+    reserved = CORES_PER_ACCELERATOR * sum(1 for d in devices if d.kind != "cpu")
     cores = os.cpu_count() or 1
-    cpu_threads = max(1, cores - feeders) if feeders else 0
+    cpu_threads = max(1, cores - reserved) if reserved else 0
     return [dataclasses.replace(d, threads=cpu_threads) if d.kind == "cpu" and not d.threads else d for d in devices]
 
 

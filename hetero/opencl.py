@@ -1,6 +1,6 @@
 """OpenCL devices as pyopencl reports them, and the index TVM's OpenCL runtime gives each one.
 
-TVM's runtime (OpenCLWorkspace::Init in src/runtime/opencl/opencl_device_api.cc) numbers the GPU
+TVM's runtime (OpenCLWorkspace::Init in src/backend/opencl/runtime/opencl_device_api.cc) numbers the GPU
 devices of OpenCL 1.2 or later on every platform; only when there is no such GPU does it number
 the CPU devices instead (PoCL, for one), and it never numbers accelerators. It keeps platforms in
 an unordered map, so its order across platforms need not be the platform order: when the runtime
@@ -10,9 +10,14 @@ is all that listing devices and compiling for them need.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable, Sequence
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import tvm
@@ -164,7 +169,36 @@ def match_tvm_numbering(devices: Sequence[CLDevice], tvm_signatures: Sequence[tu
     return numbered
 
 
+@contextmanager
+def _without_runtime_warnings() -> Iterator[None]:
+    """Drop the warnings TVM's OpenCL runtime writes to the C++ stderr as it finds its devices
+    ("Using CPU OpenCL device" wherever PoCL is the only platform, "No OpenCL device", ...): hetero
+    says the same in its own words (`left_out`, --list-devices), and an error must stay one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not ("opencl_device_api.cc" in line and ": Warning: " in line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+@lru_cache(maxsize=1)
+def _initialise_runtime() -> None:
+    """TVM's OpenCL runtime looks for its devices on the first query of any tvm.opencl(i)."""
+    with _without_runtime_warnings():
+        tvm.opencl(0).exist  # pylint: disable=expression-not-assigned
+
+
 def _tvm_signatures() -> list[tuple]:
+    _initialise_runtime()
     signatures = []
     while tvm.opencl(len(signatures)).exist:
         dev = tvm.opencl(len(signatures))

@@ -2,9 +2,11 @@
 
 import dataclasses
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tvm
 
 import hetero
 from hetero import execute
@@ -51,10 +53,8 @@ def test_outputs_stay_in_input_order_for_any_split(two_cpus):
     assert threading.active_count() == threads_before, "a split run left threads behind"
 
 
-def test_engine_input_buffer_serves_every_batch_size(monkeypatch):
+def test_engine_input_buffer_serves_every_batch_size():
     """Each engine stages inputs in one buffer that grows and is reused: no call may see another's rows."""
-    monkeypatch.setattr(execute, "_PARALLEL_COPY_BYTES", 0)  # every copy goes through the copy threads
-    monkeypatch.setattr(execute, "_COPY_THREADS", 3)
     network = hetero.get_network(SMALL_NETWORK)
     engine = load_engine(network, hetero.parse_devices("cpu")[0])
     inputs = network.random_input(6, seed=11)
@@ -64,3 +64,13 @@ def test_engine_input_buffer_serves_every_batch_size(monkeypatch):
         np.testing.assert_allclose(part, whole[first:last], rtol=1e-5, atol=1e-6)
     doubles, _ = engine.infer(inputs.astype(np.float64))
     np.testing.assert_allclose(doubles, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_staging_copies_with_a_helper_thread_row_for_row(monkeypatch):
+    monkeypatch.setattr(execute, "_PARALLEL_COPY_BYTES", 0)  # every copy is split with the helper
+    buffer = execute.BatchBuffer(tvm.cpu(), (3, 5), "float32")
+    rng = np.random.default_rng(0)
+    with ThreadPoolExecutor(1) as helper:
+        for rows in (7, 2, 9, 1, 9):
+            batch = rng.standard_normal((rows, 3, 5))
+            np.testing.assert_array_equal(buffer.fill(batch, helper).numpy(), batch.astype(np.float32))
