@@ -8,6 +8,7 @@ is split again over the devices still working, so every sample runs exactly once
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tvm
@@ -105,9 +107,15 @@ class BatchBuffer:
         return staged
 
 
+# How an engine stages inputs and calls its module is part of what a profile measures, as much as the
+# schedules are: profiles are keyed by this file's digest too (compiled modules are not).
+ENGINE_ID = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
+
+
 def profile_key(device: Device) -> str:
-    """The table key of a device's profiles: its identity and the hetero build whose schedules ran there."""
-    return f"{device.key} | hetero {BUILD_ID}"
+    """The table key of a device's profiles: its identity and the hetero build (schedules and engine)
+    whose timings they hold."""
+    return f"{device.key} | hetero {BUILD_ID}-{ENGINE_ID}"
 
 
 class Engine:
