@@ -14,8 +14,7 @@ import sys
 import time
 
 from hetero import get_network, parse_devices
-from hetero.execute import load_engine
-from hetero.inference import CORES_PER_ACCELERATOR
+from hetero.execute import copy_threads, load_engine
 
 
 def gpu_times_while(gpu, gpu_batch, busy=None, runs=20) -> float:
@@ -36,7 +35,7 @@ def main(network_name: str = "resnet-50") -> None:
     gpu.infer(gpu_batch)
     alone = gpu_times_while(gpu, gpu_batch)
     print(f"{network_name}: gpu0 alone {alone * 1e3:.2f} ms per batch of 64")
-    for threads in (cores, cores - CORES_PER_ACCELERATOR):
+    for threads in (cores, cores - copy_threads()):
         cpu = load_engine(network, dataclasses.replace(parse_devices("cpu")[0], threads=threads))
         cpu.infer(cpu_batch[:2])
         busy = gpu_times_while(gpu, gpu_batch, cpu.on_worker(cpu.compute, cpu_batch))

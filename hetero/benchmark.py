@@ -116,16 +116,17 @@ def benchmark(
     inputs = net.random_input(batch)
     shares, predicted, partition_s = plan(profiles, batch)
     idle = [0.0] * len(engines)
+    limits = [p.max_batch() or None for p in profiles]  # chunked as Inference.py runs them
 
     def alone(i: int) -> Callable[[], object]:
         whole = [batch if j == i else 0 for j in range(len(engines))]
-        return lambda: run_split(engines, inputs, whole, idle)
+        return lambda: run_split(engines, inputs, whole, idle, limits)
 
     split_walls: list[list[float]] = [[] for _ in engines]
     split_uploads: list[list[float]] = [[] for _ in engines]
 
     def split() -> None:
-        _, results, _ = run_split(engines, inputs, shares, predicted)
+        _, results, _ = run_split(engines, inputs, shares, predicted, limits)
         for walls, uploads, result in zip(split_walls, split_uploads, results):
             walls.append(result.wall_s)
             uploads.append(result.timing.h2d_s if result.timing else 0.0)

@@ -20,7 +20,7 @@ import psutil
 
 from .devices import Device, parse_devices, with_precision
 from .errors import HeteroError, one_line
-from .execute import Engine, ShareResult, load_engine, run_split
+from .execute import Engine, ShareResult, copy_threads, load_engine, run_split
 from .models import Network, get_network
 from .partition import PARTITIONERS, predicted_times, split_or_single
 from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
@@ -94,18 +94,15 @@ class InferenceReport:
         }
 
 
-# Per accelerator: one core for the thread that launches its work, one for its engine's copy helper.
-CORES_PER_ACCELERATOR = 2
-
-
 def reserve_cores(devices: Sequence[Device]) -> list[Device]:
-    """Leave cores to each accelerator's threads, so that a busy CPU pool cannot starve them.
+    """Leave each accelerator the cores its engine's threads use to feed it (execute.copy_threads: the
+    one that launches its work, and helpers copying its inputs), so a busy CPU pool cannot starve them.
 
     TVM's CPU kernels wait at barriers for their slowest thread, so a CPU share whose threads are
     descheduled by a GPU's copies slows as a whole (on a 32-core host, resnet-50's 10-sample CPU share
     took 5x its prediction next to two GPUs). A CPU device that already names its thread count keeps it.
     """
-    reserved = CORES_PER_ACCELERATOR * sum(1 for d in devices if d.kind != "cpu")
+    reserved = copy_threads() * sum(1 for d in devices if d.kind != "cpu")
     cores = os.cpu_count() or 1
     cpu_threads = max(1, cores - reserved) if reserved else 0
     return [dataclasses.replace(d, threads=cpu_threads) if d.kind == "cpu" and not d.threads else d for d in devices]

@@ -2,7 +2,6 @@
 
 import dataclasses
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -66,11 +65,12 @@ def test_engine_input_buffer_serves_every_batch_size():
     np.testing.assert_allclose(doubles, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_staging_copies_with_a_helper_thread_row_for_row(monkeypatch):
-    monkeypatch.setattr(execute, "_PARALLEL_COPY_BYTES", 0)  # every copy is split with the helper
+def test_staging_copies_with_helper_threads_row_for_row(monkeypatch):
+    monkeypatch.setattr(execute.ParallelCopy, "MIN_BYTES", 0)  # every copy is split over the threads
     buffer = execute.BatchBuffer(tvm.cpu(), (3, 5), "float32")
+    copy = execute.ParallelCopy(3, "test-copy")
     rng = np.random.default_rng(0)
-    with ThreadPoolExecutor(1) as helper:
-        for rows in (7, 2, 9, 1, 9):
-            batch = rng.standard_normal((rows, 3, 5))
-            np.testing.assert_array_equal(buffer.fill(batch, helper).numpy(), batch.astype(np.float32))
+    for rows in (7, 2, 9, 1, 9):
+        batch = rng.standard_normal((rows, 3, 5))
+        np.testing.assert_array_equal(buffer.fill(batch, copy).numpy(), batch.astype(np.float32))
+    copy.shutdown()
