@@ -135,7 +135,14 @@ class OpenCLBackend:
     def notes() -> list[str]:
         """Lines for --list-devices: OpenCL devices TVM cannot use, and a missing TVM OpenCL runtime."""
         devices = opencl.platform_devices()
-        lines = opencl.left_out(devices, opencl.tvm_numbering(devices))
+        numbered = opencl.tvm_numbering(devices)
+        lines = opencl.left_out(devices, numbered)
+        lines += [
+            f"note: {d.name} (tvm.opencl({index})) is listed by TVM's OpenCL runtime but not by pyopencl, whose "
+            f"own OpenCL ICD loader reads another vendor list; hetero describes it as TVM does"
+            for index, d in numbered
+            if d.platform == opencl.TVM_ONLY_PLATFORM
+        ]
         if devices and not opencl.runtime_available():
             lines.append(f"note: {OPENCL_RUNTIME_MISSING}")
         return lines

@@ -25,6 +25,7 @@ from tvm.base import _LOADED_LIBS
 
 RUNTIME_LIBRARY = "libtvm_runtime_opencl.so"
 _TVM_MIN_VERSION = (1, 2)  # CL_TARGET_OPENCL_VERSION of TVM's OpenCL runtime
+TVM_ONLY_PLATFORM = "an OpenCL platform pyopencl does not see"  # for devices only TVM's runtime lists
 _PREFERENCE = ("integrated GPU", "GPU", "CPU", "accelerator")  # the order `igpu`, `igpu1`, ... take
 
 
@@ -157,15 +158,17 @@ def tvm_reachable(devices: Iterable[CLDevice]) -> list[CLDevice]:
     return [d for d in usable if d.type == "gpu"] or [d for d in usable if d.type == "cpu"]
 
 
-def match_tvm_numbering(devices: Sequence[CLDevice], tvm_signatures: Sequence[tuple]) -> list[tuple[int, CLDevice]]:
-    """(TVM index, device) for each index whose device pyopencl also reports, by what TVM says of it."""
+def match_tvm_numbering(devices: Sequence[CLDevice], tvm_devices: Sequence[CLDevice]) -> list[tuple[int, CLDevice]]:
+    """(TVM index, device) for every device TVM's runtime lists: pyopencl's report of it where pyopencl
+    sees the same device, else TVM's own (the two may load different ICD loaders that read different
+    vendor lists: on the H100 machines TVM's sees NVIDIA's OpenCL platform and pyopencl's does not)."""
     pending = list(devices)
     numbered = []
-    for index, signature in enumerate(tvm_signatures):
-        match = next((d for d in pending if d.signature() == signature), None)
+    for index, seen_by_tvm in enumerate(tvm_devices):
+        match = next((d for d in pending if d.signature() == seen_by_tvm.signature()), None)
         if match is not None:
             pending.remove(match)
-            numbered.append((index, match))
+        numbered.append((index, match or seen_by_tvm))
     return numbered
 
 
@@ -197,19 +200,32 @@ def _initialise_runtime() -> None:
         tvm.opencl(0).exist  # pylint: disable=expression-not-assigned
 
 
-def _tvm_signatures() -> list[tuple]:
+def _tvm_devices() -> list[CLDevice]:
+    """The devices TVM's OpenCL runtime numbers, as it describes them."""
     _initialise_runtime()
-    signatures = []
-    while tvm.opencl(len(signatures)).exist:
-        dev = tvm.opencl(len(signatures))
-        signatures.append((dev.device_name, dev.driver_version, dev.compute_version, dev.multi_processor_count))
-    return signatures
+    found = []
+    while tvm.opencl(len(found)).exist:
+        dev = tvm.opencl(len(found))
+        major, _, minor = dev.compute_version.partition(".")
+        found.append(CLDevice(
+            platform=TVM_ONLY_PLATFORM,
+            name=dev.device_name,
+            type="gpu",  # TVM's runtime numbers GPUs, and CPUs only where no platform has a GPU
+            version=(int(major or 0), int(minor or 0)),
+            driver=dev.driver_version,
+            compute_units=dev.multi_processor_count,
+            memory=dev.total_global_memory,
+            local_memory=dev.max_shared_memory_per_block,
+            max_work_group_size=dev.max_threads_per_block,
+            shared_memory=False,
+        ))
+    return found
 
 
 def tvm_numbering(devices: Sequence[CLDevice]) -> list[tuple[int, CLDevice]]:
     """(TVM index, device) for each device TVM can run on: asked of TVM when its runtime is loaded."""
     if runtime_available():
-        return match_tvm_numbering(devices, _tvm_signatures())
+        return match_tvm_numbering(devices, _tvm_devices())
     return list(enumerate(tvm_reachable(devices)))
 
 

@@ -64,12 +64,30 @@ def test_indices_follow_what_tvm_reports_not_platform_order():
     b = _cl("b", platform="P2")
     twin_1 = _cl("twin", platform="P3")
     twin_2 = _cl("twin", platform="P3")
-    unknown = ("ghost", "1.0", "3.0", 8)
-    numbered = opencl.match_tvm_numbering([a, b, twin_1, twin_2], [b.signature(), unknown, a.signature()])
-    assert [(index, d.name) for index, d in numbered] == [(0, "b"), (2, "a")]
-    numbered = opencl.match_tvm_numbering([twin_1, twin_2], [twin_1.signature(), twin_1.signature()])
+    only_tvm = _cl("ghost", platform=opencl.TVM_ONLY_PLATFORM)  # a device pyopencl's ICD loader misses
+    numbered = opencl.match_tvm_numbering([a, b, twin_1, twin_2], [_cl("b"), only_tvm, _cl("a")])
+    assert [(index, d.name) for index, d in numbered] == [(0, "b"), (1, "ghost"), (2, "a")]
+    assert numbered[0][1] is b and numbered[1][1] is only_tvm and numbered[2][1] is a
+    numbered = opencl.match_tvm_numbering([twin_1, twin_2], [_cl("twin"), _cl("twin")])
     assert [index for index, _ in numbered] == [0, 1]
     assert numbered[0][1] is twin_1 and numbered[1][1] is twin_2
+    assert opencl.match_tvm_numbering([a, b], []) == [], "without TVM's runtime listing a device, none is usable"
+
+
+def test_devices_only_tvm_sees_are_offered_and_explained(monkeypatch):
+    """On the H100 machines TVM's OpenCL runtime lists the GPUs through NVIDIA's platform while pyopencl
+    sees only PoCL: the GPUs become igpu, igpu1 and PoCL is explained."""
+    pocl = _cl("pocl", type="cpu", shared=True, platform="Portable Computing Language")
+    h100 = _cl("H100", platform=opencl.TVM_ONLY_PLATFORM)
+    monkeypatch.setattr(opencl, "platform_devices", lambda: [pocl])
+    monkeypatch.setattr(opencl, "runtime_available", lambda: True)
+    monkeypatch.setattr(opencl, "_tvm_devices", lambda: [h100, h100])
+    numbered = opencl.tvm_numbering([pocl])
+    assert [name for name, _, _ in opencl.name_devices(numbered)] == ["igpu", "igpu1"]
+    notes = OpenCLBackend.notes()
+    assert notes[0].startswith("not usable: pocl on Portable Computing Language") and "no OpenCL GPU" in notes[0]
+    assert [line.split(" (")[0] for line in notes[1:]] == ["note: H100", "note: H100"]
+    assert "not by pyopencl" in notes[1]
 
 
 def test_missing_runtime_says_where_it_was_looked_for_and_what_to_do(tmp_path):
