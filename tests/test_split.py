@@ -74,3 +74,20 @@ def test_staging_copies_with_helper_threads_row_for_row(monkeypatch):
         batch = rng.standard_normal((rows, 3, 5))
         np.testing.assert_array_equal(buffer.fill(batch, copy).numpy(), batch.astype(np.float32))
     copy.shutdown()
+
+
+def test_prepare_runs_a_fresh_engine_once_and_leaves_failures_to_the_run():
+    network = hetero.get_network(SMALL_NETWORK)
+    cpu = hetero.parse_devices("cpu")[0]
+    engine = execute.Engine(network, cpu, execute.compile_network(network, cpu))
+    sizes, call = [], engine._call
+    engine._call = lambda batch: (sizes.append(len(batch)), call(batch))[1]
+    engine.prepare(3)
+    engine.prepare(5)
+    assert sizes == [1], "one warm-up sample, and only while the engine has never run"
+
+    broken = execute.Engine(network, cpu, execute.compile_network(network, cpu))
+    broken._call = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
+    broken.prepare(2)  # does not raise: the run meets the failure and re-plans
+    engine.close()
+    broken.close()
