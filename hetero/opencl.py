@@ -110,6 +110,33 @@ def _read(platform, device) -> CLDevice:
     )
 
 
+def icd_vendor_files(filenames: str) -> dict[str, str]:
+    """The .icd files (name: driver library) that stand for an OCL_ICD_FILENAMES list of drivers."""
+    drivers = dict.fromkeys(name for name in filenames.split(":") if name)
+    return {f"{rank}-{Path(driver).name}.icd": driver + "\n" for rank, driver in enumerate(drivers)}
+
+
+@contextmanager
+def _drivers_registered_for_pyopencl(vendors_dir: Path) -> Iterator[None]:
+    """pyopencl bundles its own ICD loader, which reads OCL_ICD_VENDORS (else /etc/OpenCL/vendors) but
+    not OCL_ICD_FILENAMES, the list some systems register drivers with (the H100 machines: NVIDIA's
+    driver only there, /etc/OpenCL/vendors holding PoCL's alone). So while pyopencl's loader starts,
+    that list is written out as a vendors folder for it. The environment is put back afterwards:
+    TVM's runtime links the system's loader, which reads both and would see every driver twice."""
+    filenames, vendors = os.environ.get("OCL_ICD_FILENAMES"), os.environ.get("OCL_ICD_VENDORS")
+    if not filenames or vendors is not None:
+        yield
+        return
+    vendors_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in icd_vendor_files(filenames).items():
+        (vendors_dir / name).write_text(content)
+    os.environ["OCL_ICD_VENDORS"] = str(vendors_dir)
+    try:
+        yield
+    finally:
+        del os.environ["OCL_ICD_VENDORS"]
+
+
 def platform_devices() -> list[CLDevice]:
     """Every OpenCL device here, in platform order; none without pyopencl or an OpenCL platform."""
     try:
@@ -117,7 +144,8 @@ def platform_devices() -> list[CLDevice]:
     except ImportError:
         return []
     try:
-        platforms = cl.get_platforms()
+        with tempfile.TemporaryDirectory() as scratch, _drivers_registered_for_pyopencl(Path(scratch)):
+            platforms = cl.get_platforms()
     except cl.Error:  # the ICD loader found no platform
         return []
     found = []

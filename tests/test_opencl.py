@@ -5,6 +5,10 @@ one-line refusal without TVM's OpenCL runtime, and the OpenCL C that hetero comp
 built by the platform's own compiler. Running on OpenCL needs that runtime and skips without it.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from tvm import relax
@@ -17,7 +21,7 @@ from hetero.execute import load_engine
 from hetero.inference import infer
 from hetero.opencl import CLDevice
 
-from .conftest import SMALL_NETWORK, run_script
+from .conftest import ROOT, SMALL_NETWORK, run_script
 from .test_cli import _one_error_line
 
 PLATFORM_DEVICES = opencl.platform_devices()
@@ -173,3 +177,20 @@ def test_split_across_cpu_and_igpu_equals_cpu_alone(tmp_path):
     report = infer(network, devices, inputs=inputs, table=tmp_path / "t.json", profile_batches=[1, 2, 4], progress=False)
     assert sum(s.size for s in report.shares) == 7
     np.testing.assert_allclose(report.outputs, reference, rtol=1e-3, atol=1e-4)
+
+
+def test_drivers_listed_in_ocl_icd_filenames_become_vendor_files():
+    files = opencl.icd_vendor_files("libpocl.so.2::/usr/lib/libnvidia-opencl.so.1:libpocl.so.2")
+    assert files == {"0-libpocl.so.2.icd": "libpocl.so.2\n", "1-libnvidia-opencl.so.1.icd": "/usr/lib/libnvidia-opencl.so.1\n"}
+
+
+@needs_platform
+@pytest.mark.parametrize("filenames, finds_pocl", [("libpocl.so.2", True), ("libnot-a-driver.so", False)])
+def test_pyopencl_sees_the_drivers_ocl_icd_filenames_lists(filenames, finds_pocl):
+    """pyopencl's own ICD loader ignores OCL_ICD_FILENAMES; hetero hands it the list (a fresh process each
+    time: a loader reads its drivers once)."""
+    script = "from hetero import opencl; print(sum('Portable' in d.platform for d in opencl.platform_devices()))"
+    env = {k: v for k, v in os.environ.items() if k != "OCL_ICD_VENDORS"}
+    seen = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**env, "OCL_ICD_FILENAMES": filenames, "PYTHONPATH": str(ROOT)})
+    assert (int(seen.stdout.strip()) > 0) == finds_pocl, seen.stderr
