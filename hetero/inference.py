@@ -22,9 +22,9 @@ from .devices import Device, parse_devices, with_precision
 from .errors import HeteroError, one_line
 from .execute import Engine, ShareResult, copy_threads, load_engine, run_split
 from .models import Network, get_network
-from .partition import PARTITIONERS, predicted_times, split_or_single
+from .partition import CONCURRENCY_SLOWDOWN, PARTITIONERS, predicted_times, split_or_single
 from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
-from .table import Profile, ProfileTable, key_change
+from .table import Profile, ProfileTable, TableError, key_change
 
 DEFAULT_TABLE = Path("profiles") / "profile_table.json"
 DEFAULT_BUDGET_S = 60.0
@@ -167,13 +167,31 @@ def plan(profiles: Sequence[Profile], batch: int, partitioner: str = "exact") ->
     if partitioner not in PARTITIONERS:
         raise HeteroError(f"unknown partitioner {partitioner!r}; choose from: {', '.join(PARTITIONERS)}")
     costs = [profile.cost_curve(batch) for profile in profiles]
+    slowdowns = [1 + CONCURRENCY_SLOWDOWN if p.company_slowdown() is None else p.company_slowdown() for p in profiles]
     start = time.perf_counter()
     try:
-        shares = split_or_single(costs, batch, partitioner)
+        shares = split_or_single(costs, batch, partitioner, slowdowns)
     except ValueError as exc:
         raise HeteroError(str(exc)) from exc
     seconds = time.perf_counter() - start
-    return shares, predicted_times(costs, shares), seconds
+    return shares, predicted_times(costs, shares, slowdowns), seconds
+
+
+def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Sequence[ShareResult]) -> None:
+    """Record, for each device that worked in a split beside others, its share's time against its profile's
+    prediction, so later plans charge it its own slowdown in company (a CPU next to two busy GPUs took
+    twice its prediction), and save the table."""
+    planned = results[: len(profiles)]  # the shares that took over from failed devices come after
+    worked = [(p, r) for p, r in zip(profiles, planned) if r.size and r.error is None]
+    if len(worked) < 2:
+        return
+    for profile, result in worked:
+        profile.record_company(result.wall_s, result.size)
+        table.put(profile)
+    try:
+        table.save()
+    except (TableError, OSError) as exc:  # the outputs are done; a table that cannot be written only forgets
+        log.warning(f"the split's timings were not saved: {one_line(exc)}")
 
 
 def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, profile_batches: Sequence[int]) -> None:
@@ -261,6 +279,7 @@ def infer(
     shares, predicted, partition_s = plan(profiles, len(inputs), partitioner)
     limits = [p.max_batch() or None for p in profiles]
     outputs, results, wall_s = run_split(engines, inputs, shares, predicted, limits, replan)
+    learn_company(table, profiles, results)
     faults += [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]
     return InferenceReport(
         network=net.name,

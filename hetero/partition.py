@@ -123,25 +123,34 @@ PARTITIONERS: dict[str, Callable[[Sequence[np.ndarray], int], list[int]]] = {
 }
 
 
-# Devices running at the same time slow each other down a little (host memory bandwidth, PCIe, the cores
-# that feed accelerators), which profiles of each device alone cannot show. Predictions of a split charge
-# this fraction, so a device whose share would gain less than it stays idle.
+# Devices running at the same time slow each other down (host memory bandwidth, PCIe, the cores that feed
+# accelerators), which profiles of each device alone cannot show. In a split, each device's predictions
+# are multiplied by its slowdown in company: what its shares in earlier splits took against their
+# prediction (table.Profile.company_slowdown), or 1 + this before it has run in one. A device whose share
+# would gain less than that stays idle.
 CONCURRENCY_SLOWDOWN = 0.05
 
 
+def _in_company(slowdowns: Sequence[float] | None, devices: int) -> list[float]:
+    return [1 + CONCURRENCY_SLOWDOWN] * devices if slowdowns is None else list(slowdowns)
+
+
 def predicted_times(costs: Sequence[np.ndarray], shares: Sequence[int],
-                    slowdown: float = CONCURRENCY_SLOWDOWN) -> list[float]:
-    """Each device's predicted seconds for its share, charged `slowdown` when more than one device works."""
-    factor = 1 + slowdown if sum(1 for share in shares if share) > 1 else 1.0
-    return [float(cost[share]) * factor for cost, share in zip(costs, shares, strict=True)]
+                    slowdowns: Sequence[float] | None = None) -> list[float]:
+    """Each device's predicted seconds for its share, times its slowdown in company when more than one works."""
+    together = sum(1 for share in shares if share) > 1
+    factors = _in_company(slowdowns, len(costs)) if together else [1.0] * len(costs)
+    return [float(cost[share]) * factor for cost, share, factor in zip(costs, shares, factors, strict=True)]
 
 
 def split_or_single(costs: Sequence[np.ndarray], batch: int, partitioner: str = "exact",
-                    slowdown: float = CONCURRENCY_SLOWDOWN) -> list[int]:
-    """The partitioner's split, or the best device alone where that is predicted no slower."""
-    split = PARTITIONERS[partitioner](costs, batch)
+                    slowdowns: Sequence[float] | None = None) -> list[int]:
+    """The partitioner's split of the costs as slowed in company, or the best device alone where that is
+    predicted no slower."""
+    slowdowns = _in_company(slowdowns, len(costs))
+    split = PARTITIONERS[partitioner]([cost * factor for cost, factor in zip(costs, slowdowns, strict=True)], batch)
     single = [0] * len(costs)
     single[int(np.argmin([float(cost[batch]) for cost in costs]))] = batch
-    if max(predicted_times(costs, single, slowdown)) <= max(predicted_times(costs, split, slowdown)):
+    if max(predicted_times(costs, single, slowdowns)) <= max(predicted_times(costs, split, slowdowns)):
         return single
     return split

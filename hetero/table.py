@@ -85,9 +85,24 @@ class Profile:
     measurements: list[Measurement]
     stopped: str | None = None
     interrupted: bool = False
+    # Measured over predicted seconds of this device's latest shares in splits with other devices.
+    company: list[float] = field(default_factory=list)
+
+    COMPANY_KEPT = 8
 
     def __post_init__(self) -> None:
         self.measurements = sorted(self.measurements, key=lambda m: m.batch)
+
+    def record_company(self, measured_s: float, samples: int) -> None:
+        """Remember how a share of `samples` in a split compared with its prediction from this profile."""
+        expected = self.predict(samples)
+        if samples > 0 and 0 < expected < math.inf:
+            self.company = (self.company + [measured_s / expected])[-self.COMPANY_KEPT :]
+
+    def company_slowdown(self) -> float | None:
+        """How much slower than profiled this device runs next to others: the median of its latest
+        splits, None before its first."""
+        return float(np.median(self.company)) if self.company else None
 
     def max_batch(self) -> int | None:
         """The largest size that ran below the smallest size that failed (0 if none ran); None if none failed.
@@ -143,6 +158,7 @@ def _profile_to_json(profile: Profile) -> dict:
         "stopped": profile.stopped,
         "interrupted": profile.interrupted,
         "measurements": [asdict(m) for m in profile.measurements],
+        "company": profile.company,
     }
 
 
@@ -180,7 +196,8 @@ def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
     if not isinstance(entry["measurements"], list) or not entry["measurements"]:
         raise ValueError(f"the profile of {network!r:.60} on {device_key!r:.60} has no list of measurements")
     measurements = [_measurement_from_json(m) for m in entry["measurements"]]
-    return Profile(device_key, network, measurements, stopped, interrupted)
+    company = [s for s in _seconds_list(entry.get("company", []), "company", allow_empty=True) if s > 0]
+    return Profile(device_key, network, measurements, stopped, interrupted, company)
 
 
 def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:

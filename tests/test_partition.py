@@ -142,7 +142,7 @@ def test_a_split_that_gains_less_than_the_slowdown_stays_on_the_best_device():
     fast, slow = np.arange(101) * 1.0, np.arange(101) * 40.0  # the slow device could take 2 of 100 samples
     assert partition_exact([fast, slow], 100) == [98, 2]
     assert split_or_single([fast, slow], 100) == [100, 0]
-    assert split_or_single([fast, slow], 100, slowdown=0.0) == [98, 2]
+    assert split_or_single([fast, slow], 100, slowdowns=[1.0, 1.0]) == [98, 2]
     assert predicted_times([fast, slow], [98, 2]) == pytest.approx([98 * 1.05, 80 * 1.05])
     assert predicted_times([fast, slow], [100, 0]) == [100.0, 0.0]
 
@@ -152,21 +152,30 @@ def test_a_split_that_gains_more_than_the_slowdown_is_kept():
     assert split_or_single([fast, half], 99) == [66, 33]
 
 
+def test_a_device_slowed_more_in_company_gets_less():
+    fast, half = np.arange(101) * 1.0, np.arange(101) * 2.0
+    assert split_or_single([fast, half], 99, slowdowns=[1.0, 2.0]) == [80, 19]
+    assert predicted_times([fast, half], [80, 19], [1.0, 2.0]) == [80.0, 76.0]
+    assert split_or_single([fast, half], 99, slowdowns=[1.0, 100.0]) == [99, 0]
+
+
 @settings(max_examples=200, deadline=None)
-@given(cost_tables(), st.sampled_from(sorted(PARTITIONERS)), st.sampled_from([0.0, 0.05, 0.5]))
-def test_chosen_split_is_never_predicted_slower_than_the_best_device_or_the_greedy(case, name, slowdown):
+@given(cost_tables(), st.sampled_from(sorted(PARTITIONERS)), st.lists(st.sampled_from([1.0, 1.05, 1.5, 3.0]), min_size=8,
+                                                                      max_size=8))
+def test_chosen_split_is_never_predicted_slower_than_the_best_device_or_the_greedy(case, name, factors):
     costs, batch = case
+    slowdowns = factors[: len(costs)]
     if not _feasible(costs, batch):
         return
     try:
-        chosen = max(predicted_times(costs, split_or_single(costs, batch, name, slowdown), slowdown))
+        chosen = max(predicted_times(costs, split_or_single(costs, batch, name, slowdowns), slowdowns))
     except ValueError:  # the greedy gets stuck where no single device fits the batch
         assert name == "greedy"
         return
     assert chosen <= min(float(cost[batch]) for cost in costs)
     if name == "exact":
         try:
-            greedy = split_or_single(costs, batch, "greedy", slowdown)
+            greedy = split_or_single(costs, batch, "greedy", slowdowns)
         except ValueError:
             return
-        assert chosen <= max(predicted_times(costs, greedy, slowdown))
+        assert chosen <= max(predicted_times(costs, greedy, slowdowns))

@@ -10,7 +10,7 @@ import tvm
 import hetero
 from hetero import execute
 from hetero.execute import load_engine, run_split
-from hetero.inference import infer
+from hetero.inference import infer, plan
 from hetero.table import ProfileTable
 
 from .conftest import SMALL_NETWORK
@@ -91,3 +91,18 @@ def test_prepare_runs_a_fresh_engine_once_and_leaves_failures_to_the_run():
     broken.prepare(2)  # does not raise: the run meets the failure and re-plans
     engine.close()
     broken.close()
+
+
+def test_each_split_teaches_the_table_how_devices_run_in_company(tmp_path, two_cpus):
+    network = hetero.get_network(SMALL_NETWORK)
+    table = tmp_path / "t.json"
+    first = infer(network, two_cpus, batch=4, table=table, profile_batches=[1, 2], progress=False)
+    assert all(s.size for s in first.shares), "the test needs both devices to work"
+    learned = ProfileTable.load(table).get(execute.profile_key(two_cpus[0]), SMALL_NETWORK)
+    assert len(learned.company) == 2, "both devices share one profile, and each share was recorded"
+    assert learned.company == pytest.approx([s.wall_s / learned.predict(s.size) for s in first.shares])
+
+    learned.company = [4.0]  # as if this device ran four times slower than profiled next to the other
+    shares, predicted, _ = plan([learned, learned], 4)
+    assert shares in ([4, 0], [0, 4]) and max(predicted) == pytest.approx(learned.predict(4)), (
+        "a device that slow in company is not worth splitting over")

@@ -196,3 +196,26 @@ def test_format_table_shows_the_numbers(tmp_path):
     assert "8.000" in text and "1.000" in text  # its exec and copy times
     assert "500.0" in text  # batch 8: 16 ms for 8 samples
     assert "out of memory allocating 3 GB" in text and "noisy" in text
+
+
+def test_slowdown_in_company_is_the_median_of_the_latest_splits(tmp_path):
+    profile = _profile()
+    assert profile.company_slowdown() is None
+    predicted = profile.predict(8)  # 16 ms
+    for measured in [2.0, 1.0, 3.0]:
+        profile.record_company(measured * predicted, 8)
+    assert profile.company_slowdown() == pytest.approx(2.0)
+    for _ in range(Profile.COMPANY_KEPT):
+        profile.record_company(1.5 * predicted, 8)
+    assert profile.company == pytest.approx([1.5] * Profile.COMPANY_KEPT), "only the latest splits are kept"
+    profile.record_company(1.0, 0)  # an empty share says nothing
+    assert len(profile.company) == Profile.COMPANY_KEPT
+
+    table = ProfileTable.load(tmp_path / "t.json", create=True)
+    table.put(profile)
+    table.save()
+    assert ProfileTable.load(tmp_path / "t.json").get(KEY, "resnet-18").company_slowdown() == pytest.approx(1.5)
+    doc = json.loads((tmp_path / "t.json").read_text())
+    del doc["profiles"][KEY]["resnet-18"]["company"]  # a table written before hetero learned this
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert ProfileTable.load(tmp_path / "old.json").get(KEY, "resnet-18").company_slowdown() is None
