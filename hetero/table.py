@@ -350,6 +350,9 @@ def format_table(table: ProfileTable) -> str:
             header += f"  stopped: {profile.stopped}"
         if profile.interrupted:
             header += "  (partial: the next run measures the rest)"
+        if profile.company:
+            header += (f"  in company: {profile.company_slowdown():.2f}x its prediction "
+                       f"(median of its last {len(profile.company)} splits)")
         rows = tabulate(
             [_row(m) for m in profile.measurements],
             headers=["batch", "ms/sample", "img/s", "exec ms", "H2D ms", "D2H ms", "note"],

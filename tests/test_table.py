@@ -215,6 +215,7 @@ def test_slowdown_in_company_is_the_median_of_the_latest_splits(tmp_path):
     table.put(profile)
     table.save()
     assert ProfileTable.load(tmp_path / "t.json").get(KEY, "resnet-18").company_slowdown() == pytest.approx(1.5)
+    assert f"in company: 1.50x its prediction (median of its last {Profile.COMPANY_KEPT} splits)" in format_table(table)
     doc = json.loads((tmp_path / "t.json").read_text())
     del doc["profiles"][KEY]["resnet-18"]["company"]  # a table written before hetero learned this
     (tmp_path / "old.json").write_text(json.dumps(doc))
