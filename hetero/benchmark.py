@@ -25,7 +25,7 @@ from tabulate import tabulate
 from .cli import _Parser, _batch_list, _positive_int, _run
 from .devices import PRECISIONS, Device, parse_devices, with_precision
 from .execute import Engine, load_engine, run_split
-from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, plan, reserve_cores
+from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, learn_company, plan, reserve_cores
 from .models import Network, get_network
 from .profile import SEED_BATCHES
 from .table import ProfileTable
@@ -114,9 +114,13 @@ def benchmark(
     engines: list[Engine] = [load_engine(net, device) for device in devices]
     profiles, _ = ensure_profiles(engines, table, profile_batches, budget_s=budget_s)
     inputs = net.random_input(batch)
+    limits = [p.max_batch() or None for p in profiles]  # chunked as Inference.py runs them
+    # One untimed split teaches the table each device's slowdown in company, as Inference.py's runs do,
+    # so the timed split is the plan repeated runs of Inference.py settle on.
+    shares, predicted, _ = plan(profiles, batch)
+    learn_company(table, profiles, run_split(engines, inputs, shares, predicted, limits)[1])
     shares, predicted, partition_s = plan(profiles, batch)
     idle = [0.0] * len(engines)
-    limits = [p.max_batch() or None for p in profiles]  # chunked as Inference.py runs them
 
     def alone(i: int) -> Callable[[], object]:
         whole = [batch if j == i else 0 for j in range(len(engines))]

@@ -1,5 +1,15 @@
 """The benchmark command: every device alone, then the split, written to a markdown file."""
 
+import dataclasses
+
+import pytest
+
+import hetero
+from hetero.benchmark import benchmark
+from hetero.execute import profile_key
+from hetero.inference import plan
+from hetero.table import ProfileTable
+
 from .conftest import SMALL_NETWORK, run_script
 
 
@@ -17,3 +27,15 @@ def test_benchmark_prints_and_records_every_device_and_the_split(tmp_path):
     assert len(rows) == 2
     assert "split/ideal" in text and "split/best-single" in text
     assert "split/ideal" in result.stdout
+
+
+def test_benchmark_times_the_split_planned_with_learned_slowdowns(tmp_path):
+    cpu = hetero.parse_devices("cpu")[0]
+    devices = [dataclasses.replace(cpu, name=name, threads=1) for name in ("cpu-a", "cpu-b")]
+    table = ProfileTable.load(tmp_path / "t.json", create=True)
+    result = benchmark(SMALL_NETWORK, devices, 4, table, repeats=1, warmup=0, profile_batches=[1, 2], with_torch=False)
+    learned = ProfileTable.load(tmp_path / "t.json").get(profile_key(devices[0]), SMALL_NETWORK)
+    assert len(learned.company) == 2, "the untimed split recorded both devices' shares"
+    shares, predicted, _ = plan([learned, learned], 4)
+    assert [d.share for d in result.devices] == shares
+    assert [d.predicted_s for d in result.devices] == pytest.approx(predicted)
