@@ -174,7 +174,7 @@ def _list_devices() -> str:
 
 
 def inference_main(argv: list[str]) -> int:
-    from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, infer
+    from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH, infer
     from .models import network_names
     from .devices import PRECISIONS
     from .partition import PARTITIONERS
@@ -196,6 +196,11 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--reprofile", action="store_true", help="measure again even if the table has a profile")
     parser.add_argument("--budget", type=_seconds, default=DEFAULT_BUDGET_S,
                         help=f"profiling seconds per device before the batch stops growing (default {DEFAULT_BUDGET_S:g})")
+    parser.add_argument("--tune", type=_positive_int, metavar="TRIALS",
+                        help="first run this many MetaSchedule trials for each CPU device at --tune-batch")
+    parser.add_argument("--tune-batch", type=_positive_int, default=DEFAULT_TUNE_BATCH,
+                        help=f"the batch tuned modules run (default {DEFAULT_TUNE_BATCH}); records of earlier "
+                             "--tune runs at this batch are applied whenever they are faster")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--list-devices", action="store_true", help="print the devices found here and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -227,6 +232,8 @@ def inference_main(argv: list[str]) -> int:
         budget_s=args.budget,
         progress=not args.no_progress and not args.json,
         precision=args.precision,
+        tune_trials=args.tune or 0,
+        tune_batch=args.tune_batch,
     )
     if args.output is not None:
         _save_outputs(args.output, report.outputs)

@@ -21,6 +21,7 @@ from tvm import relax
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
+from .tune import Tuning, static_module
 
 # hetero's own schedules decide what a compile produces and how fast it runs, so a digest of their
 # source is part of the module cache key and of every profile's key.
@@ -46,14 +47,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HETERO_CACHE") or Path.home() / ".cache" / "hetero")
 
 
-def _pipeline(device: Device) -> tvm.transform.Pass:
+def _pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pass:
     """hetero's own schedules where it has them (TVM's defaults leave CPU loops unscheduled and run
-    convolutions on GPUs at a third of PyTorch's speed), TVM's default pipeline elsewhere."""
+    convolutions on GPUs at a third of PyTorch's speed), TVM's default pipeline elsewhere; a tuning's
+    records first where there are some."""
     kind = device.target.kind.name
     if kind == "llvm":
         from .cpu_schedule import cpu_pipeline
 
-        return cpu_pipeline(device.target)
+        return cpu_pipeline(device.target, records=str(tuning.records) if tuning else None)
     if kind == "cuda":
         from .gpu_schedule import gpu_pipeline
 
@@ -61,7 +63,7 @@ def _pipeline(device: Device) -> tvm.transform.Pass:
     return relax.get_default_pipeline(device.target)
 
 
-def module_key(network: Network, device: Device) -> str:
+def module_key(network: Network, device: Device, tuning: Tuning | None = None) -> str:
     parts = [
         network.name,
         str(tvm_ffi.structural_hash(network.module)),
@@ -70,18 +72,21 @@ def module_key(network: Network, device: Device) -> str:
         device.precision,
         tvm.__version__,
         BUILD_ID,
-    ]
+    ] + ([f"tuned at batch {tuning.batch}, records {tuning.digest()}"] if tuning else [])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def compile_network(network: Network, device: Device, use_cache: bool = True) -> Compiled:
-    """Build (or load from the cache) the module that runs `network` on `device`."""
-    path = cache_dir() / f"{network.name}-{device.target.kind.name}-{device.precision}-{module_key(network, device)}.so"
+def compile_network(network: Network, device: Device, use_cache: bool = True, tuning: Tuning | None = None) -> Compiled:
+    """Build (or load from the cache) the module that runs `network` on `device`: for every batch size,
+    or, with a tuning, for exactly its batch with its records applied."""
+    key = module_key(network, device, tuning)
+    path = cache_dir() / f"{network.name}-{device.target.kind.name}-{device.precision}-{key}.so"
     if use_cache and path.exists():
         return Compiled(tvm.runtime.load_module(str(path)), path, 0.0, cached=True)
     start = time.perf_counter()
     try:
-        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device))
+        module = static_module(network, tuning.batch) if tuning else network.module
+        executable = relax.build(module, device.target, relax_pipeline=_pipeline(device, tuning))
     except Exception as exc:  # TVM raises many types; the user needs the first line only
         raise CompileError(f"compiling {network.name} for {device.name} failed: {one_line(exc)}") from exc
     seconds = time.perf_counter() - start

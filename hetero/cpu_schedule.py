@@ -32,6 +32,7 @@ engines raise that (``hetero.execute``); set ``TVM_NUM_THREADS`` elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from collections.abc import Callable
 
 import tvm
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_generic
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
@@ -973,21 +974,32 @@ def mark_trivial_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
+def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """What :func:`cpu_pipeline` runs before scheduling: library dispatch, legalization, fusion.
+
+    MetaSchedule's tasks are taken from exactly this IR (hetero.tune), so that its records match the
+    functions a later build schedules.
+    """
+    return _cpu_generic.library_dispatch_passes(target) + _cpu_generic.legalize_passes(target)
+
+
 def cpu_pipeline(
-    target: tvm.target.Target, rules: list[Rule] | None = None
+    target: tvm.target.Target, rules: list[Rule] | None = None, records: str | None = None
 ) -> tvm.transform.Pass:
     """cpu_generic's default pipeline plus :class:`ScheduleForCPU` after fusion.
 
     ``rules`` overrides :data:`DEFAULT_RULES` (for experiments; ``[]`` gives
-    the unscheduled default pipeline plus the no-alias fix).
+    the unscheduled default pipeline plus the no-alias fix). ``records``, a
+    MetaSchedule database folder, schedules the functions it has records
+    for; ScheduleForCPU skips those and schedules the rest.
     """
-
     @tvm.transform.module_pass(opt_level=0, name="HeteroCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
+        with target, (s_tir.meta_schedule.database.JSONDatabase(work_dir=records) if records
+                      else contextlib.nullcontext()):
             seq = tvm.transform.Sequential(
-                _cpu_generic.library_dispatch_passes(target)
-                + _cpu_generic.legalize_passes(target)
+                fusion_passes(target)
+                + ([relax.transform.MetaScheduleApplyDatabase()] if records else [])
                 + [ScheduleForCPU(target, rules)]
                 + _cpu_generic.dataflow_lower_passes(target)
                 + _cpu_generic.finalize_passes(target)

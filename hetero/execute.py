@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import logging
 import math
+import statistics
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from .compile import BUILD_ID, Compiled, compile_network
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
+from .tune import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +146,17 @@ class Engine:
     profiling in the same thread that later runs the shares keeps predictions honest.
     """
 
-    def __init__(self, network: Network, device: Device, compiled: Compiled):
+    def __init__(self, network: Network, device: Device, compiled: Compiled,
+                 tuned: tuple[Tuning, Compiled] | None = None):
         self.network = network
         self.device = device
         self.compiled = compiled
+        self.tuning = tuned[0] if tuned else None
         self._dev = device.tvm_device()
         self._vm = relax.VirtualMachine(compiled.executable, self._dev)
         self._main = self._vm["main"]
+        # Whole chunks of the tuning's batch run through the module tuned for exactly that batch.
+        self._tuned_main = relax.VirtualMachine(tuned[1].executable, self._dev)["main"] if tuned else None
         self._weights = [tvm.runtime.tensor(p, self._dev) for p in network.params]
         sample = tuple(network.input_shape)
         if self._dev.type == "cpu":
@@ -165,7 +171,10 @@ class Engine:
 
     @property
     def profile_key(self) -> str:
-        return profile_key(self.device)
+        key = profile_key(self.device)
+        if self.tuning:
+            key += f" | tuned at batch {self.tuning.batch}, records {self.tuning.digest()}"
+        return key
 
     def _size_thread_pool(self) -> None:
         """Give this device's worker thread its share of the cores.
@@ -186,6 +195,22 @@ class Engine:
         return self._call(batch)
 
     def _call(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        if self.tuning is None or len(batch) < self.tuning.batch:
+            return self._call_module(batch, self._main)
+        step = self.tuning.batch
+        calls = [self._call_module(batch[first : first + step], self._tuned_main if len(batch) - first >= step
+                                   else self._main) for first in range(0, len(batch), step)]
+        return np.concatenate([out for out, _ in calls]), Timing(*(sum(column) for column in zip(
+            *((t.h2d_s, t.exec_s, t.d2h_s) for _, t in calls))))
+
+    def time_module(self, tuned: bool, repeats: int = 3) -> float:
+        """Median seconds of one call at the tuning's batch through the tuned module or hetero's own."""
+        batch = self.network.random_input(self.tuning.batch)
+        main = self._tuned_main if tuned else self._main
+        self._call_module(batch, main)
+        return statistics.median(self._call_module(batch, main)[1].total_s for _ in range(repeats))
+
+    def _call_module(self, batch: np.ndarray, main: Callable) -> tuple[np.ndarray, Timing]:
         t0 = time.perf_counter()
         staged = self._staging.fill(batch, self._copy)
         if self._on_device is None:
@@ -195,7 +220,7 @@ class Engine:
             on_device.copyfrom(staged)
         self._dev.sync()
         t1 = time.perf_counter()
-        out = self._main(on_device, *self._weights)
+        out = main(on_device, *self._weights)
         self._dev.sync()
         t2 = time.perf_counter()
         host = out.numpy()
@@ -231,16 +256,18 @@ class Engine:
             self._copy.shutdown()
 
 
-_engines: dict[tuple[str, str, str], Engine] = {}
+_engines: dict[tuple[str, str, str, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def load_engine(network: Network, device: Device) -> Engine:
-    """The engine for (network, device), compiled or loaded from the disk cache once per process."""
-    key = (network.name, device.name, device.key)  # the key holds the thread count and precision
+def load_engine(network: Network, device: Device, tuning: Tuning | None = None) -> Engine:
+    """The engine for (network, device[, tuning]), compiled or loaded from the disk cache once per process."""
+    # the device key holds the thread count and precision
+    key = (network.name, device.name, device.key, tuning.digest() if tuning else "")
     with _engines_lock:
         if key not in _engines:
-            _engines[key] = Engine(network, device, compile_network(network, device))
+            tuned = (tuning, compile_network(network, device, tuning=tuning)) if tuning else None
+            _engines[key] = Engine(network, device, compile_network(network, device), tuned)
         return _engines[key]
 
 

@@ -25,8 +25,10 @@ from .models import Network, get_network
 from .partition import CONCURRENCY_SLOWDOWN, PARTITIONERS, predicted_times, split_or_single
 from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
 from .table import Profile, ProfileTable, TableError, key_change
+from .tune import TUNABLE_KINDS, TuningError, tune, tuning_for
 
 DEFAULT_TABLE = Path("profiles") / "profile_table.json"
+DEFAULT_TUNE_BATCH = 16
 DEFAULT_BUDGET_S = 60.0
 
 log = logging.getLogger(__name__)
@@ -210,6 +212,34 @@ def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, p
         check_host_memory(net, max(profile_batches), "profiling batch")
 
 
+def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials: int, batch: int) -> list[Engine]:
+    """The engines, each CPU one swapped for its tuned twin where tuning records exist at `batch` (after
+    running `trials` more trials when asked) and the tuned module runs that batch faster than hetero's."""
+    chosen = []
+    for engine in engines:
+        if engine.device.kind not in TUNABLE_KINDS:
+            if trials:
+                log.warning(f"{engine.device.name} not tuned: --tune works on CPU devices only so far")
+            chosen.append(engine)
+            continue
+        tuning = tuning_for(table_path, net, engine.device, batch)
+        if trials:
+            log.warning(f"tuning {net.name} for {engine.device.name} at batch {batch}: {trials} MetaSchedule "
+                        f"trials, records in {tuning.records}")
+            tune(net, engine.device, tuning, trials)
+        if not tuning.has_records():
+            chosen.append(engine)
+            continue
+        tuned = load_engine(net, engine.device, tuning)
+        tuned_s = tuned.on_worker(tuned.time_module, True).result()
+        own_s = tuned.on_worker(tuned.time_module, False).result()
+        faster = tuned_s < own_s
+        log.warning(f"{engine.device.name}: the module tuned at batch {batch} ran {tuned_s * 1e3:.1f} ms against "
+                    f"{own_s * 1e3:.1f} ms with hetero's own schedules; {'using' if faster else 'not using'} it")
+        chosen.append(tuned if faster else engine)
+    return chosen
+
+
 def _load_engines(
     net: Network, devices: Sequence[Device], load: Callable[[Network, Device], Engine]
 ) -> tuple[list[Engine], list[Fault]]:
@@ -254,21 +284,28 @@ def infer(
     progress: bool = True,
     load: Callable[[Network, Device], Engine] = load_engine,
     precision: str = "fp32",
+    tune_trials: int = 0,
+    tune_batch: int = DEFAULT_TUNE_BATCH,
 ) -> InferenceReport:
     """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`.
 
     A device that fails to compile, runs no profiled size, or fails on its share is reported in the
     report's faults while the others do its work; HeteroError only when no device can. `load` makes the
-    engines (the cached compile by default).
+    engines (the cached compile by default). `tune_trials` first runs that many MetaSchedule trials for
+    each CPU device at `tune_batch`; records at that batch, from now or earlier, are used where faster.
     """
     chosen = reserve_cores(with_precision(parse_devices(devices) if isinstance(devices, str) else list(devices),
                                           precision))
     net = get_network(network) if isinstance(network, str) else network
     _check_request(net, batch, inputs, profile_batches)
+    if tune_trials and not any(d.kind in TUNABLE_KINDS for d in chosen):
+        raise TuningError(f"--tune works on CPU devices only so far, and {', '.join(d.name for d in chosen)} "
+                          f"has none")
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)
     inputs = net.random_input(batch) if inputs is None else inputs
     engines, faults = _load_engines(net, chosen, load)
+    engines = _with_tunings(net, engines, table.path, tune_trials, tune_batch)
     profiles, measured = ensure_profiles(engines, table, profile_batches, reprofile, budget_s, progress)
     engines, profiles = _runnable(net, engines, profiles, faults)
 

@@ -1,0 +1,109 @@
+"""MetaSchedule tuning on request (CPU devices), kept in a database next to the profile table.
+
+MetaSchedule tunes loops of known length only: with the batch dimension symbolic every candidate fails
+(`SamplePerfectTile`), and records tuned at one batch match no other batch's workloads. So a tuning
+belongs to one batch: the tuned module is compiled for exactly that many samples, and an engine runs
+a share's whole chunks of that batch through it and the rest through hetero's symbolic module.
+
+Tuning records persist as MetaSchedule's JSON database in `<table>.tuning/<network>-<device>-b<batch>/`
+and every later compile for that network, device and batch applies them, with hetero's own schedules
+for whatever the records do not cover. Each process times the tuned module against hetero's at that
+batch and uses it only where it is faster: at small trial budgets it is slower (squeezenet_v1.1 at batch
+8 on this 2-core machine: 60 img/s after about 250 trials, against 98 img/s for hetero's schedules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from .devices import Device
+from .errors import HeteroError, one_line
+from .models import Network
+
+log = logging.getLogger(__name__)
+
+TUNABLE_KINDS = ("cpu",)
+_RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+class TuningError(HeteroError):
+    """MetaSchedule could not tune a network for a device."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Where the records of one network, device and batch live."""
+
+    records: Path  # MetaSchedule's JSON database folder
+    batch: int
+
+    def has_records(self) -> bool:
+        return all((self.records / name).is_file() for name in _RECORD_FILES) and bool(
+            (self.records / _RECORD_FILES[1]).read_bytes().strip())
+
+    def digest(self) -> str:
+        """Names the records' content, so compiled modules and profiles follow every change to them."""
+        hashed = hashlib.sha256(str(self.batch).encode())
+        for name in _RECORD_FILES:
+            hashed.update((self.records / name).read_bytes())
+        return hashed.hexdigest()[:12]
+
+
+def tuning_for(table_path: Path, network: Network, device: Device, batch: int) -> Tuning:
+    """The tuning of `network` on `device` at `batch` that belongs with the profile table at `table_path`."""
+    device_id = hashlib.sha256(device.key.encode()).hexdigest()[:12]
+    folder = table_path.parent / f"{table_path.stem}.tuning" / f"{network.name}-{device_id}-b{batch}"
+    return Tuning(folder, batch)
+
+
+def static_module(network: Network, batch: int) -> tvm.IRModule:
+    """The network with its batch dimension fixed, as MetaSchedule needs it."""
+    return relax.transform.BindSymbolicVars({"n": batch})(network.module)
+
+
+def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
+    """MetaSchedule's default build without its `import tvm.s_tir.tensor_intrin`, which costs each
+    fresh builder process about 16 s and which CPU fp32 schedules do not use."""
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # pylint: disable=import-outside-toplevel
+
+    return tvm.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def tune(network: Network, device: Device, tuning: Tuning, trials: int, trials_per_round: int = 8) -> None:
+    """Run `trials` MetaSchedule trials for `network` on `device` at the tuning's batch, adding to its records.
+
+    Every task gets one round of `trials_per_round` before the budget is shared out, so fewer trials
+    than tasks x rounds still measure one round of each. Records are written when tuning ends.
+    """
+    import cloudpickle  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+    from .cpu_schedule import fusion_passes  # pylint: disable=import-outside-toplevel
+
+    if device.kind not in TUNABLE_KINDS:
+        raise TuningError(f"tuning works on CPU devices only so far; {device.name} is a {device.kind} device")
+    target = device.target
+    with target:
+        fused = tvm.transform.Sequential(fusion_passes(target))(static_module(network, tuning.batch))
+    tuning.records.mkdir(parents=True, exist_ok=True)
+    # The builder's worker processes get _build_candidate itself, not its module's name: they may not
+    # find hetero on their path (a script run from another folder, hetero not installed).
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    try:
+        ms.relax_integration.tune_relax(
+            fused, params=None, target=target, work_dir=str(tuning.records), max_trials_global=trials,
+            num_trials_per_iter=min(trials, trials_per_round), cost_model=cost_model, seed=0,
+            builder=ms.builder.LocalBuilder(timeout_sec=120, f_build=_build_candidate),
+            runner=ms.runner.LocalRunner(timeout_sec=60),
+        )
+    except Exception as exc:  # MetaSchedule raises many types; the user needs the first line
+        raise TuningError(f"tuning {network.name} for {device.name} failed: {one_line(exc)}") from exc
