@@ -52,6 +52,10 @@ class Timing:
     def total_s(self) -> float:
         return self.h2d_s + self.exec_s + self.d2h_s
 
+    @classmethod
+    def summed(cls, timings: Sequence[Timing]) -> Timing:
+        return cls(sum(t.h2d_s for t in timings), sum(t.exec_s for t in timings), sum(t.d2h_s for t in timings))
+
 
 _CUDA_HOST = 3  # DLPack's kDLCUDAHost: page-locked host memory, allocated with cudaMallocHost
 
@@ -198,10 +202,11 @@ class Engine:
         if self.tuning is None or len(batch) < self.tuning.batch:
             return self._call_module(batch, self._main)
         step = self.tuning.batch
-        calls = [self._call_module(batch[first : first + step], self._tuned_main if len(batch) - first >= step
-                                   else self._main) for first in range(0, len(batch), step)]
-        return np.concatenate([out for out, _ in calls]), Timing(*(sum(column) for column in zip(
-            *((t.h2d_s, t.exec_s, t.d2h_s) for _, t in calls))))
+        calls = []
+        for first in range(0, len(batch), step):
+            piece = batch[first : first + step]
+            calls.append(self._call_module(piece, self._tuned_main if len(piece) == step else self._main))
+        return np.concatenate([out for out, _ in calls]), Timing.summed([timing for _, timing in calls])
 
     def time_module(self, tuned: bool, repeats: int = 3) -> float:
         """Median seconds of one call at the tuning's batch through the tuned module or hetero's own."""
@@ -310,8 +315,7 @@ def _run_share(engine: Engine, share: ShareResult, batch: np.ndarray, limit: int
         timings.append(timing)
         share.completed += len(out)
     if timings:
-        share.timing = Timing(sum(t.h2d_s for t in timings), sum(t.exec_s for t in timings),
-                              sum(t.d2h_s for t in timings))
+        share.timing = Timing.summed(timings)
     share.wall_s = time.perf_counter() - begin
     return outputs
 
