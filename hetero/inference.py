@@ -169,7 +169,7 @@ def plan(profiles: Sequence[Profile], batch: int, partitioner: str = "exact") ->
     if partitioner not in PARTITIONERS:
         raise HeteroError(f"unknown partitioner {partitioner!r}; choose from: {', '.join(PARTITIONERS)}")
     costs = [profile.cost_curve(batch) for profile in profiles]
-    slowdowns = [1 + CONCURRENCY_SLOWDOWN if p.company_slowdown() is None else p.company_slowdown() for p in profiles]
+    slowdowns = [p.company_slowdown(prior=1 + CONCURRENCY_SLOWDOWN) for p in profiles]
     start = time.perf_counter()
     try:
         shares = split_or_single(costs, batch, partitioner, slowdowns)

@@ -126,8 +126,8 @@ PARTITIONERS: dict[str, Callable[[Sequence[np.ndarray], int], list[int]]] = {
 # Devices running at the same time slow each other down (host memory bandwidth, PCIe, the cores that feed
 # accelerators), which profiles of each device alone cannot show. In a split, each device's predictions
 # are multiplied by its slowdown in company: what its shares in earlier splits took against their
-# prediction (table.Profile.company_slowdown), or 1 + this before it has run in one. A device whose share
-# would gain less than that stays idle.
+# prediction (table.Profile.company_slowdown), with 1 + this standing in for its first few. A device
+# whose share would gain less than that stays idle.
 CONCURRENCY_SLOWDOWN = 0.05
 
 

@@ -89,6 +89,7 @@ class Profile:
     company: list[float] = field(default_factory=list)
 
     COMPANY_KEPT = 8
+    COMPANY_TRUSTED = 3
 
     def __post_init__(self) -> None:
         self.measurements = sorted(self.measurements, key=lambda m: m.batch)
@@ -99,10 +100,11 @@ class Profile:
         if samples > 0 and 0 < expected < math.inf:
             self.company = (self.company + [measured_s / expected])[-self.COMPANY_KEPT :]
 
-    def company_slowdown(self) -> float | None:
-        """How much slower than profiled this device runs next to others: the median of its latest
-        splits, None before its first."""
-        return float(np.median(self.company)) if self.company else None
+    def company_slowdown(self, prior: float) -> float:
+        """How much slower than profiled to expect this device next to others: the median of its latest
+        splits' ratios, `prior` standing in for the first COMPANY_TRUSTED it has not had yet, so that one
+        noisy split cannot shut a device out of every later split."""
+        return float(np.median(self.company + [prior] * max(0, self.COMPANY_TRUSTED - len(self.company))))
 
     def max_batch(self) -> int | None:
         """The largest size that ran below the smallest size that failed (0 if none ran); None if none failed.
@@ -351,7 +353,7 @@ def format_table(table: ProfileTable) -> str:
         if profile.interrupted:
             header += "  (partial: the next run measures the rest)"
         if profile.company:
-            header += (f"  in company: {profile.company_slowdown():.2f}x its prediction "
+            header += (f"  in company: {statistics.median(profile.company):.2f}x its prediction "
                        f"(median of its last {len(profile.company)} splits)")
         rows = tabulate(
             [_row(m) for m in profile.measurements],

@@ -102,7 +102,7 @@ def test_each_split_teaches_the_table_how_devices_run_in_company(tmp_path, two_c
     assert len(learned.company) == 2, "both devices share one profile, and each share was recorded"
     assert learned.company == pytest.approx([s.wall_s / learned.predict(s.size) for s in first.shares])
 
-    learned.company = [4.0]  # as if this device ran four times slower than profiled next to the other
+    learned.company = [4.0] * 3  # as if this device ran four times slower than profiled next to the other
     shares, predicted, _ = plan([learned, learned], 4)
     assert shares in ([4, 0], [0, 4]) and max(predicted) == pytest.approx(learned.predict(4)), (
         "a device that slow in company is not worth splitting over")

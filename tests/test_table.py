@@ -200,11 +200,13 @@ def test_format_table_shows_the_numbers(tmp_path):
 
 def test_slowdown_in_company_is_the_median_of_the_latest_splits(tmp_path):
     profile = _profile()
-    assert profile.company_slowdown() is None
+    assert profile.company_slowdown(prior=1.05) == 1.05
     predicted = profile.predict(8)  # 16 ms
-    for measured in [2.0, 1.0, 3.0]:
+    profile.record_company(2.0 * predicted, 8)
+    assert profile.company_slowdown(prior=1.05) == pytest.approx(1.05), "one split does not outweigh the prior"
+    for measured in [1.0, 3.0]:
         profile.record_company(measured * predicted, 8)
-    assert profile.company_slowdown() == pytest.approx(2.0)
+    assert profile.company_slowdown(prior=1.05) == pytest.approx(2.0)
     for _ in range(Profile.COMPANY_KEPT):
         profile.record_company(1.5 * predicted, 8)
     assert profile.company == pytest.approx([1.5] * Profile.COMPANY_KEPT), "only the latest splits are kept"
@@ -214,9 +216,9 @@ def test_slowdown_in_company_is_the_median_of_the_latest_splits(tmp_path):
     table = ProfileTable.load(tmp_path / "t.json", create=True)
     table.put(profile)
     table.save()
-    assert ProfileTable.load(tmp_path / "t.json").get(KEY, "resnet-18").company_slowdown() == pytest.approx(1.5)
+    assert ProfileTable.load(tmp_path / "t.json").get(KEY, "resnet-18").company_slowdown(1.0) == pytest.approx(1.5)
     assert f"in company: 1.50x its prediction (median of its last {Profile.COMPANY_KEPT} splits)" in format_table(table)
     doc = json.loads((tmp_path / "t.json").read_text())
     del doc["profiles"][KEY]["resnet-18"]["company"]  # a table written before hetero learned this
     (tmp_path / "old.json").write_text(json.dumps(doc))
-    assert ProfileTable.load(tmp_path / "old.json").get(KEY, "resnet-18").company_slowdown() is None
+    assert ProfileTable.load(tmp_path / "old.json").get(KEY, "resnet-18").company == []
