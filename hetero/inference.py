@@ -230,9 +230,15 @@ def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials:
         if not tuning.has_records():
             chosen.append(engine)
             continue
-        tuned = load_engine(net, engine.device, tuning)
-        tuned_s = tuned.on_worker(tuned.time_module, True).result()
-        own_s = tuned.on_worker(tuned.time_module, False).result()
+        try:
+            tuned = load_engine(net, engine.device, tuning)
+            tuned_s = tuned.on_worker(tuned.time_module, True).result()
+            own_s = tuned.on_worker(tuned.time_module, False).result()
+        except Exception as exc:  # unreadable records, a compile that fails: run untuned, as before tuning
+            log.warning(f"{engine.device.name}: the tuning records in {tuning.records} cannot be used "
+                        f"({one_line(exc)}); running hetero's own schedules")
+            chosen.append(engine)
+            continue
         faster = tuned_s < own_s
         log.warning(f"{engine.device.name}: the module tuned at batch {batch} ran {tuned_s * 1e3:.1f} ms against "
                     f"{own_s * 1e3:.1f} ms with hetero's own schedules; {'using' if faster else 'not using'} it")

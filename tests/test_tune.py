@@ -78,3 +78,18 @@ def test_tuning_is_refused_where_no_device_can_be_tuned(tuned):
     opencl_like = dataclasses.replace(cpu, name="igpu", kind="opencl")
     with pytest.raises(TuningError, match="CPU devices only"):
         tune.tune(network, opencl_like, Tuning(table.parent / "x", 2), trials=1)
+
+
+def test_records_that_cannot_be_used_leave_the_run_untuned(tuned, tmp_path, caplog):
+    network, cpu, shared_table, tuning = tuned
+    table = tmp_path / shared_table.name
+    broken = tmp_path / tuning.records.parent.name / tuning.records.name
+    shutil.copytree(tuning.records, broken)
+    (broken / "database_tuning_record.json").write_text("[not json")
+    inputs = network.random_input(3, seed=1)
+    report = infer(network, [cpu], inputs=inputs, table=table, profile_batches=[1, 2], progress=False,
+                   tune_batch=TUNED_BATCH)
+    reference, _ = execute.load_engine(network, cpu).infer(inputs)
+    np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
+    assert any("cannot be used" in r.getMessage() for r in caplog.records)
+    assert all("tuned at batch" not in p.device_key for p in ProfileTable.load(table).profiles())
