@@ -217,7 +217,8 @@ def inference_main(argv: list[str]) -> int:
     inputs = None
     if args.input is not None:
         try:
-            inputs = np.load(args.input, allow_pickle=False)
+            # mapped, not read: a dataset larger than memory is copied share by share, chunk by chunk
+            inputs = np.load(args.input, allow_pickle=False, mmap_mode="r")
         except Exception as exc:  # numpy raises many types for a file that is not an array
             raise UsageError(f"cannot read inputs from {args.input}: {one_line(exc)}") from None
     report = infer(

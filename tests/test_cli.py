@@ -2,7 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
+
+import hetero
+from hetero import cli, inference
+from hetero.execute import load_engine
 
 from .conftest import SMALL_NETWORK, run_script
 
@@ -89,3 +94,24 @@ def test_measure_io_prints_a_row_per_batch():
     assert result.returncode == 0, result.stderr
     rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
     assert rows == ["1", "3", "5"]
+
+
+def test_input_file_is_mapped_not_read_and_outputs_match(tmp_path):
+    network = hetero.get_network(SMALL_NETWORK)
+    inputs = network.random_input(3, seed=9)
+    np.save(tmp_path / "x.npy", inputs)
+    seen = []
+    real_infer = inference.infer
+
+    def recording_infer(*args, **kwargs):
+        seen.append(kwargs["inputs"])
+        return real_infer(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inference, "infer", recording_infer)
+        assert cli.inference(["--network", SMALL_NETWORK, "--input", str(tmp_path / "x.npy"), "--output",
+                              str(tmp_path / "y.npy"), "--table", str(tmp_path / "t.json"), "--profile-batches",
+                              "1,2", "--no-progress"]) == 0
+    assert isinstance(seen[0], np.memmap)
+    reference, _ = load_engine(network, hetero.parse_devices("cpu")[0]).infer(inputs)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), reference, rtol=1e-4, atol=1e-5)
