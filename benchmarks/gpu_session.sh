@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The issue-3 measurements on a lent GPU machine, in one call of at most 10 minutes:
+# The GPU-machine measurements in one call of at most 10 minutes:
 #   source .device-tvm/setup.sh; bash benchmarks/gpu_session.sh MACHINE DEVICES
-# Results (BENCHMARKS.md section, profile table, logs) land in $OUT.
+# Results (BENCHMARKS.md section, profile table, session.log with everything printed) land in $OUT:
+# the call's own output keeps only its last 12,000 characters.
 machine=${1:-nvidia-h100-x1}
 devices=${2:-cpu,gpu0}
 deadline=$((SECONDS + ${SESSION_SECONDS:-560}))
 export HETERO_CACHE=/tmp/hcache
+exec > >(tee -a "$OUT/session.log") 2>&1
 left() { echo $((deadline - SECONDS)); }
 bench() {
   [ "$(left)" -gt 20 ] || { echo "skipped (no time left): $*"; return; }
@@ -13,8 +15,9 @@ bench() {
     --markdown "$OUT/BENCHMARKS.md" --machine "$machine" --budget 8 "$@" 2>&1 | grep -v '^profiling'
 }
 python3 -c 'from hetero.cli import inference; inference(["--list-devices"])'
+timeout 60 python3 -m benchmarks.gpu_upload --repeats 10
 for network in resnet-50 mobilenet vgg-16; do bench --network $network --batch 100 --repeats 3; done
 [ "$(left)" -gt 60 ] && timeout 60 python3 -m benchmarks.feeder_starvation resnet-50
 for network in resnet-50 mobilenet vgg-16; do
-  bench --network $network --batch 1000 --repeats 1 --warmup 0 --no-torch
+  bench --network $network --batch 1000 --repeats 1 --warmup 1 --no-torch
 done
