@@ -25,7 +25,8 @@ from tabulate import tabulate
 from .cli import _Parser, _batch_list, _positive_int, _run
 from .devices import PRECISIONS, Device, parse_devices, with_precision
 from .execute import Engine, load_engine, run_split
-from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, learn_company, plan, reserve_cores
+from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, learn_company, plan, reserve_cores,
+                        share_limits)
 from .models import Network, get_network
 from .profile import SEED_BATCHES
 from .table import ProfileTable
@@ -114,7 +115,7 @@ def benchmark(
     engines: list[Engine] = [load_engine(net, device) for device in devices]
     profiles, _ = ensure_profiles(engines, table, profile_batches, budget_s=budget_s)
     inputs = net.random_input(batch)
-    limits = [p.max_batch() or None for p in profiles]  # chunked as Inference.py runs them
+    limits = share_limits(profiles)  # chunked as Inference.py runs them
     # One untimed split teaches the table each device's slowdown in company, as Inference.py's runs do,
     # so the timed split is the plan repeated runs of Inference.py settle on.
     shares, predicted, _ = plan(profiles, batch)

@@ -156,6 +156,9 @@ class Engine:
         self.device = device
         self.compiled = compiled
         self.tuning = tuned[0] if tuned else None
+        # The records are read once, as they were when the tuned module was compiled from them.
+        self.profile_key = profile_key(self.device) + (
+            f" | tuned at batch {self.tuning.batch}, records {self.tuning.digest()}" if tuned else "")
         self._dev = device.tvm_device()
         self._vm = relax.VirtualMachine(compiled.executable, self._dev)
         self._main = self._vm["main"]
@@ -173,12 +176,6 @@ class Engine:
         self._worker = ThreadPoolExecutor(1, f"hetero-{device.name}", initializer=self._size_thread_pool)
         self._has_run = False
 
-    @property
-    def profile_key(self) -> str:
-        key = profile_key(self.device)
-        if self.tuning:
-            key += f" | tuned at batch {self.tuning.batch}, records {self.tuning.digest()}"
-        return key
 
     def _size_thread_pool(self) -> None:
         """Give this device's worker thread its share of the cores.

@@ -179,6 +179,12 @@ def plan(profiles: Sequence[Profile], batch: int, partitioner: str = "exact") ->
     return shares, predicted_times(costs, shares, slowdowns), seconds
 
 
+def share_limits(profiles: Sequence[Profile]) -> list[int | None]:
+    """The most samples each device takes in one call (the largest size its profile showed to fit);
+    larger shares run in chunks of that size. None where no size failed."""
+    return [p.max_batch() or None for p in profiles]
+
+
 def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Sequence[ShareResult]) -> None:
     """Record, for each device that worked in a split beside others, its share's time against its profile's
     prediction, so later plans charge it its own slowdown in company (a CPU next to two busy GPUs took
@@ -320,7 +326,7 @@ def infer(
         return shares, predicted
 
     shares, predicted, partition_s = plan(profiles, len(inputs), partitioner)
-    limits = [p.max_batch() or None for p in profiles]
+    limits = share_limits(profiles)
     outputs, results, wall_s = run_split(engines, inputs, shares, predicted, limits, replan)
     learn_company(table, profiles, results)
     faults += [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]
