@@ -1,4 +1,4 @@
-"""TVM on one CUDA GPU: the default pipeline vs hetero's gpu_pipeline (fp32, fp16) vs PyTorch eager.
+"""TVM on one CUDA GPU: the default pipeline vs hetero's gpu_pipeline (fp32, tf32, fp16) vs PyTorch eager.
 
 For each network: compiles every TVM variant (in parallel worker processes), checks each one's
 outputs against the default pipeline's (same weights, same input), times every variant and
@@ -52,10 +52,11 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "tvm-default": ("default", "fp32", {}),
     "hetero-fp32": ("hetero", "fp32", {}),
     "hetero-fp32-nopipe": ("hetero", "fp32", {"software_pipeline": False}),
+    "hetero-tf32": ("hetero", "tf32", {}),
     "hetero-fp16": ("hetero", "fp16", {}),
 }
 VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
-                   "fp16": "hetero-fp16"}
+                   "tf32": "hetero-tf32", "fp16": "hetero-fp16"}
 TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
 
 
@@ -82,7 +83,7 @@ def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tupl
     try:
         from tvm import relax
 
-        from hetero.gpu_schedule import gpu_pipeline
+        from hetero.gpu_schedule import gpu_pipeline, tir_pipeline
         from hetero.models import get_network
 
         target = cuda_target(arch)
@@ -91,7 +92,8 @@ def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tupl
         pipeline = (relax.get_default_pipeline(target) if kind == "default"
                     else gpu_pipeline(target, precision, **options))
         start = time.perf_counter()
-        executable = relax.build(net.module, target, relax_pipeline=pipeline)
+        executable = relax.build(net.module, target, relax_pipeline=pipeline,
+                                 tir_pipeline=tir_pipeline(precision if kind == "hetero" else "fp32"))
         path = os.path.join(out_dir, f"{network}-{variant}.so")
         executable.export_library(path)
         return path, time.perf_counter() - start, None
@@ -231,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", default="resnet-50,mobilenet,vgg-16")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--variants", default="default,fp32,fp32-nopipe,fp16",
+    parser.add_argument("--variants", default="default,fp32,tf32,fp16",
                         help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
-                             "(hetero's, without software pipelining), fp16")
+                             "(hetero's, without software pipelining), tf32, fp16")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
                         help="parallel compile processes (1: compile in this process)")

@@ -90,8 +90,12 @@ def torch_run(network: Network, device: Device, inputs: np.ndarray) -> Callable[
     dtype = torch.float16 if device.precision == "fp16" else torch.float32
     model = model.eval().to(target, dtype)
     batch = torch.from_numpy(inputs)
+    # PyTorch's default lets cuDNN's convolutions (not matmuls) round to TF32; hetero's fp32 is
+    # exact fp32 and its tf32 rounds both, so each is compared with PyTorch doing the same.
+    tf32 = device.precision == "tf32"
 
     def run() -> None:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         with torch.inference_mode():
             model(batch.to(target, dtype)).float().cpu()
 
@@ -189,7 +193,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES))
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 for CUDA GPUs")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="tf32 or fp16 for CUDA GPUs")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="append results here")
     parser.add_argument("--machine", default=platform.node(), help="machine name for BENCHMARKS.md")

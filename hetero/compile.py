@@ -63,6 +63,14 @@ def _pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pas
     return relax.get_default_pipeline(device.target)
 
 
+def _tir_pipeline(device: Device) -> str:
+    if device.target.kind.name == "cuda":
+        from .gpu_schedule import tir_pipeline
+
+        return tir_pipeline(device.precision)
+    return "default"
+
+
 def module_key(network: Network, device: Device, tuning: Tuning | None = None) -> str:
     parts = [
         network.name,
@@ -86,7 +94,8 @@ def compile_network(network: Network, device: Device, use_cache: bool = True, tu
     start = time.perf_counter()
     try:
         module = static_module(network, tuning.batch) if tuning else network.module
-        executable = relax.build(module, device.target, relax_pipeline=_pipeline(device, tuning))
+        executable = relax.build(module, device.target, relax_pipeline=_pipeline(device, tuning),
+                                 tir_pipeline=_tir_pipeline(device))
     except Exception as exc:  # TVM raises many types; the user needs the first line only
         raise CompileError(f"compiling {network.name} for {device.name} failed: {one_line(exc)}") from exc
     seconds = time.perf_counter() - start

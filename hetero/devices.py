@@ -33,7 +33,7 @@ class Device:
     hardware: str  # what the hardware calls itself, e.g. "NVIDIA H100 80GB HBM3"
     target: tvm.target.Target = field(compare=False, hash=False)
     threads: int = 0  # CPU worker threads for this device's runs; 0 means TVM's default
-    precision: str = "fp32"  # arithmetic of its compiled network: fp32, or fp16 on CUDA GPUs
+    precision: str = "fp32"  # arithmetic of its compiled network: fp32, or tf32 / fp16 on CUDA GPUs
     details: str = field(default="", compare=False)  # what --list-devices adds, e.g. an OpenCL device's memory
 
     @property
@@ -185,12 +185,12 @@ def parse_devices(spec: str) -> list[Device]:
     return devices
 
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 def with_precision(devices: list[Device], precision: str) -> list[Device]:
-    """Devices set to compute in `precision`: fp16 applies to CUDA GPUs (tensor cores); the CPU and
-    OpenCL devices stay fp32, which their schedules run fastest."""
+    """Devices set to compute in `precision`: tf32 and fp16 apply to CUDA GPUs (tensor cores); the
+    CPU and OpenCL devices stay fp32, which their schedules run fastest."""
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
     return [dataclasses.replace(d, precision=precision) if d.kind == "cuda" else d for d in devices]

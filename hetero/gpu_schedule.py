@@ -57,6 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -69,6 +70,8 @@ from tvm.s_tir.dlight.gpu.matmul import (
 )
 from tvm.sym.analyzer import Analyzer
 from tvm.tirx.analysis import undefined_vars
+
+from . import _mma_tf32
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +86,13 @@ __all__ = [
     "pick_simt_config",
     "pick_tensorcore_config",
     "prepare_module",
+    "tir_pipeline",
     "schedule_gemm_simt",
     "schedule_gemm_tensorcore",
     "schedule_small_reduction",
 ]
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 # The batch the tile heuristics assume (the batch itself stays symbolic in every kernel).
 PLANNING_BATCH = 64
@@ -591,8 +595,39 @@ def _wmma_intrinsics() -> dict[str, str]:
 _IMPORT_LOCK = threading.Lock()
 
 
-def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) -> s_tir.Schedule | None:
-    """A float16 GEMM-like PrimFunc on wmma tensor cores (float32 accumulation), or None.
+@dataclass(frozen=True)
+class _TensorCoreKind:
+    """What differs between the float16 (wmma) and the TF32 (mma.sync) tensor-core GEMMs."""
+
+    operand_dtype: str
+    fragment_k: int  # K of one fragment
+    operand_scopes: tuple[str, str]  # where A and B fragments live
+    accumulator_scope: str
+    vector: tuple[int, int]  # global -> shared vector width: K-contiguous, transposing fetch
+    align: tuple[int, int]  # shared row pitch = offset mod factor (conflict-free fragment reads)
+    intrinsics: Callable[[], dict[str, str]]
+    layouts: tuple | None = None  # (A, B, C) fragment (lane, register) maps for warp scope
+
+
+def _mma_tf32_intrinsics() -> dict[str, str]:
+    _wmma_intrinsics()  # TVM's intrinsics: the fill and store are shared
+    return _mma_tf32.register()
+
+
+_WMMA_F16 = _TensorCoreKind("float16", 16, ("wmma.matrix_a", "wmma.matrix_b"), "wmma.accumulator",
+                            # 8 x float16 = 16 bytes per load; a transposing (row-contiguous)
+                            # fetch stores the vector element by element, which CUDA codegen
+                            # only supports up to 4 lanes of float16
+                            vector=(8, 4), align=(16, 8), intrinsics=lambda: _wmma_intrinsics())
+_MMA_TF32 = _TensorCoreKind("float32", _mma_tf32.FRAGMENT_K, ("warp", "warp"), "warp",
+                            vector=(4, 4), align=(16, 4), intrinsics=_mma_tf32_intrinsics,
+                            layouts=(_mma_tf32.a_layout, _mma_tf32.b_layout, _mma_tf32.c_layout))
+
+
+def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
+                             kind: _TensorCoreKind = _WMMA_F16) -> s_tir.Schedule | None:
+    """A GEMM-like PrimFunc on tensor cores (float32 accumulation), or None: float16 operands on
+    wmma fragments, or with ``kind=_MMA_TF32`` float32 operands read as TF32 by ``mma.sync``.
 
     The structure is dlight's ``MatmulTensorization`` (register-staged double-buffered shared
     tiles, software pipeline, fragment loads, staged epilogue), with a tile chosen per kernel and
@@ -605,7 +640,7 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) 
         return None
     block = sch.get(main)
     a_dtype, b_dtype, c_dtype = _in_dtypes(block)
-    if (a_dtype, b_dtype, c_dtype) != ("float16", "float16", "float32"):
+    if (a_dtype, b_dtype, c_dtype) != (kind.operand_dtype, kind.operand_dtype, "float32"):
         return None
     k_major = [_k_contiguous(block, 0), _k_contiguous(block, 1)]
     _normalize_gemm(sch, main)
@@ -616,12 +651,14 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) 
     n_static = _static(extents[2])
     if n_static is None or n_static % cfg.bn:
         return None  # padding N breaks the vectorized epilogue's codegen: CUDA cores take it
+    frag_k = kind.fragment_k
+    bk = frag_k * cfg.tk
 
-    sch.pad_einsum(main, [1, cfg.bm, cfg.bn, cfg.bk])
+    sch.pad_einsum(main, [1, cfg.bm, cfg.bn, bk])
     batch, i, j, k = sch.get_loops(main)
     i, i_inner = sch.split(i, [None, 16])
     j, j_inner = sch.split(j, [None, 16])
-    k, k_inner = sch.split(k, [None, 16])
+    k, k_inner = sch.split(k, [None, frag_k])
     i0, i1, i2 = sch.split(i, [None, cfg.wi, cfg.ti])
     j0, j1, j2 = sch.split(j, [None, cfg.wj, cfg.tj])
     k0, k1 = sch.split(k, [None, cfg.tk])
@@ -635,14 +672,12 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) 
 
     def fetch(index: int):
         shared, fused = _stage_operand(sch, main, index, "shared.dyn", k0, k_major[index])
-        # 8 x float16 = 16 bytes per load; a transposing (row-contiguous) fetch stores the vector
-        # element by element, which CUDA codegen only supports up to 4 lanes of float16
-        vec = 8 if k_major[index] else 4
+        vec = kind.vector[0] if k_major[index] else kind.vector[1]
         _, f_ty, f_tx, f_vec = sch.split(fused, [None, num_warps, 32, vec])
         sch.bind(f_tx, "threadIdx.x")
         sch.bind(f_ty, "threadIdx.y")
         sch.vectorize(f_vec)
-        sch.storage_align(shared, 0, axis=-2, factor=16, offset=8)
+        sch.storage_align(shared, 0, axis=-2, factor=kind.align[0], offset=kind.align[1])
         sch.annotate(shared, "tirx.manifest_shared_memory_local_stage", 1)
         sch.annotate(shared, "double_buffer_scope", 0)
         return shared
@@ -652,14 +687,14 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) 
     auto_inline_producers(sch, a_sh)
     auto_inline_producers(sch, b_sh)
 
-    a_mat = sch.cache_read(main, 0, "wmma.matrix_a")
-    b_mat = sch.cache_read(main, 1, "wmma.matrix_b")
+    a_mat = sch.cache_read(main, 0, kind.operand_scopes[0])
+    b_mat = sch.cache_read(main, 1, kind.operand_scopes[1])
     sch.compute_at(a_mat, k1)
     sch.compute_at(b_mat, k1)
 
     acc_s2g = sch.cache_write(main, 0, "shared.dyn")
     sch.storage_align(acc_s2g, 0, -2, 16, 4)
-    store = sch.cache_write(main, 0, "wmma.accumulator")
+    store = sch.cache_write(main, 0, kind.accumulator_scope)
     sch.reverse_compute_at(store, warp)
     sch.reverse_compute_at(acc_s2g, warp)
     si, sj = sch.get_loops(store)[-2:]
@@ -674,11 +709,20 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None) 
     init = sch.decompose_reduction(block_outer, k0)
     init_inner = sch.get_child_blocks(init)[0]
 
-    intrin = _wmma_intrinsics()
+    if kind.layouts is not None:  # fragments held as (lane, register) in warp-scope buffers
+        a_map, b_map, c_map = kind.layouts
+        sch.transform_layout(a_mat, ("write", 0), lambda s, r, c: (s, r // 16, c // frag_k,
+                                                                   *a_map(r % 16, c % frag_k)))
+        sch.transform_layout(b_mat, ("write", 0), lambda s, r, c: (s, r // 16, c // frag_k,
+                                                                   *b_map(r % 16, c % frag_k)))
+        sch.transform_layout(store, ("read", 0), lambda s, r, c: (s, r // 16, c // 16,
+                                                                  *c_map(r % 16, c % 16)))
+
+    intrin = kind.intrinsics()
     for mat, name in ((a_mat, "load_a"), (b_mat, "load_b")):
         li, lj = sch.get_loops(mat)[-2:]
         li0, li1 = sch.split(li, [None, 16])
-        lj0, lj1 = sch.split(lj, [None, 16])
+        lj0, lj1 = sch.split(lj, [None, frag_k])
         sch.reorder(li0, lj0, li1, lj1)
         sch.unroll(li0)
         sch.unroll(lj0)
@@ -778,13 +822,58 @@ class _Rule(ScheduleRule):
             return None
 
 
-def _lowers(sch: s_tir.Schedule | None, target: tvm.target.Target) -> s_tir.Schedule | None:
+def _lowers(sch: s_tir.Schedule | None, target: tvm.target.Target,
+            pipeline: str = "default") -> s_tir.Schedule | None:
     """``sch`` if its function lowers and generates CUDA code on its own, else None."""
     if sch is None:
         return None
     func = sch.mod["main"].with_attr("global_symbol", "main").with_attr("target", target)
-    tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
+    tvm.tirx.build(tvm.IRModule({"main": func}), target=target, pipeline=pipeline)
     return sch
+
+
+@tvm.transform.module_pass(opt_level=0, name="hetero.LowerAllWarpMemory")
+def _lower_all_warp_memory(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """TVM 0.27's ``LowerWarpMemory`` lowers the first warp-scope buffer of a scope per run (the
+    TF32 GEMM has three: A, B and accumulator fragments); the rest would stay 32x too large, in
+    local memory.  Run it until nothing changes."""
+    for _ in range(16):
+        lowered = tirx.transform.LowerWarpMemory()(mod)
+        if tvm_ffi.structural_equal(lowered, mod):
+            break
+        mod = lowered
+    return mod
+
+
+def _tf32_tir_pipeline():
+    """TVM's s_tir lowering for the TF32 kernels: common-subexpression elimination off (it hides
+    the ``threadIdx.x * 4`` of fragment stores behind let variables, which ``LowerWarpMemory``
+    cannot read) and warp memory lowered to the last buffer."""
+    from tvm.s_tir.pipeline import default_s_tir_pipeline  # pylint: disable=import-outside-toplevel
+
+    lower, finalize_host, _ = default_s_tir_pipeline()
+
+    @tvm.transform.module_pass(opt_level=0, name="hetero.TF32Lowering")
+    def without_cse(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        config = {**dict(ctx.config), "tirx.disable_cse_tir": True}
+        with tvm.transform.PassContext(opt_level=ctx.opt_level, config=config):
+            return lower(mod)
+
+    def finalize_device():
+        return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
+                                         tirx.transform.LowerIntrin()])
+
+    return without_cse, finalize_host, finalize_device
+
+
+_TF32_TIR_PIPELINE = "hetero-tf32"
+tvm.tirx.compilation_pipeline.register_tir_pipeline(_TF32_TIR_PIPELINE, _tf32_tir_pipeline)
+
+
+def tir_pipeline(precision: str) -> str:
+    """The TIR lowering (``tir_pipeline`` of ``relax.build``) that :func:`gpu_pipeline`'s kernels
+    need in ``precision``."""
+    return _TF32_TIR_PIPELINE if precision == "tf32" else "default"
 
 
 def _sm_version(target: tvm.target.Target) -> int:
@@ -807,7 +896,9 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
     from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
 
     if tensor_cores is None:
-        tensor_cores = precision == "fp16" and target.kind.name == "cuda" and _sm_version(target) >= 70
+        tensor_cores = (target.kind.name == "cuda"
+                        and _sm_version(target) >= (80 if precision == "tf32" else 70)
+                        and precision != "fp32")
 
     def traced(rule: str, pick: Callable) -> Callable:
         def picker(extents):
@@ -819,9 +910,11 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
 
     rules: list[ScheduleRule] = []
     if tensor_cores:
+        kind = _MMA_TF32 if precision == "tf32" else _WMMA_F16
+
         def tensorcore(func, tgt):
-            sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick_tensorcore_config))
-            return _lowers(sch, tgt) if verify else sch
+            sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick_tensorcore_config), kind)
+            return _lowers(sch, tgt, tir_pipeline(precision)) if verify else sch
 
         rules.append(_Rule("tensorcore-gemm", tensorcore))
     rules += [

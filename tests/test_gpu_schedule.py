@@ -5,6 +5,7 @@ by looking at which rule, tile and instructions each kernel got."""
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 
 import numpy as np
@@ -21,6 +22,7 @@ from hetero.gpu_schedule import (
     pick_simt_config,
     pick_tensorcore_config,
     prepare_module,
+    tir_pipeline,
 )
 from hetero.models import get_network
 
@@ -131,7 +133,8 @@ def test_tiles_follow_the_problem_shape():
     assert isinstance(tc, TensorCoreConfig) and (tc.bm, tc.bn) == (128, 128)
 
 
-@pytest.mark.parametrize("precision,gemm_rule", [("fp32", "simt-gemm"), ("fp16", "tensorcore-gemm")])
+@pytest.mark.parametrize("precision,gemm_rule", [("fp32", "simt-gemm"), ("tf32", "tensorcore-gemm"),
+                                                ("fp16", "tensorcore-gemm")])
 def test_every_conv_of_resnet18_is_a_tiled_gemm(precision, gemm_rule):
     kernels = describe_schedules(get_network("resnet-18").module, CUDA_TARGET, precision)
     convs = [k for k in kernels if "conv2d" in k.name]
@@ -160,13 +163,20 @@ def _cuda_source(executable) -> str:
 
 @needs_nvcc
 @pytest.mark.parametrize("network,precision", [("squeezenet_v1.1", "fp16"), ("resnet-18", "fp32"),
-                                               ("resnet-18", "fp16")])
+                                               ("resnet-18", "fp16"), ("resnet-18", "tf32")])
 def test_cuda_build(network, precision):
     executable = relax.build(get_network(network).module, CUDA_TARGET,
-                             relax_pipeline=gpu_pipeline(CUDA_TARGET, precision))
+                             relax_pipeline=gpu_pipeline(CUDA_TARGET, precision),
+                             tir_pipeline=tir_pipeline(precision))
     source = _cuda_source(executable)
     assert "__global__" in source
-    if precision == "fp16":
+    if precision == "tf32":
+        assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in source
+        # every fragment buffer lowered to the thread's own registers (a warp-scope buffer left
+        # unlowered would hold the whole warp's fragment, 32 times as many elements)
+        fragments = [int(size) for size in re.findall(r"float \w+_warp_ptr\[(\d+)\]", source)]
+        assert fragments and max(fragments) <= 64
+    elif precision == "fp16":
         assert "wmma::mma_sync" in source  # tensor cores
         assert "wmma::accumulator, 16, 16, 16, float>" in source  # float32 accumulation
     else:
