@@ -8,8 +8,14 @@ laid out as (lane, register) -- the register layout that PTX ISA 9.7.16.5.1 give
 
 A 16x16 output tile takes a 16x8 A fragment (rows x K), a 16x8 B fragment (columns x K, i.e.
 B stored transposed, as hetero's GEMMs have it) and two ``m16n8k8`` instructions.  Fragments are
-loaded with plain 32-bit shared-memory reads; the operands go to the tensor cores as raw float32
-bits, which the hardware reads as TF32 (the low 13 mantissa bits ignored).  The accumulator uses
+loaded with ``ldmatrix.x4.b16``: read as 32-bit elements, its four 8x8 b16 matrices are four 8x4
+float matrices, each lane receiving element (lane // 4, lane % 4) of each -- the TF32 fragment
+layout.  (Plain per-lane stores would also do, but ``LowerWarpMemory`` cannot place their
+registers: TVM's simplifier does not prove ``(4 * lane + 129) // 128 == 1``, the index stays
+dynamic and nvcc moves the fragments to local memory.  For the same reason the loop over the
+two n8 halves of an mma stays rolled in TIR, where a bounded loop variable, unlike a constant,
+lets the simplifier place the registers; nvcc unrolls it.)  The operands reach the tensor cores as
+float32 bits, which they read as TF32: the low 13 mantissa bits are dropped (truncation).  The accumulator uses
 TVM's 16x16 float32 ``mma`` layout, so TVM's fill and store intrinsics serve as they are.
 """
 
@@ -18,6 +24,8 @@ from __future__ import annotations
 from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+lift = convert
 
 WARP = 32
 FRAGMENT_K = 8  # K of one m16n8k8 instruction
@@ -47,15 +55,19 @@ def c_layout(i, j):
     return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
 
 
-def _a_element(lane, reg):
-    return lane // 4 + 8 * (reg % 2), lane % 4 + 4 * (reg // 2)
+def _a_row(lane):
+    """Row and column whose 4 floats lane ``lane`` points ``ldmatrix.x4`` at, for an A fragment:
+    matrix q = lane // 8 is rows 8 * (q % 2) + 0..7, columns 4 * (q // 2) + 0..3."""
+    return lane % 8 + 8 * (lane // 8 % 2), 4 * (lane // 16)
 
 
-def _b_element(lane, reg):
-    return lane // 4 + 8 * (reg // 2), lane % 4 + 4 * (reg % 2)
+def _b_row(lane):
+    """The same for a transposed-B fragment: matrix q is rows 8 * (q // 2) + 0..7 (N), columns
+    4 * (q % 2) + 0..3 (K)."""
+    return lane % 8 + 8 * (lane // 16), 4 * (lane // 8 % 2)
 
 
-def _load_intrin(layout, element, scope: str):
+def _load_intrin(layout, row_address, scope: str):
     @T.prim_func(s_tir=True)
     def load_desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
         shared = T.match_buffer(shared_handle, (16, FRAGMENT_K), "float32", align=64,
@@ -85,15 +97,15 @@ def _load_intrin(layout, element, scope: str):
             T.reads(shared[0:16, 0:FRAGMENT_K])
             T.writes(warp[0:WARP, 0:A_REGS])
             for tx in T.thread_binding(0, WARP, "threadIdx.x"):
-                for reg in T.unroll(A_REGS):
-                    row, col = T.meta_var(element(tx, reg))
-                    warp[tx, reg] = shared[row, col]
+                row, col = T.meta_var(row_address(tx))
+                T.evaluate(T.ptx_legacy.ldmatrix(
+                    False, 4, ".b16", warp.data, warp.elem_offset + tx * lift(A_REGS),
+                    shared.access_ptr("r"), row * s0 + col, dtype="float32"))
 
     return load_desc, load_impl
 
 
 def _compute_intrin():
-    lift = convert
 
     @T.prim_func(s_tir=True)
     def mma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -126,7 +138,7 @@ def _compute_intrin():
             T.reads(C[0:WARP, 0:C_REGS], A[0:WARP, 0:A_REGS], B[0:WARP, 0:A_REGS])
             T.writes(C[0:WARP, 0:C_REGS])
             for tx in T.thread_binding(0, WARP, "threadIdx.x"):
-                for half in T.unroll(2):
+                for half in T.serial(2):  # rolled: see the module docstring
                     T.evaluate(T.ptx_legacy.mma(
                         "m16n8k8", "row", "col", "tf32", "tf32", "fp32",
                         A.data, A.elem_offset + tx * lift(A_REGS),
@@ -140,8 +152,8 @@ def _compute_intrin():
 def register() -> dict[str, str]:
     """Register the intrinsics (once) and name the group, as TVM's ``get_*_intrin_group`` do."""
     if not _registered:
-        TensorIntrin.register(LOAD_A, *_load_intrin(a_layout, _a_element, "shared.dyn"))
-        TensorIntrin.register(LOAD_B, *_load_intrin(b_layout, _b_element, "shared.dyn"))
+        TensorIntrin.register(LOAD_A, *_load_intrin(a_layout, _a_row, "shared.dyn"))
+        TensorIntrin.register(LOAD_B, *_load_intrin(b_layout, _b_row, "shared.dyn"))
         TensorIntrin.register(COMPUTE, *_compute_intrin())
         _registered.append(True)
     return {"init": INIT, "load_a": LOAD_A, "load_b": LOAD_B, "compute": COMPUTE, "store": STORE}

@@ -727,9 +727,15 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
         sch.unroll(li0)
         sch.unroll(lj0)
         sch.tensorize(li1, intrin[name])
-    sch.tensorize(sch.get_loops(init_inner)[-2], intrin["init"])
+    init_loops = sch.get_loops(init_inner)
+    sch.tensorize(init_loops[-2], intrin["init"])
     sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
     sch.tensorize(sch.get_loops(main)[-3], intrin["compute"])
+    if kind.layouts is not None:
+        # fragments are plain register arrays here: a loop over them that nvcc leaves rolled
+        # indexes them at run time, which moves them to (slow, local) memory
+        for loop in (i2, j2, si0, sj0, *init_loops[-4:-2]):
+            sch.unroll(loop)
 
     sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
     sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
