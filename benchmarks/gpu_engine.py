@@ -54,9 +54,10 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "hetero-fp32-nopipe": ("hetero", "fp32", {"software_pipeline": False}),
     "hetero-tf32": ("hetero", "tf32", {}),
     "hetero-fp16": ("hetero", "fp16", {}),
+    "hetero-fp16-percall": ("hetero", "fp16", {"weights_once": False}),
 }
 VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
-                   "tf32": "hetero-tf32", "fp16": "hetero-fp16"}
+                   "tf32": "hetero-tf32", "fp16": "hetero-fp16", "fp16-percall": "hetero-fp16-percall"}
 TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
 
 
@@ -150,6 +151,7 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float):
     import tvm
     from tvm import relax
 
+    from hetero.compile import module_weights
     from hetero.models import get_network
 
     net = get_network(network)
@@ -157,7 +159,7 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float):
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), dev)
     main = vm["main"]
     x = tvm.runtime.tensor(net.random_input(batch, seed=0), dev)
-    weights = [tvm.runtime.tensor(p, dev) for p in net.params]
+    weights = module_weights(vm, [tvm.runtime.tensor(p, dev) for p in net.params])
     out = main(x, *weights).numpy().astype(np.float64)
     seconds, spread = _time_calls(lambda: main(x, *weights), dev.sync, budget_s)
     del vm, weights, x
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--variants", default="default,fp32,tf32,fp16",
                         help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
-                             "(hetero's, without software pipelining), tf32, fp16")
+                             "(hetero's, without software pipelining), tf32, fp16, fp16-percall (weights "
+                             "cast and transposed on every call)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
                         help="parallel compile processes (1: compile in this process)")

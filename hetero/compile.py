@@ -62,6 +62,18 @@ def _pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pas
     return relax.get_default_pipeline(device.target)
 
 
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def module_weights(vm: relax.VirtualMachine, weights: list) -> list:
+    """The weights as `vm`'s main takes them.  A CUDA module computes its weights' layout changes and
+    casts in its own `main_transform_params` (gpu_schedule lifts them out of main): once, here,
+    rather than on every call."""
+    if not vm.module.implements_function(TRANSFORM_PARAMS):
+        return list(weights)
+    return list(vm[TRANSFORM_PARAMS](weights))
+
+
 def _tir_pipeline(device: Device) -> str:
     if device.target.kind.name == "cuda":
         from .gpu_schedule import tir_pipeline

@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .compile import BUILD_ID, Compiled, compile_network
+from .compile import BUILD_ID, Compiled, compile_network, module_weights
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
@@ -160,11 +160,12 @@ class Engine:
         self.profile_key = profile_key(self.device) + (
             f" | tuned at batch {self.tuning.batch}, records {self.tuning.digest()}" if tuned else "")
         self._dev = device.tvm_device()
-        self._vm = relax.VirtualMachine(compiled.executable, self._dev)
-        self._main = self._vm["main"]
+        vm = relax.VirtualMachine(compiled.executable, self._dev)
+        uploaded = [tvm.runtime.tensor(p, self._dev) for p in network.params]
+        self._main = (vm["main"], module_weights(vm, uploaded))
         # Whole chunks of the tuning's batch run through the module tuned for exactly that batch.
-        self._tuned_main = relax.VirtualMachine(tuned[1].executable, self._dev)["main"] if tuned else None
-        self._weights = [tvm.runtime.tensor(p, self._dev) for p in network.params]
+        tuned_vm = relax.VirtualMachine(tuned[1].executable, self._dev) if tuned else None
+        self._tuned_main = (tuned_vm["main"], module_weights(tuned_vm, uploaded)) if tuned else None
         sample = tuple(network.input_shape)
         if self._dev.type == "cpu":
             self._staging = BatchBuffer(self._dev, sample, network.dtype)  # what the network reads
@@ -212,7 +213,8 @@ class Engine:
         self._call_module(batch, main)
         return statistics.median(self._call_module(batch, main)[1].total_s for _ in range(repeats))
 
-    def _call_module(self, batch: np.ndarray, main: Callable) -> tuple[np.ndarray, Timing]:
+    def _call_module(self, batch: np.ndarray, module: tuple[Callable, list]) -> tuple[np.ndarray, Timing]:
+        main, weights = module
         t0 = time.perf_counter()
         staged = self._staging.fill(batch, self._copy)
         if self._on_device is None:
@@ -222,7 +224,7 @@ class Engine:
             on_device.copyfrom(staged)
         self._dev.sync()
         t1 = time.perf_counter()
-        out = main(on_device, *self._weights)
+        out = main(on_device, *weights)
         self._dev.sync()
         t2 = time.perf_counter()
         host = out.numpy()

@@ -943,10 +943,17 @@ class _NamedRule(ScheduleRule):
         return self.rule.apply(func, target, tunable)
 
 
+def _with_weights_prepared_once(mod: tvm.IRModule, precision: str, layout: str) -> tvm.IRModule:
+    """:func:`prepare_module`, then everything computed from the weights alone (OHWI transposes,
+    float16 casts, bias reshapes) moved out of ``main`` into ``main_transform_params``, which an
+    engine runs once (hetero.compile.module_weights) instead of on every call."""
+    return relax.transform.LiftTransformParams()(prepare_module(mod, precision, layout))
+
+
 def _fused_module(mod: tvm.IRModule, target: tvm.target.Target, precision: str, layout: str) -> tvm.IRModule:
     """``mod`` after the Relax rewrites, legalization and fusion: the PrimFuncs to schedule."""
     with target:
-        mod = prepare_module(mod, precision, layout)
+        mod = _with_weights_prepared_once(mod, precision, layout)
         return tvm.transform.Sequential([
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
@@ -999,13 +1006,14 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
 
 def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: str = "NHWC",
                  num_sms: int = DEFAULT_NUM_SMS, tensor_cores: bool | None = None,
-                 software_pipeline: bool = True) -> tvm.transform.Pass:
+                 software_pipeline: bool = True, weights_once: bool = True) -> tvm.transform.Pass:
     """The Relax -> VM pipeline for a CUDA ``target`` with hetero's rewrites and schedules.
 
     ``precision`` is ``"fp32"`` or ``"fp16"`` (float16 storage and tensor cores, float32
     accumulation; inputs and outputs stay float32).  ``layout="NCHW"`` skips the NHWC conversion,
     ``tensor_cores=False`` the wmma schedule (default: on for fp16 on sm_70 and newer),
-    ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop.
+    ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop,
+    ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call).
     ``num_sms`` (streaming multiprocessors) steers the tile choice.
     """
     if precision not in PRECISIONS:
@@ -1016,7 +1024,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     @tvm.transform.module_pass(opt_level=0, name="hetero.GPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            mod = prepare_module(mod, precision, layout)
+            mod = (_with_weights_prepared_once if weights_once else prepare_module)(mod, precision, layout)
             seq = tvm.transform.Sequential(
                 cuda.library_dispatch_passes(target)
                 + [

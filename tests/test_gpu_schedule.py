@@ -14,7 +14,9 @@ import tvm
 from tvm import relax
 
 from hetero._layers import Graph
+from hetero.compile import module_weights
 from hetero.gpu_schedule import (
+    _with_weights_prepared_once,
     SimtConfig,
     TensorCoreConfig,
     describe_schedules,
@@ -101,6 +103,19 @@ def test_fp16_rewrite_stays_within_the_stated_error(tiny_reference):
     assert "float16" in text
     out = _run_on_cpu(prepared, params, batch)
     assert out.dtype == np.float32  # inputs and outputs stay float32
+    assert _relative_error(out, ref) < FP16_TOLERANCE
+
+
+def test_weights_prepared_once_give_the_same_outputs(tiny_reference):
+    mod, params, batch, ref = tiny_reference
+    lifted = _with_weights_prepared_once(mod, "fp16", "NHWC")
+    lifted_out = lifted["main_transform_params"].script()
+    assert "permute_dims" in lifted_out and "astype" in lifted_out  # weight transposes and casts
+    assert lifted["main"].params[1].ty.dtype == "float16"  # main takes the weights already cast
+    target = tvm.target.Target("llvm")
+    vm = relax.VirtualMachine(relax.build(lifted, target), tvm.cpu())
+    weights = module_weights(vm, [tvm.runtime.tensor(p) for p in params])
+    out = vm["main"](tvm.runtime.tensor(batch), *weights).numpy()
     assert _relative_error(out, ref) < FP16_TOLERANCE
 
 
