@@ -197,7 +197,7 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--budget", type=_seconds, default=DEFAULT_BUDGET_S,
                         help=f"profiling seconds per device before the batch stops growing (default {DEFAULT_BUDGET_S:g})")
     parser.add_argument("--tune", type=_positive_int, metavar="TRIALS",
-                        help="first run this many MetaSchedule trials for each CPU device at --tune-batch")
+                        help="first run this many MetaSchedule trials for each CPU and CUDA device at --tune-batch")
     parser.add_argument("--tune-batch", type=_positive_int, default=DEFAULT_TUNE_BATCH,
                         help=f"the batch tuned modules run (default {DEFAULT_TUNE_BATCH}); records of earlier "
                              "--tune runs at this batch are applied whenever they are faster")

@@ -58,7 +58,7 @@ def _pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pas
     if kind == "cuda":
         from .gpu_schedule import gpu_pipeline
 
-        return gpu_pipeline(device.target, device.precision)
+        return gpu_pipeline(device.target, device.precision, records=str(tuning.records) if tuning else None)
     return relax.get_default_pipeline(device.target)
 
 

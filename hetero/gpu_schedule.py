@@ -47,6 +47,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import logging
@@ -81,6 +82,7 @@ __all__ = [
     "TensorCoreConfig",
     "KernelSchedule",
     "describe_schedules",
+    "fused_module",
     "gpu_pipeline",
     "gpu_rules",
     "pick_simt_config",
@@ -950,18 +952,27 @@ def _with_weights_prepared_once(mod: tvm.IRModule, precision: str, layout: str) 
     return relax.transform.LiftTransformParams()(prepare_module(mod, precision, layout))
 
 
-def _fused_module(mod: tvm.IRModule, target: tvm.target.Target, precision: str, layout: str) -> tvm.IRModule:
-    """``mod`` after the Relax rewrites, legalization and fusion: the PrimFuncs to schedule."""
+def _fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """What :func:`gpu_pipeline` runs between the Relax rewrites and scheduling."""
+    from tvm.relax.backend.cuda import pipeline as cuda  # pylint: disable=import-outside-toplevel
+
+    return cuda.library_dispatch_passes(target) + [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target, precision: str = "fp32",
+                 layout: str = "NHWC") -> tvm.IRModule:
+    """``mod`` as :func:`gpu_pipeline` has it just before scheduling: the PrimFuncs to schedule (and
+    MetaSchedule's tuning tasks)."""
     with target:
         mod = _with_weights_prepared_once(mod, precision, layout)
-        return tvm.transform.Sequential([
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-        ])(mod)
+        return tvm.transform.Sequential(_fusion_passes(target))(mod)
 
 
 @dataclass(frozen=True)
@@ -984,7 +995,7 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
     rules = gpu_rules(target, precision, num_sms, tensor_cores,
                       trace=lambda rule, cfg, ext: picked.append((rule, cfg, ext)))
     out = []
-    fused = _fused_module(mod, target, precision, layout)
+    fused = fused_module(mod, target, precision, layout)
     for gv, func in sorted(fused.functions_items(), key=lambda item: item[0].name_hint):
         if not isinstance(func, tirx.PrimFunc):
             continue
@@ -1006,7 +1017,8 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
 
 def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: str = "NHWC",
                  num_sms: int = DEFAULT_NUM_SMS, tensor_cores: bool | None = None,
-                 software_pipeline: bool = True, weights_once: bool = True) -> tvm.transform.Pass:
+                 software_pipeline: bool = True, weights_once: bool = True,
+                 records: str | None = None) -> tvm.transform.Pass:
     """The Relax -> VM pipeline for a CUDA ``target`` with hetero's rewrites and schedules.
 
     ``precision`` is ``"fp32"`` or ``"fp16"`` (float16 storage and tensor cores, float32
@@ -1014,6 +1026,8 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     ``tensor_cores=False`` the wmma schedule (default: on for fp16 on sm_70 and newer),
     ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop,
     ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call).
+    ``records``, a MetaSchedule database folder (hetero.tune), schedules the kernels it has records
+    for; hetero's rules schedule the rest.
     ``num_sms`` (streaming multiprocessors) steers the tile choice.
     """
     if precision not in PRECISIONS:
@@ -1023,17 +1037,13 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.GPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
+        with target, (s_tir.meta_schedule.database.JSONDatabase(work_dir=records) if records
+                      else contextlib.nullcontext()):
             mod = (_with_weights_prepared_once if weights_once else prepare_module)(mod, precision, layout)
             seq = tvm.transform.Sequential(
-                cuda.library_dispatch_passes(target)
+                _fusion_passes(target)
+                + ([relax.transform.MetaScheduleApplyDatabase()] if records else [])
                 + [
-                    relax.transform.LegalizeOps(),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    relax.transform.DeadCodeElimination(),
                     dl.ApplyDefaultSchedule(*gpu_rules(target, precision, num_sms, tensor_cores,
                                                        software_pipeline=software_pipeline)),
                 ]

@@ -219,13 +219,13 @@ def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, p
 
 
 def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials: int, batch: int) -> list[Engine]:
-    """The engines, each CPU one swapped for its tuned twin where tuning records exist at `batch` (after
+    """The engines, each CPU or CUDA one swapped for its tuned twin where tuning records exist at `batch` (after
     running `trials` more trials when asked) and the tuned module runs that batch faster than hetero's."""
     chosen = []
     for engine in engines:
         if engine.device.kind not in TUNABLE_KINDS:
             if trials:
-                log.warning(f"{engine.device.name} not tuned: --tune works on CPU devices only so far")
+                log.warning(f"{engine.device.name} not tuned: --tune works on CPU and CUDA devices")
             chosen.append(engine)
             continue
         tuning = tuning_for(table_path, net, engine.device, batch)
@@ -304,14 +304,14 @@ def infer(
     A device that fails to compile, runs no profiled size, or fails on its share is reported in the
     report's faults while the others do its work; HeteroError only when no device can. `load` makes the
     engines (the cached compile by default). `tune_trials` first runs that many MetaSchedule trials for
-    each CPU device at `tune_batch`; records at that batch, from now or earlier, are used where faster.
+    each CPU and CUDA device at `tune_batch`; records at that batch, from now or earlier, are used where faster.
     """
     chosen = reserve_cores(with_precision(parse_devices(devices) if isinstance(devices, str) else list(devices),
                                           precision))
     net = get_network(network) if isinstance(network, str) else network
     _check_request(net, batch, inputs, profile_batches)
     if tune_trials and not any(d.kind in TUNABLE_KINDS for d in chosen):
-        raise TuningError(f"--tune works on CPU devices only so far, and {', '.join(d.name for d in chosen)} "
+        raise TuningError(f"--tune works on CPU and CUDA devices, and {', '.join(d.name for d in chosen)} "
                           f"has none")
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)

@@ -1,4 +1,4 @@
-"""MetaSchedule tuning on request (CPU devices), kept in a database next to the profile table.
+"""MetaSchedule tuning on request (CPU and CUDA devices), kept in a database next to the profile table.
 
 MetaSchedule tunes loops of known length only: with the batch dimension symbolic every candidate fails
 (`SamplePerfectTile`), and records tuned at one batch match no other batch's workloads. So a tuning
@@ -30,7 +30,7 @@ from .models import Network
 
 log = logging.getLogger(__name__)
 
-TUNABLE_KINDS = ("cpu",)
+TUNABLE_KINDS = ("cpu", "cuda")
 _RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
@@ -69,6 +69,25 @@ def static_module(network: Network, batch: int) -> tvm.IRModule:
     return relax.transform.BindSymbolicVars({"n": batch})(network.module)
 
 
+def tuning_tasks_module(network: Network, device: Device, batch: int) -> tvm.IRModule:
+    """The network at `batch` as the device's pipeline has it just before scheduling: MetaSchedule's tasks
+    come from exactly these functions, so that its records match the ones a later build schedules (from
+    the raw module it extracts no task at all, silently)."""
+    module = static_module(network, batch)
+    if device.kind == "cuda":
+        from .compile import TRANSFORM_PARAMS  # pylint: disable=import-outside-toplevel
+        from .gpu_schedule import fused_module  # pylint: disable=import-outside-toplevel
+
+        # the kernels that prepare the weights run once per engine: not worth a trial
+        fused = fused_module(module, device.target, device.precision)
+        per_call = tvm.IRModule({gv: f for gv, f in fused.functions_items() if gv.name_hint != TRANSFORM_PARAMS})
+        return relax.transform.DeadCodeElimination(["main"])(per_call)
+    from .cpu_schedule import fusion_passes  # pylint: disable=import-outside-toplevel
+
+    with device.target:
+        return tvm.transform.Sequential(fusion_passes(device.target))(module)
+
+
 def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
     """MetaSchedule's default build without its `import tvm.s_tir.tensor_intrin`, which costs each
     fresh builder process about 16 s and which CPU fp32 schedules do not use."""
@@ -86,13 +105,10 @@ def tune(network: Network, device: Device, tuning: Tuning, trials: int, trials_p
     import cloudpickle  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
-    from .cpu_schedule import fusion_passes  # pylint: disable=import-outside-toplevel
-
     if device.kind not in TUNABLE_KINDS:
-        raise TuningError(f"tuning works on CPU devices only so far; {device.name} is a {device.kind} device")
+        raise TuningError(f"tuning works on CPU and CUDA devices; {device.name} is a {device.kind} device")
     target = device.target
-    with target:
-        fused = tvm.transform.Sequential(fusion_passes(target))(static_module(network, tuning.batch))
+    fused = tuning_tasks_module(network, device, tuning.batch)
     tuning.records.mkdir(parents=True, exist_ok=True)
     # The builder's worker processes get _build_candidate itself, not its module's name: they may not
     # find hetero on their path (a script run from another folder, hetero not installed).
@@ -102,7 +118,9 @@ def tune(network: Network, device: Device, tuning: Tuning, trials: int, trials_p
         ms.relax_integration.tune_relax(
             fused, params=None, target=target, work_dir=str(tuning.records), max_trials_global=trials,
             num_trials_per_iter=min(trials, trials_per_round), cost_model=cost_model, seed=0,
-            builder=ms.builder.LocalBuilder(timeout_sec=120, f_build=_build_candidate),
+            # CUDA candidates may use tensor-core intrinsics: its builder keeps their import
+            builder=ms.builder.LocalBuilder(timeout_sec=120, **({"f_build": _build_candidate}
+                                                                if device.kind == "cpu" else {})),
             runner=ms.runner.LocalRunner(timeout_sec=60),
         )
     except Exception as exc:  # MetaSchedule raises many types; the user needs the first line

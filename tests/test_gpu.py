@@ -41,3 +41,19 @@ def test_tensor_core_precisions_stay_within_the_stated_error(precision, bound):
     outputs, _ = load_engine(network, gpu).infer(inputs)
     error = np.abs(outputs.astype(np.float64) - reference).max() / np.abs(reference).max()
     assert error < bound  # the bound README.md and --help state
+
+
+def test_a_gpu_tuning_records_and_its_module_computes_the_same(tmp_path):
+    from hetero import tune
+
+    from .test_models import _tiny_onnx
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    network = hetero.get_network(str(tmp_path / "tiny.onnx"))
+    tuning = tune.tuning_for(tmp_path / "t.json", network, GPUS[0], 2)
+    tune.tune(network, GPUS[0], tuning, trials=4)
+    assert tuning.has_records()
+    inputs = network.random_input(2, seed=5)
+    reference, _ = load_engine(network, hetero.parse_devices("cpu")[0]).infer(inputs)
+    outputs, _ = load_engine(network, GPUS[0], tuning).infer(inputs)
+    np.testing.assert_allclose(outputs, reference, rtol=1e-3, atol=1e-4)

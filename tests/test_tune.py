@@ -76,7 +76,7 @@ def test_the_tuned_module_runs_only_where_it_is_faster(tuned, monkeypatch, tmp_p
 def test_tuning_is_refused_where_no_device_can_be_tuned(tuned):
     network, cpu, table, _ = tuned
     opencl_like = dataclasses.replace(cpu, name="igpu", kind="opencl")
-    with pytest.raises(TuningError, match="CPU devices only"):
+    with pytest.raises(TuningError, match="CPU and CUDA devices"):
         tune.tune(network, opencl_like, Tuning(table.parent / "x", 2), trials=1)
 
 
@@ -93,3 +93,21 @@ def test_records_that_cannot_be_used_leave_the_run_untuned(tuned, tmp_path, capl
     np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
     assert any("cannot be used" in r.getMessage() for r in caplog.records)
     assert all("tuned at batch" not in p.device_key for p in ProfileTable.load(table).profiles())
+
+
+def test_cuda_tasks_are_the_kernels_each_call_runs():
+    from tvm.s_tir import meta_schedule as ms
+
+    from hetero.gpu_schedule import fused_module
+
+    from .test_gpu_schedule import CUDA_TARGET
+
+    network = hetero.get_network("squeezenet_v1.1")
+    gpu = hetero.Device("gpu0", "cuda", 0, "a CUDA GPU", CUDA_TARGET)
+    module = tune.tuning_tasks_module(network, gpu, TUNED_BATCH)
+    assert "main_transform_params" not in [gv.name_hint for gv in module.functions]
+    names = [task.task_name for task in ms.relax_integration.extract_tasks(module, CUDA_TARGET)]
+    assert sum("conv2d" in name for name in names) >= 10
+    everything = fused_module(tune.static_module(network, TUNED_BATCH), CUDA_TARGET)
+    all_names = [task.task_name for task in ms.relax_integration.extract_tasks(everything, CUDA_TARGET)]
+    assert set(names) < set(all_names)  # the kernels preparing the weights (run once) are left out
