@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             args.no_torch = True
 
     if args.describe:
-        from hetero.gpu_schedule import describe_schedules
+        from hetero.gpu_schedule import TensorCoreConfig, describe_schedules
         from hetero.models import get_network
 
         target = cuda_target(arch)
@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     for k in describe_schedules(get_network(network).module, target, precision):
                         if k.tile is not None or k.rule not in ("dlight.Fallback",):
-                            tile = f"{k.tile.bm}x{k.tile.bn}x{k.tile.bk}" if k.tile is not None else ""
+                            tile = "" if k.tile is None else f"{k.tile.bm}x{k.tile.bn}, " + (
+                                f"{k.tile.tk} K steps" if isinstance(k.tile, TensorCoreConfig) else f"K {k.tile.bk}")
                             shape = f"{k.m}x{k.n}x{k.k}" if k.m is not None else ""
                             print(f"  {k.name:<44} {k.rule:<18} {shape:<18} {tile}")
                 except Exception:  # pylint: disable=broad-except

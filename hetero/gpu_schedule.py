@@ -327,13 +327,13 @@ class SimtConfig:
 
 @dataclass(frozen=True)
 class TensorCoreConfig:
-    """Tile of the wmma GEMM: a block is wi x wj warps, each ti x tj 16x16 fragments."""
+    """Tile of the tensor-core GEMM: a block is wi x wj warps, each ti x tj 16x16 fragments."""
 
     wi: int = 2  # warps along I
     wj: int = 4  # warps along J
     ti: int = 4  # 16x16 fragments per warp along I
     tj: int = 2
-    tk: int = 2  # 16-wide K steps per shared-memory stage
+    tk: int = 2  # fragment K steps per shared-memory stage (16 wide in fp16, 8 in tf32)
 
     @property
     def bm(self) -> int:
@@ -342,10 +342,6 @@ class TensorCoreConfig:
     @property
     def bn(self) -> int:
         return 16 * self.wj * self.tj
-
-    @property
-    def bk(self) -> int:
-        return 16 * self.tk
 
     @property
     def threads(self) -> int:

@@ -16,9 +16,9 @@ from tvm import relax
 from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.gpu_schedule import (
-    _with_weights_prepared_once,
     SimtConfig,
     TensorCoreConfig,
+    _with_weights_prepared_once,
     describe_schedules,
     gpu_pipeline,
     pick_simt_config,
