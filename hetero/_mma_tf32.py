@@ -14,12 +14,15 @@ layout.  (Plain per-lane stores would also do, but ``LowerWarpMemory`` cannot pl
 registers: TVM's simplifier does not prove ``(4 * lane + 129) // 128 == 1``, the index stays
 dynamic and nvcc moves the fragments to local memory.  For the same reason the loop over the
 two n8 halves of an mma stays rolled in TIR, where a bounded loop variable, unlike a constant,
-lets the simplifier place the registers; nvcc unrolls it.)  The operands reach the tensor cores as
-float32 bits, which they read as TF32: the low 13 mantissa bits are dropped (truncation).  The accumulator uses
-TVM's 16x16 float32 ``mma`` layout, so TVM's fill and store intrinsics serve as they are.
+lets the simplifier place the registers; nvcc unrolls it.)  The operands reach the tensor cores
+as float32 bits, which they read as TF32: the low 13 mantissa bits are dropped (truncation).  The
+accumulator uses TVM's 16x16 float32 ``mma`` layout, so TVM's fill and store intrinsics serve as
+they are.
 """
 
 from __future__ import annotations
+
+import threading
 
 from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
@@ -55,13 +58,13 @@ def c_layout(i, j):
     return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
 
 
-def _a_row(lane):
+def a_row_address(lane):
     """Row and column whose 4 floats lane ``lane`` points ``ldmatrix.x4`` at, for an A fragment:
     matrix q = lane // 8 is rows 8 * (q % 2) + 0..7, columns 4 * (q // 2) + 0..3."""
     return lane % 8 + 8 * (lane // 8 % 2), 4 * (lane // 16)
 
 
-def _b_row(lane):
+def b_row_address(lane):
     """The same for a transposed-B fragment: matrix q is rows 8 * (q // 2) + 0..7 (N), columns
     4 * (q % 2) + 0..3 (K)."""
     return lane % 8 + 8 * (lane // 16), 4 * (lane // 8 % 2)
@@ -106,7 +109,6 @@ def _load_intrin(layout, row_address, scope: str):
 
 
 def _compute_intrin():
-
     @T.prim_func(s_tir=True)
     def mma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (WARP, A_REGS), "float32", align=64, offset_factor=FRAGMENT_K,
@@ -151,12 +153,14 @@ def _compute_intrin():
 
 def register() -> dict[str, str]:
     """Register the intrinsics (once) and name the group, as TVM's ``get_*_intrin_group`` do."""
-    if not _registered:
-        TensorIntrin.register(LOAD_A, *_load_intrin(a_layout, _a_row, "shared.dyn"))
-        TensorIntrin.register(LOAD_B, *_load_intrin(b_layout, _b_row, "shared.dyn"))
-        TensorIntrin.register(COMPUTE, *_compute_intrin())
-        _registered.append(True)
+    with _REGISTER_LOCK:  # engines of several GPUs compile in parallel threads
+        if not _registered:
+            TensorIntrin.register(LOAD_A, *_load_intrin(a_layout, a_row_address, "shared.dyn"))
+            TensorIntrin.register(LOAD_B, *_load_intrin(b_layout, b_row_address, "shared.dyn"))
+            TensorIntrin.register(COMPUTE, *_compute_intrin())
+            _registered.append(True)
     return {"init": INIT, "load_a": LOAD_A, "load_b": LOAD_B, "compute": COMPUTE, "store": STORE}
 
 
 _registered: list[bool] = []
+_REGISTER_LOCK = threading.Lock()

@@ -13,6 +13,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from hetero import _mma_tf32
 from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.gpu_schedule import (
@@ -197,3 +198,19 @@ def test_cuda_build(network, precision):
     else:
         assert "*(float4*)" in source  # vectorized loads and stores
         assert "mma_sync" not in source
+
+
+@pytest.mark.parametrize("layout,row_address", [(_mma_tf32.a_layout, _mma_tf32.a_row_address),
+                                                (_mma_tf32.b_layout, _mma_tf32.b_row_address)])
+def test_ldmatrix_fills_each_register_with_its_tf32_fragment_element(layout, row_address):
+    """ldmatrix.x4.b16 on float32 data: matrix q is read from the rows lanes 8q..8q+7 point at, and
+    lane L receives its element (L // 4, L % 4) in register q.  That must be the element the PTX
+    m16n8k8.tf32 layout puts in lane L's register q, for every lane and register, once each."""
+    seen = set()
+    for register in range(_mma_tf32.A_REGS):
+        for lane in range(_mma_tf32.WARP):
+            row, first_col = row_address(8 * register + lane // 4)
+            element = (row, first_col + lane % 4)
+            assert layout(*element) == (lane, register)
+            seen.add(element)
+    assert seen == {(r, c) for r in range(16) for c in range(_mma_tf32.FRAGMENT_K)}
