@@ -188,14 +188,20 @@ def share_limits(profiles: Sequence[Profile]) -> list[int | None]:
 def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Sequence[ShareResult]) -> None:
     """Record, for each device that worked in a split beside others, its share's time against its profile's
     prediction, so later plans charge it its own slowdown in company (a CPU next to two busy GPUs took
-    twice its prediction), and save the table."""
+    twice its prediction), count the split for each device that sat it out, and save the table."""
     planned = results[: len(profiles)]  # the shares that took over from failed devices come after
     worked = [(p, r) for p, r in zip(profiles, planned) if r.size and r.error is None]
-    if len(worked) < 2:
+    working = {id(p) for p, _ in worked}  # identical devices share one profile
+    idle = {id(p): p for p, r in zip(profiles, planned) if not r.size and r.error is None and id(p) not in working}
+    if len(worked) < 2 and not idle:
         return
-    for profile, result in worked:
-        profile.record_company(result.wall_s, result.size)
+    for profile in idle.values():
+        profile.record_idle()
         table.put(profile)
+    if len(worked) > 1:  # a device alone is not in company
+        for profile, result in worked:
+            profile.record_company(result.wall_s, result.size)
+            table.put(profile)
     try:
         table.save()
     except (TableError, OSError) as exc:  # the outputs are done; a table that cannot be written only forgets

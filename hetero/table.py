@@ -87,9 +87,12 @@ class Profile:
     interrupted: bool = False
     # Measured over predicted seconds of this device's latest shares in splits with other devices.
     company: list[float] = field(default_factory=list)
+    # Splits since this device last had a share: it learns nothing while idle.
+    idle_splits: int = 0
 
     COMPANY_KEPT = 8
     COMPANY_TRUSTED = 3
+    IDLE_RETRY = 10
 
     def __post_init__(self) -> None:
         self.measurements = sorted(self.measurements, key=lambda m: m.batch)
@@ -99,11 +102,20 @@ class Profile:
         expected = self.predict(samples)
         if samples > 0 and 0 < expected < math.inf:
             self.company = (self.company + [measured_s / expected])[-self.COMPANY_KEPT :]
+            self.idle_splits = 0
+
+    def record_idle(self) -> None:
+        """Remember a split this device sat out."""
+        self.idle_splits += 1
 
     def company_slowdown(self, prior: float) -> float:
         """How much slower than profiled to expect this device next to others: the median of its latest
         splits' ratios, `prior` standing in for the first COMPANY_TRUSTED it has not had yet, so that one
-        noisy split cannot shut a device out of every later split."""
+        noisy split cannot shut a device out of every later split.  After IDLE_RETRY splits without a
+        share it is `prior` again until the device next has one: a slowdown learned in a busier moment
+        would otherwise keep it idle, and so unmeasured, for good."""
+        if self.idle_splits >= self.IDLE_RETRY:
+            return prior
         return float(np.median(self.company + [prior] * max(0, self.COMPANY_TRUSTED - len(self.company))))
 
     def max_batch(self) -> int | None:
@@ -161,6 +173,7 @@ def _profile_to_json(profile: Profile) -> dict:
         "interrupted": profile.interrupted,
         "measurements": [asdict(m) for m in profile.measurements],
         "company": profile.company,
+        "idle_splits": profile.idle_splits,
     }
 
 
@@ -199,7 +212,10 @@ def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
         raise ValueError(f"the profile of {network!r:.60} on {device_key!r:.60} has no list of measurements")
     measurements = [_measurement_from_json(m) for m in entry["measurements"]]
     company = [s for s in _seconds_list(entry.get("company", []), "company", allow_empty=True) if s > 0]
-    return Profile(device_key, network, measurements, stopped, interrupted, company)
+    idle_splits = entry.get("idle_splits", 0)  # tables from before it was kept
+    if not isinstance(idle_splits, int) or isinstance(idle_splits, bool) or idle_splits < 0:
+        raise ValueError(f"idle_splits must be a whole number, got {idle_splits!r:.60}")
+    return Profile(device_key, network, measurements, stopped, interrupted, company, idle_splits)
 
 
 def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:
@@ -355,6 +371,8 @@ def format_table(table: ProfileTable) -> str:
         if profile.company:
             header += (f"  in company: {statistics.median(profile.company):.2f}x its prediction "
                        f"(median of its last {len(profile.company)} splits)")
+        if profile.idle_splits:
+            header += f"  idle in the last {profile.idle_splits} splits"
         rows = tabulate(
             [_row(m) for m in profile.measurements],
             headers=["batch", "ms/sample", "img/s", "exec ms", "H2D ms", "D2H ms", "note"],

@@ -10,7 +10,7 @@ import tvm
 import hetero
 from hetero import execute
 from hetero.execute import load_engine, run_split
-from hetero.inference import infer, plan
+from hetero.inference import infer, learn_company, plan
 from hetero.table import ProfileTable
 
 from .conftest import SMALL_NETWORK
@@ -106,3 +106,18 @@ def test_each_split_teaches_the_table_how_devices_run_in_company(tmp_path, two_c
     shares, predicted, _ = plan([learned, learned], 4)
     assert shares in ([4, 0], [0, 4]) and max(predicted) == pytest.approx(learned.predict(4)), (
         "a device that slow in company is not worth splitting over")
+
+
+def test_a_device_the_plan_leaves_idle_counts_the_splits_it_sits_out(tmp_path, two_cpus):
+    network = hetero.get_network(SMALL_NETWORK)
+    table_path = tmp_path / "t.json"
+    infer(network, two_cpus[:1], batch=2, table=table_path, profile_batches=[1, 2], progress=False)
+    table = ProfileTable.load(table_path)
+    profile = table.get(execute.profile_key(two_cpus[0]), SMALL_NETWORK)
+    other = dataclasses.replace(profile, device_key="another device", company=[], idle_splits=0)
+    working = execute.ShareResult(two_cpus[0], 0, 2, 0.01, wall_s=0.01)
+    idle = execute.ShareResult(two_cpus[1], 2, 0, 0.0)
+    learn_company(table, [profile, other], [working, idle])
+    assert other.idle_splits == 1 and profile.idle_splits == 0
+    assert profile.company == [], "a device alone is not in company"
+    assert ProfileTable.load(table_path).get("another device", SMALL_NETWORK).idle_splits == 1

@@ -222,3 +222,23 @@ def test_slowdown_in_company_is_the_median_of_the_latest_splits(tmp_path):
     del doc["profiles"][KEY]["resnet-18"]["company"]  # a table written before hetero learned this
     (tmp_path / "old.json").write_text(json.dumps(doc))
     assert ProfileTable.load(tmp_path / "old.json").get(KEY, "resnet-18").company == []
+
+
+def test_a_device_idle_for_long_is_planned_with_the_prior_again(tmp_path):
+    profile = _profile()
+    predicted = profile.predict(8)
+    for _ in range(Profile.COMPANY_TRUSTED):
+        profile.record_company(3.0 * predicted, 8)  # learned in a busy moment
+    for _ in range(Profile.IDLE_RETRY - 1):
+        profile.record_idle()
+    assert profile.company_slowdown(prior=1.05) == pytest.approx(3.0)
+    profile.record_idle()
+    assert profile.company_slowdown(prior=1.05) == 1.05, "idle long enough: measured again"
+
+    table = ProfileTable.load(tmp_path / "t.json", create=True)
+    table.put(profile)
+    table.save()
+    assert ProfileTable.load(tmp_path / "t.json").get(KEY, "resnet-18").idle_splits == Profile.IDLE_RETRY
+    assert f"idle in the last {Profile.IDLE_RETRY} splits" in format_table(table)
+    profile.record_company(1.0 * predicted, 8)  # the retry's share resets the count
+    assert profile.idle_splits == 0 and profile.company_slowdown(prior=1.05) == pytest.approx(3.0)
