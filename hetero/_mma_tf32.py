@@ -54,8 +54,12 @@ def b_layout(n, k):
 
 
 def c_layout(i, j):
-    """(lane, register) of element (i, j) of a 16x16 float32 accumulator (TVM's mma layout)."""
-    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
+    """(lane, register) of element (i, j) of a 16x16 float32 accumulator: TVM's own, which its fill and
+    store intrinsics (INIT, STORE) assume.  Its module is imported by the time a schedule asks
+    (``gpu_schedule`` imports it once, quickly); on its own the import takes seconds."""
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout  # pylint: disable=import-outside-toplevel
+
+    return shared_16x16_to_ldmatrix_32x8_layout(i, j)
 
 
 def a_row_address(lane):

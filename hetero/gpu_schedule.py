@@ -707,6 +707,7 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
     init = sch.decompose_reduction(block_outer, k0)
     init_inner = sch.get_child_blocks(init)[0]
 
+    intrin = kind.intrinsics()  # first: the fragment layouts may be TVM's, from the module it imports
     if kind.layouts is not None:  # fragments held as (lane, register) in warp-scope buffers
         a_map, b_map, c_map = kind.layouts
         sch.transform_layout(a_mat, ("write", 0), lambda s, r, c: (s, r // 16, c // frag_k,
@@ -716,7 +717,6 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
         sch.transform_layout(store, ("read", 0), lambda s, r, c: (s, r // 16, c // 16,
                                                                   *c_map(r % 16, c % 16)))
 
-    intrin = kind.intrinsics()
     for mat, name in ((a_mat, "load_a"), (b_mat, "load_b")):
         li, lj = sch.get_loops(mat)[-2:]
         li0, li1 = sch.split(li, [None, 16])
