@@ -53,11 +53,14 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "hetero-fp32": ("hetero", "fp32", {}),
     "hetero-fp32-nopipe": ("hetero", "fp32", {"software_pipeline": False}),
     "hetero-tf32": ("hetero", "tf32", {}),
+    "hetero-tf32-sync": ("hetero", "tf32", {"async_copy": False}),
     "hetero-fp16": ("hetero", "fp16", {}),
+    "hetero-fp16-sync": ("hetero", "fp16", {"async_copy": False}),
     "hetero-fp16-percall": ("hetero", "fp16", {"weights_once": False}),
 }
 VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
-                   "tf32": "hetero-tf32", "fp16": "hetero-fp16", "fp16-percall": "hetero-fp16-percall"}
+                   "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "fp16": "hetero-fp16",
+                   "fp16-sync": "hetero-fp16-sync", "fp16-percall": "hetero-fp16-percall"}
 TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
 
 
@@ -237,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--variants", default="default,fp32,tf32,fp16",
                         help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
-                             "(hetero's, without software pipelining), tf32, fp16, fp16-percall (weights "
-                             "cast and transposed on every call)")
+                             "(hetero's, without software pipelining), tf32, fp16, tf32-sync and fp16-sync "
+                             "(without cp.async tile loads), fp16-percall (weights cast and transposed on "
+                             "every call)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
                         help="parallel compile processes (1: compile in this process)")

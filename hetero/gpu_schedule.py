@@ -23,9 +23,11 @@ raises on fused convs; depthwise convs go to ``GeneralReduction``, which spends 
 
 2. Schedule rules tried before dlight's (a rule that fails returns "no schedule", never raises):
 
-   * :func:`schedule_gemm_tensorcore` (float16 operands): every conv / matmul as an implicit GEMM
-     ``C[M, N] += A[M, K] * B[N, K]`` on wmma 16x16x16 fragments with float32 accumulation,
-     register-staged double-buffered shared tiles, software pipeline, fused epilogue;
+   * :func:`schedule_gemm_tensorcore` (float16 operands on wmma 16x16x16 fragments, or float32
+     read as TF32 by ``mma.sync``): every conv / matmul as an implicit GEMM
+     ``C[M, N] += A[M, K] * B[N, K]`` with float32 accumulation, K tiles of 32, shared tiles
+     filled by ``cp.async`` three stages ahead (register-staged and double-buffered where that
+     does not apply), software pipeline, fused epilogue;
    * :func:`schedule_gemm_simt` (float32): the same GEMM on CUDA cores, 8x8 outputs per thread
      (2x2 virtual threads of 4x4), float4 global loads, shared tiles stored transposed so every
      inner-loop shared read is a conflict-free float4, the next K tile prefetched to registers
@@ -40,7 +42,8 @@ raises on fused convs; depthwise convs go to ``GeneralReduction``, which spends 
 
 Usage::
 
-    relax.build(network.module, target, relax_pipeline=gpu_pipeline(target, "fp16"))
+    relax.build(network.module, target, relax_pipeline=gpu_pipeline(target, "fp16"),
+                tir_pipeline=tir_pipeline("fp16"))
 
 :func:`describe_schedules` tells which rule and tile each kernel gets, without building.
 """
@@ -48,6 +51,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import linecache
 import logging
@@ -55,7 +59,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tvm
 import tvm_ffi
@@ -409,11 +413,12 @@ def pick_simt_config(extents, num_sms: int = DEFAULT_NUM_SMS) -> SimtConfig:
     return cfg
 
 
-def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS) -> TensorCoreConfig | None:
-    """Tile for the wmma GEMM with normalized extents ``(S, M, N, K)``; None when no tile's N
-    divides the GEMM's N (see TENSORCORE_CONFIGS)."""
+def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS, k_steps: int = 2) -> TensorCoreConfig | None:
+    """Tile for the tensor-core GEMM with normalized extents ``(S, M, N, K)`` and ``k_steps``
+    fragment K steps per stage; None when no tile's N divides the GEMM's N (see
+    TENSORCORE_CONFIGS)."""
     n = _static(extents[2])
-    configs = tuple(c for c in TENSORCORE_CONFIGS if n is not None and n % c.bn == 0)
+    configs = tuple(replace(c, tk=k_steps) for c in TENSORCORE_CONFIGS if n is not None and n % c.bn == 0)
     return _pick(configs, extents, num_sms, blocks_per_sm=2) if configs else None
 
 
@@ -599,6 +604,7 @@ class _TensorCoreKind:
 
     operand_dtype: str
     fragment_k: int  # K of one fragment
+    k_steps: int  # fragments along K per shared-memory stage: 32 K elements in both kinds
     operand_scopes: tuple[str, str]  # where A and B fragments live
     accumulator_scope: str
     vector: tuple[int, int]  # global -> shared vector width: K-contiguous, transposing fetch
@@ -612,18 +618,32 @@ def _mma_tf32_intrinsics() -> dict[str, str]:
     return _mma_tf32.register()
 
 
-_WMMA_F16 = _TensorCoreKind("float16", 16, ("wmma.matrix_a", "wmma.matrix_b"), "wmma.accumulator",
+_WMMA_F16 = _TensorCoreKind("float16", 16, 2, ("wmma.matrix_a", "wmma.matrix_b"), "wmma.accumulator",
                             # 8 x float16 = 16 bytes per load; a transposing (row-contiguous)
                             # fetch stores the vector element by element, which CUDA codegen
                             # only supports up to 4 lanes of float16
                             vector=(8, 4), align=(16, 8), intrinsics=lambda: _wmma_intrinsics())
-_MMA_TF32 = _TensorCoreKind("float32", _mma_tf32.FRAGMENT_K, ("warp", "warp"), "warp",
+_MMA_TF32 = _TensorCoreKind("float32", _mma_tf32.FRAGMENT_K, 4, ("warp", "warp"), "warp",
                             vector=(4, 4), align=(16, 4), intrinsics=_mma_tf32_intrinsics,
                             layouts=(_mma_tf32.a_layout, _mma_tf32.b_layout, _mma_tf32.c_layout))
 
 
+ASYNC_STAGES = 3  # shared-memory tiles in flight with cp.async (TVM's MultiLevelTilingTensorCore ring)
+
+
+def _copies_async(k_major: list[bool], k_extent, bk: int, vector: int) -> bool:
+    """Whether a tensor-core GEMM fills its shared tiles with ``cp.async`` (see BENCHMARKS.md,
+    "Asynchronous copies").  Not when an operand is fetched transposed (TVM's InjectPTXAsyncCopy
+    then copies a strided vector as if it were contiguous: vgg-16's dense layers faulted with a
+    misaligned address), not when K is not a whole number of vectors (the copies would shrink
+    to 4 bytes), and not for K loops shorter than the ring: with one stage, vgg-16's first conv
+    (K=27) took 5.7 ms instead of 0.5 and mobilenet ran 3.7x slower in tf32 on an H100."""
+    k = _static(k_extent)
+    return all(k_major) and k is not None and k % vector == 0 and k // bk >= ASYNC_STAGES
+
+
 def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
-                             kind: _TensorCoreKind = _WMMA_F16) -> s_tir.Schedule | None:
+                             kind: _TensorCoreKind = _WMMA_F16, async_copy: bool = True) -> s_tir.Schedule | None:
     """A GEMM-like PrimFunc on tensor cores (float32 accumulation), or None: float16 operands on
     wmma fragments, or with ``kind=_MMA_TF32`` float32 operands read as TF32 by ``mma.sync``.
 
@@ -631,6 +651,8 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
     tiles, software pipeline, fragment loads, staged epilogue), with a tile chosen per kernel and
     its primitives reordered so that it also works for convs whose M is ``n*H*W``: dlight's order
     (blockize first) leaves TVM unable to prove that the padded tile covers the un-padded rows.
+    With ``async_copy``, GEMMs that qualify (see :func:`_copies_async`) fill the shared tiles
+    with ``cp.async`` instead, in a ring of ASYNC_STAGES; that needs :func:`tir_pipeline`.
     """
     sch = s_tir.Schedule(func)
     main = _gemm_block(sch)
@@ -651,6 +673,7 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
         return None  # padding N breaks the vectorized epilogue's codegen: CUDA cores take it
     frag_k = kind.fragment_k
     bk = frag_k * cfg.tk
+    async_copy = async_copy and _copies_async(k_major, extents[3], bk, kind.vector[0])
 
     sch.pad_einsum(main, [1, cfg.bm, cfg.bn, bk])
     batch, i, j, k = sch.get_loops(main)
@@ -676,8 +699,9 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
         sch.bind(f_ty, "threadIdx.y")
         sch.vectorize(f_vec)
         sch.storage_align(shared, 0, axis=-2, factor=kind.align[0], offset=kind.align[1])
-        sch.annotate(shared, "tirx.manifest_shared_memory_local_stage", 1)
-        sch.annotate(shared, "double_buffer_scope", 0)
+        if not async_copy:
+            sch.annotate(shared, "tirx.manifest_shared_memory_local_stage", 1)
+            sch.annotate(shared, "double_buffer_scope", 0)
         return shared
 
     a_sh = fetch(0)
@@ -735,8 +759,13 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
         for loop in (i2, j2, si0, sj0, *init_loops[-4:-2]):
             sch.unroll(loop)
 
-    sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
-    sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
+    if async_copy:
+        sch.annotate(k0, "software_pipeline_async_stages", [0])
+        sch.annotate(k0, "software_pipeline_stage", [0, 0, 1, 2, 2])
+        sch.annotate(k0, "software_pipeline_order", [0, 1, 3, 2, 4])
+    else:
+        sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
+        sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
     sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
 
@@ -808,7 +837,9 @@ def schedule_small_reduction(func: tirx.PrimFunc, max_reduction: int = 64,
 
 
 class _Rule(ScheduleRule):
-    """A schedule function as a dlight rule; any exception means "not for this function"."""
+    """A schedule function as a dlight rule.  TVM's errors (schedule primitives that do not
+    apply, kernels that fail to lower) mean "not for this function"; Python's own (a NameError)
+    are bugs and propagate."""
 
     def __init__(self, name: str, fn: Callable[[tirx.PrimFunc, tvm.target.Target], s_tir.Schedule | None]):
         self.name = name
@@ -819,7 +850,7 @@ class _Rule(ScheduleRule):
             return None
         try:
             return self.fn(func, target)
-        except Exception as exc:  # pylint: disable=broad-except
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
             lines = str(exc).strip().splitlines()
             logger.debug("%s does not schedule a function: %s", self.name,
                          lines[-1] if lines else type(exc).__name__)
@@ -849,35 +880,40 @@ def _lower_all_warp_memory(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def _tf32_tir_pipeline():
-    """TVM's s_tir lowering for the TF32 kernels: common-subexpression elimination off (it hides
-    the ``threadIdx.x * 4`` of fragment stores behind let variables, which ``LowerWarpMemory``
-    cannot read) and warp memory lowered to the last buffer."""
+def _tensorcore_tir_pipeline(warp_fragments: bool):
+    """TVM's s_tir lowering with ``cp.async`` on (``InjectPTXAsyncCopy``, for the asynchronous
+    stage of the tensor-core GEMMs).  For fragments held in warp memory (TF32) also
+    common-subexpression elimination off (it hides the ``threadIdx.x * 4`` of fragment stores
+    behind let variables, which ``LowerWarpMemory`` cannot read) and warp memory lowered to the
+    last buffer."""
     from tvm.s_tir.pipeline import default_s_tir_pipeline  # pylint: disable=import-outside-toplevel
 
-    lower, finalize_host, _ = default_s_tir_pipeline()
+    lower, finalize_host, finalize_device = default_s_tir_pipeline()
+    config_changes = {"tirx.use_async_copy": True, **({"tirx.disable_cse_tir": True} if warp_fragments else {})}
 
-    @tvm.transform.module_pass(opt_level=0, name="hetero.TF32Lowering")
-    def without_cse(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        config = {**dict(ctx.config), "tirx.disable_cse_tir": True}
-        with tvm.transform.PassContext(opt_level=ctx.opt_level, config=config):
+    @tvm.transform.module_pass(opt_level=0, name="hetero.TensorCoreLowering")
+    def lower_for_tensor_cores(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with tvm.transform.PassContext(opt_level=ctx.opt_level, config={**dict(ctx.config), **config_changes}):
             return lower(mod)
 
-    def finalize_device():
-        return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
-                                         tirx.transform.LowerIntrin()])
+    if warp_fragments:
+        def finalize_device():
+            return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
+                                             tirx.transform.LowerIntrin()])
 
-    return without_cse, finalize_host, finalize_device
+    return lower_for_tensor_cores, finalize_host, finalize_device
 
 
-_TF32_TIR_PIPELINE = "hetero-tf32"
-tvm.tirx.compilation_pipeline.register_tir_pipeline(_TF32_TIR_PIPELINE, _tf32_tir_pipeline)
+_TIR_PIPELINES = {"tf32": "hetero-tf32", "fp16": "hetero-fp16"}
+for _precision, _name in _TIR_PIPELINES.items():
+    tvm.tirx.compilation_pipeline.register_tir_pipeline(
+        _name, lambda warp_fragments=_precision == "tf32": _tensorcore_tir_pipeline(warp_fragments))
 
 
 def tir_pipeline(precision: str) -> str:
     """The TIR lowering (``tir_pipeline`` of ``relax.build``) that :func:`gpu_pipeline`'s kernels
     need in ``precision``."""
-    return _TF32_TIR_PIPELINE if precision == "tf32" else "default"
+    return _TIR_PIPELINES.get(precision, "default")
 
 
 def _sm_version(target: tvm.target.Target) -> int:
@@ -889,7 +925,7 @@ def _sm_version(target: tvm.target.Target) -> int:
 def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int = DEFAULT_NUM_SMS,
               tensor_cores: bool | None = None, verify: bool = True,
               trace: Callable[[str, object, list], None] | None = None,
-              software_pipeline: bool = True) -> list[ScheduleRule]:
+              software_pipeline: bool = True, async_copy: bool = True) -> list[ScheduleRule]:
     """The schedule rules of :func:`gpu_pipeline`, in the order they are tried.
 
     With ``verify``, a tensor-core schedule is only used when its function generates code on its
@@ -917,7 +953,8 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
         kind = _MMA_TF32 if precision == "tf32" else _WMMA_F16
 
         def tensorcore(func, tgt):
-            sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick_tensorcore_config), kind)
+            pick = functools.partial(pick_tensorcore_config, k_steps=kind.k_steps)
+            sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick), kind, async_copy)
             return _lowers(sch, tgt, tir_pipeline(precision)) if verify else sch
 
         rules.append(_Rule("tensorcore-gemm", tensorcore))
@@ -1013,7 +1050,7 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
 
 def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: str = "NHWC",
                  num_sms: int = DEFAULT_NUM_SMS, tensor_cores: bool | None = None,
-                 software_pipeline: bool = True, weights_once: bool = True,
+                 software_pipeline: bool = True, async_copy: bool = True, weights_once: bool = True,
                  records: str | None = None) -> tvm.transform.Pass:
     """The Relax -> VM pipeline for a CUDA ``target`` with hetero's rewrites and schedules.
 
@@ -1021,6 +1058,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     accumulation; inputs and outputs stay float32).  ``layout="NCHW"`` skips the NHWC conversion,
     ``tensor_cores=False`` the wmma schedule (default: on for fp16 on sm_70 and newer),
     ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop,
+    ``async_copy=False`` the ``cp.async`` tile loads of the tensor-core GEMMs,
     ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call).
     ``records``, a MetaSchedule database folder (hetero.tune), schedules the kernels it has records
     for; hetero's rules schedule the rest.
@@ -1041,7 +1079,8 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
                 + ([relax.transform.MetaScheduleApplyDatabase()] if records else [])
                 + [
                     dl.ApplyDefaultSchedule(*gpu_rules(target, precision, num_sms, tensor_cores,
-                                                       software_pipeline=software_pipeline)),
+                                                       software_pipeline=software_pipeline,
+                                                       async_copy=async_copy)),
                 ]
                 + cuda.dataflow_lower_passes(target)
                 + cuda.finalize_passes(target)

@@ -19,6 +19,7 @@ from hetero.compile import module_weights
 from hetero.gpu_schedule import (
     SimtConfig,
     TensorCoreConfig,
+    _copies_async,
     _with_weights_prepared_once,
     describe_schedules,
     gpu_pipeline,
@@ -198,6 +199,20 @@ def test_cuda_build(network, precision):
     else:
         assert "*(float4*)" in source  # vectorized loads and stores
         assert "mma_sync" not in source
+    copy_bytes = {int(size) for size in re.findall(r"ptx_cp_async\w*_(\d+)_\d+_\d+\(", source)}
+    # tensor-core GEMMs with long K loops fill their tiles with 16-byte cp.async, and only them
+    assert copy_bytes == ({16} if precision in ("tf32", "fp16") else set())
+
+
+@pytest.mark.parametrize("k_major,k,expected", [
+    ((True, True), 2304, True),  # a 3x3 conv over 256 channels
+    ((True, False), 2304, False),  # weights fetched transposed: no contiguous 16-byte copies
+    ((True, True), 27, False),  # vgg-16's first conv: K not a whole number of vectors
+    ((True, True), 64, False),  # two K tiles, fewer than the ring holds
+    ((True, True), 96, True),
+])
+def test_async_copies_only_where_they_apply(k_major, k, expected):
+    assert _copies_async(list(k_major), tvm.tirx.IntImm("int64", k), bk=32, vector=4) is expected
 
 
 @pytest.mark.parametrize("layout,row_address", [(_mma_tf32.a_layout, _mma_tf32.a_row_address),
