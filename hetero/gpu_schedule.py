@@ -633,7 +633,7 @@ ASYNC_STAGES = 3  # shared-memory tiles in flight with cp.async (TVM's MultiLeve
 
 def _copies_async(k_major: list[bool], k_extent, bk: int, vector: int) -> bool:
     """Whether a tensor-core GEMM fills its shared tiles with ``cp.async`` (see BENCHMARKS.md,
-    "Asynchronous copies").  Not when an operand is fetched transposed (TVM's InjectPTXAsyncCopy
+    "K tiles of 32 and cp.async tile loads").  Not when an operand is fetched transposed (TVM's InjectPTXAsyncCopy
     then copies a strided vector as if it were contiguous: vgg-16's dense layers faulted with a
     misaligned address), not when K is not a whole number of vectors (the copies would shrink
     to 4 bytes), and not for K loops shorter than the ring: with one stage, vgg-16's first conv
