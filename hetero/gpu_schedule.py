@@ -50,12 +50,14 @@ Usage::
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import inspect
 import linecache
 import logging
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -581,8 +583,8 @@ def _wmma_intrinsics() -> dict[str, str]:
     parser calls ``inspect.stack()`` for each: 20 s on a small machine, almost all of it in
     ``inspect.getmodule``.  The import runs with a lean ``inspect.stack`` (2 s).
     """
-    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
-        with _IMPORT_LOCK:
+    with _IMPORT_LOCK:  # kernels are scheduled in parallel threads (ScheduleInParallel)
+        if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
             original = inspect.stack
             inspect.stack = _fast_stack
             try:
@@ -978,6 +980,39 @@ class _NamedRule(ScheduleRule):
         return self.rule.apply(func, target, tunable)
 
 
+@tvm.transform.module_pass(opt_level=0, name="hetero.ScheduleInParallel")
+class ScheduleInParallel:  # pylint: disable=too-few-public-methods
+    """dlight's ``ApplyDefaultSchedule`` with the PrimFuncs scheduled in ``workers`` threads.
+
+    Checking that a tensor-core schedule lowers (``gpu_rules(verify=True)``) lowers its kernel on
+    its own, about half of a CUDA build's time; TVM releases the GIL while it lowers, so the
+    kernels' checks overlap."""
+
+    def __init__(self, rules: Sequence[ScheduleRule], target: tvm.target.Target, workers: int | None = None):
+        self.rules = list(rules)
+        self.target = target
+        self.workers = workers or os.cpu_count() or 1
+
+    def _schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+        with self.target:  # the current target is per thread
+            for rule in self.rules:
+                space = rule.apply(func, self.target, False)
+                if space is not None:
+                    sch = space if isinstance(space, s_tir.Schedule) else space[0]
+                    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        return None
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=missing-function-docstring
+        todo = [(gv, func) for gv, func in mod.functions_items()
+                if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False)]
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            scheduled = list(pool.map(lambda item: self._schedule(item[1]), todo))
+        for (gv, _), func in zip(todo, scheduled):
+            if func is not None:
+                mod[gv] = func
+        return mod
+
+
 def _with_weights_prepared_once(mod: tvm.IRModule, precision: str, layout: str) -> tvm.IRModule:
     """:func:`prepare_module`, then everything computed from the weights alone (OHWI transposes,
     float16 casts, bias reshapes) moved out of ``main`` into ``main_transform_params``, which an
@@ -1067,7 +1102,6 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     from tvm.relax.backend.cuda import pipeline as cuda  # pylint: disable=import-outside-toplevel
-    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.GPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -1078,9 +1112,9 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
                 _fusion_passes(target)
                 + ([relax.transform.MetaScheduleApplyDatabase()] if records else [])
                 + [
-                    dl.ApplyDefaultSchedule(*gpu_rules(target, precision, num_sms, tensor_cores,
-                                                       software_pipeline=software_pipeline,
-                                                       async_copy=async_copy)),
+                    ScheduleInParallel(gpu_rules(target, precision, num_sms, tensor_cores,
+                                                 software_pipeline=software_pipeline,
+                                                 async_copy=async_copy), target),
                 ]
                 + cuda.dataflow_lower_passes(target)
                 + cuda.finalize_passes(target)

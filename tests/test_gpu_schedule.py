@@ -11,18 +11,22 @@ import shutil
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from hetero import _mma_tf32
 from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.gpu_schedule import (
+    ScheduleInParallel,
     SimtConfig,
     TensorCoreConfig,
     _copies_async,
     _with_weights_prepared_once,
     describe_schedules,
+    fused_module,
     gpu_pipeline,
+    gpu_rules,
     pick_simt_config,
     pick_tensorcore_config,
     prepare_module,
@@ -171,6 +175,19 @@ def test_depthwise_convs_reduce_in_registers():
     assert len(by_rule.get("small-reduction", [])) == 9  # the depthwise convs
     assert len(by_rule.get("simt-gemm", [])) == 10  # the first conv and the pointwise convs
     assert set(by_rule) == {"small-reduction", "simt-gemm"}
+
+
+def test_scheduling_in_threads_gives_what_dlight_gives_one_by_one():
+    from tvm.s_tir import dlight as dl
+
+    rules = gpu_rules(CUDA_TARGET, "tf32")
+    with CUDA_TARGET:
+        one_by_one = dl.ApplyDefaultSchedule(*rules)(fused_module(_tiny_network()[0], CUDA_TARGET, "tf32"))
+        in_threads = ScheduleInParallel(rules, CUDA_TARGET, workers=4)(
+            fused_module(_tiny_network()[0], CUDA_TARGET, "tf32"))
+    funcs = [f for _, f in in_threads.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert funcs and all(f.attrs.get("tirx.is_scheduled", False) for f in funcs)
+    assert tvm_ffi.structural_equal(in_threads, one_by_one)
 
 
 def _cuda_source(executable) -> str:
