@@ -84,9 +84,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PRECISIONS",
+    "KernelSchedule",
+    "ScheduleInParallel",
     "SimtConfig",
     "TensorCoreConfig",
-    "KernelSchedule",
     "describe_schedules",
     "fused_module",
     "gpu_pipeline",
@@ -94,10 +95,10 @@ __all__ = [
     "pick_simt_config",
     "pick_tensorcore_config",
     "prepare_module",
-    "tir_pipeline",
     "schedule_gemm_simt",
     "schedule_gemm_tensorcore",
     "schedule_small_reduction",
+    "tir_pipeline",
 ]
 
 PRECISIONS = ("fp32", "tf32", "fp16")
@@ -838,21 +839,27 @@ def schedule_small_reduction(func: tirx.PrimFunc, max_reduction: int = 64,
 # ------------------------------------------------------------------------------ rules & pipeline
 
 
-class _Rule(ScheduleRule):
-    """A schedule function as a dlight rule.  TVM's errors (schedule primitives that do not
-    apply, kernels that fail to lower) mean "not for this function"; Python's own (a NameError)
-    are bugs and propagate."""
+_TVM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
 
-    def __init__(self, name: str, fn: Callable[[tirx.PrimFunc, tvm.target.Target], s_tir.Schedule | None]):
+
+class _Rule(ScheduleRule):
+    """A schedule function as a dlight rule.  The ``errors`` it raises mean "not for this
+    function": for hetero's rules TVM's errors (schedule primitives that do not apply, kernels
+    that fail to lower), so that Python's own (a NameError) are bugs and propagate; for dlight's
+    rules, any."""
+
+    def __init__(self, name: str, fn: Callable[[tirx.PrimFunc, tvm.target.Target], s_tir.Schedule | None],
+                 errors: tuple[type[Exception], ...] = _TVM_ERRORS):
         self.name = name
         self.fn = fn
+        self.errors = errors
 
     def apply(self, func, target, tunable):  # pylint: disable=missing-function-docstring
         if not isinstance(func, tirx.PrimFunc):
             return None
         try:
             return self.fn(func, target)
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        except self.errors as exc:
             lines = str(exc).strip().splitlines()
             logger.debug("%s does not schedule a function: %s", self.name,
                          lines[-1] if lines else type(exc).__name__)
@@ -966,7 +973,8 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
         _Rule("small-reduction", lambda f, t: schedule_small_reduction(f)),
     ]
     for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()):
-        rules.append(_Rule(f"dlight.{type(rule).__name__}", lambda f, t, r=rule: r.apply(f, t, False)))
+        rules.append(_Rule(f"dlight.{type(rule).__name__}", lambda f, t, r=rule: r.apply(f, t, False),
+                           errors=(Exception,)))
     rules.append(_NamedRule("dlight.Fallback", dl.gpu.Fallback()))  # the last resort: never skipped
     return rules
 
