@@ -66,9 +66,9 @@ TRANSFORM_PARAMS = "main_transform_params"
 
 
 def module_weights(vm: relax.VirtualMachine, weights: list) -> list:
-    """The weights as `vm`'s main takes them.  A CUDA module computes its weights' layout changes and
-    casts in its own `main_transform_params` (gpu_schedule lifts them out of main): once, here,
-    rather than on every call."""
+    """The weights as `vm`'s main takes them.  A module computes its weights' layout changes and
+    casts (CUDA: OHWI transposes, float16; CPU: conv weight packing) in its own
+    `main_transform_params`, lifted out of main: once, here, rather than on every call."""
     if not vm.module.implements_function(TRANSFORM_PARAMS):
         return list(weights)
     return list(vm[TRANSFORM_PARAMS](weights))

@@ -10,6 +10,7 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from hetero.compile import module_weights
 from hetero.cpu_schedule import (
     CONV_OPTIONS,
     DEFAULT_RULES,
@@ -153,6 +154,22 @@ def test_conv_option_variants_match(monkeypatch, options):
         ref = _run(default, [x, *values])
         got = _run(ex, [x, *values])
         assert np.abs(got - ref).max() / np.abs(ref).max() < RTOL, (name, options)
+
+
+def test_conv_weights_are_packed_once_outside_main():
+    """With the weights marked as parameters (``num_input``), conv2d_rule's weight packing moves
+    into ``main_transform_params``, which an engine runs once: ``main`` takes packed weights."""
+    mod, values, shape = _build(*GRAPHS["conv1x1_small_weights"][:2])
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    ex = relax.build(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    prepared = module_weights(vm, [tvm.runtime.tensor(v) for v in values])
+    assert [w.shape for w in prepared] != [v.shape for v in values]
+    assert any(len(w.shape) == 5 for w in prepared)  # [K/B, C, kh, kw, B]
+    x = np.random.default_rng(2).standard_normal((2, *shape)).astype("float32")
+    ref = _run(relax.build(mod, TARGET), [x, *values])
+    got = vm["main"](tvm.runtime.tensor(x), *prepared).numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < RTOL
 
 
 def _parallel_loops(func: tirx.PrimFunc) -> int:
