@@ -636,9 +636,9 @@ ASYNC_STAGES = 3  # shared-memory tiles in flight with cp.async (TVM's MultiLeve
 
 def _copies_async(k_major: list[bool], k_extent, bk: int, vector: int) -> bool:
     """Whether a tensor-core GEMM fills its shared tiles with ``cp.async`` (see BENCHMARKS.md,
-    "K tiles of 32 and cp.async tile loads").  Not when an operand is fetched transposed (TVM's InjectPTXAsyncCopy
-    then copies a strided vector as if it were contiguous: vgg-16's dense layers faulted with a
-    misaligned address), not when K is not a whole number of vectors (the copies would shrink
+    "K tiles of 32 and cp.async tile loads").  Not when an operand is fetched transposed (TVM's
+    InjectPTXAsyncCopy then copies a strided vector as if it were contiguous: vgg-16's dense
+    layers faulted with a misaligned address), not when K is not a whole number of vectors (the copies would shrink
     to 4 bytes), and not for K loops shorter than the ring: with one stage, vgg-16's first conv
     (K=27) took 5.7 ms instead of 0.5 and mobilenet ran 3.7x slower in tf32 on an H100."""
     k = _static(k_extent)
@@ -988,6 +988,17 @@ class _NamedRule(ScheduleRule):
         return self.rule.apply(func, target, tunable)
 
 
+def _first_applying_rule(rules: Sequence[ScheduleRule], func: tirx.PrimFunc,
+                         target: tvm.target.Target) -> tuple[ScheduleRule, s_tir.Schedule] | None:
+    """The first of ``rules`` that schedules ``func``, and its schedule (dlight's order)."""
+    with target:  # the current target is per thread
+        for rule in rules:
+            space = rule.apply(func, target, False)
+            if space is not None:
+                return rule, space if isinstance(space, s_tir.Schedule) else space[0]
+    return None
+
+
 @tvm.transform.module_pass(opt_level=0, name="hetero.ScheduleInParallel")
 class ScheduleInParallel:  # pylint: disable=too-few-public-methods
     """dlight's ``ApplyDefaultSchedule`` with the PrimFuncs scheduled in ``workers`` threads.
@@ -1002,13 +1013,8 @@ class ScheduleInParallel:  # pylint: disable=too-few-public-methods
         self.workers = workers or os.cpu_count() or 1
 
     def _schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-        with self.target:  # the current target is per thread
-            for rule in self.rules:
-                space = rule.apply(func, self.target, False)
-                if space is not None:
-                    sch = space if isinstance(space, s_tir.Schedule) else space[0]
-                    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        return None
+        applied = _first_applying_rule(self.rules, func, self.target)
+        return applied[1].mod["main"].with_attr("tirx.is_scheduled", True) if applied else None
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=missing-function-docstring
         todo = [(gv, func) for gv, func in mod.functions_items()
@@ -1075,19 +1081,18 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
     for gv, func in sorted(fused.functions_items(), key=lambda item: item[0].name_hint):
         if not isinstance(func, tirx.PrimFunc):
             continue
-        for rule in rules:
-            picked.clear()
-            with target:
-                if rule.apply(func, target, False) is None:
-                    continue
-            mine = [p for p in picked if p[0] == rule.name]
-            if mine:
-                _, cfg, ext = mine[-1]
-                out.append(KernelSchedule(gv.name_hint, rule.name, cfg, _estimate(ext[1]),
-                                          _estimate(ext[2]), _estimate(ext[3])))
-            else:
-                out.append(KernelSchedule(gv.name_hint, rule.name))
-            break
+        picked.clear()
+        applied = _first_applying_rule(rules, func, target)
+        if applied is None:
+            continue
+        rule = applied[0]
+        mine = [p for p in picked if p[0] == rule.name]  # earlier rules may have picked, then failed
+        if mine:
+            _, cfg, ext = mine[-1]
+            out.append(KernelSchedule(gv.name_hint, rule.name, cfg, _estimate(ext[1]),
+                                      _estimate(ext[2]), _estimate(ext[3])))
+        else:
+            out.append(KernelSchedule(gv.name_hint, rule.name))
     return out
 
 
