@@ -365,13 +365,16 @@ SIMT_CONFIGS = (
 )
 TENSORCORE_CONFIGS = (
     TensorCoreConfig(wi=2, wj=4, ti=4, tj=2),  # 128 x 128, 8 warps of 64 x 32
+    TensorCoreConfig(wi=4, wj=2, ti=2, tj=3),  # 128 x 96, 8 warps of 32 x 48
     TensorCoreConfig(wi=4, wj=2, ti=2, tj=2),  # 128 x 64, 8 warps of 32 x 32
+    TensorCoreConfig(wi=2, wj=2, ti=2, tj=3),  # 64 x 96, 4 warps
     TensorCoreConfig(wi=2, wj=2, ti=2, tj=2),  # 64 x 64, 4 warps
+    TensorCoreConfig(wi=4, wj=1, ti=2, tj=2),  # 128 x 32, 4 warps of 32 x 32: TF32 only (below)
 )
 # Not offered, because TVM 0.27 fails to lower them: tk=1 (the k1 software pipeline loses its
-# fragments), one warp or one fragment along J, one fragment along I (the staged epilogue mixes
-# float16/float32 access_ptr).  GEMMs that need them (N < 64 or not a multiple of the tile's N)
-# go to the CUDA-core schedule.
+# fragments); with wmma (float16), one warp or one fragment along J or I (the staged epilogue mixes
+# float16/float32 access_ptr), so N = 32 GEMMs have tensor cores in TF32 only.  GEMMs whose N no
+# tile divides (inception's 48 and 80) go to the CUDA-core schedule.
 
 
 def _static(expr) -> int | None:
@@ -416,12 +419,15 @@ def pick_simt_config(extents, num_sms: int = DEFAULT_NUM_SMS) -> SimtConfig:
     return cfg
 
 
-def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS, k_steps: int = 2) -> TensorCoreConfig | None:
+def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS, k_steps: int = 2,
+                           single_warp_columns: bool = False) -> TensorCoreConfig | None:
     """Tile for the tensor-core GEMM with normalized extents ``(S, M, N, K)`` and ``k_steps``
-    fragment K steps per stage; None when no tile's N divides the GEMM's N (see
+    fragment K steps per stage, of the tiles with one warp along J only if
+    ``single_warp_columns``; None when no such tile's N divides the GEMM's N (see
     TENSORCORE_CONFIGS)."""
     n = _static(extents[2])
-    configs = tuple(replace(c, tk=k_steps) for c in TENSORCORE_CONFIGS if n is not None and n % c.bn == 0)
+    configs = tuple(replace(c, tk=k_steps) for c in TENSORCORE_CONFIGS
+                    if n is not None and n % c.bn == 0 and (c.wj > 1 or single_warp_columns))
     return _pick(configs, extents, num_sms, blocks_per_sm=2) if configs else None
 
 
@@ -608,6 +614,7 @@ class _TensorCoreKind:
     operand_dtype: str
     fragment_k: int  # K of one fragment
     k_steps: int  # fragments along K per shared-memory stage: 32 K elements in both kinds
+    single_warp_columns: bool  # whether tiles with one warp along J lower (TENSORCORE_CONFIGS)
     operand_scopes: tuple[str, str]  # where A and B fragments live
     accumulator_scope: str
     vector: tuple[int, int]  # global -> shared vector width: K-contiguous, transposing fetch
@@ -621,12 +628,12 @@ def _mma_tf32_intrinsics() -> dict[str, str]:
     return _mma_tf32.register()
 
 
-_WMMA_F16 = _TensorCoreKind("float16", 16, 2, ("wmma.matrix_a", "wmma.matrix_b"), "wmma.accumulator",
+_WMMA_F16 = _TensorCoreKind("float16", 16, 2, False, ("wmma.matrix_a", "wmma.matrix_b"), "wmma.accumulator",
                             # 8 x float16 = 16 bytes per load; a transposing (row-contiguous)
                             # fetch stores the vector element by element, which CUDA codegen
                             # only supports up to 4 lanes of float16
                             vector=(8, 4), align=(16, 8), intrinsics=lambda: _wmma_intrinsics())
-_MMA_TF32 = _TensorCoreKind("float32", _mma_tf32.FRAGMENT_K, 4, ("warp", "warp"), "warp",
+_MMA_TF32 = _TensorCoreKind("float32", _mma_tf32.FRAGMENT_K, 4, True, ("warp", "warp"), "warp",
                             vector=(4, 4), align=(16, 4), intrinsics=_mma_tf32_intrinsics,
                             layouts=(_mma_tf32.a_layout, _mma_tf32.b_layout, _mma_tf32.c_layout))
 
@@ -962,7 +969,8 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
         kind = _MMA_TF32 if precision == "tf32" else _WMMA_F16
 
         def tensorcore(func, tgt):
-            pick = functools.partial(pick_tensorcore_config, k_steps=kind.k_steps)
+            pick = functools.partial(pick_tensorcore_config, k_steps=kind.k_steps,
+                                     single_warp_columns=kind.single_warp_columns)
             sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick), kind, async_copy)
             return _lowers(sch, tgt, tir_pipeline(precision)) if verify else sch
 

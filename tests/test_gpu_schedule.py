@@ -152,6 +152,19 @@ def test_tiles_follow_the_problem_shape():
     assert isinstance(big, SimtConfig)
     tc = pick_tensorcore_config(extents(28 * 28, 128, 1152))
     assert isinstance(tc, TensorCoreConfig) and (tc.bm, tc.bn) == (128, 128)
+    assert pick_tensorcore_config(extents(35 * 35, 96, 576)).bn == 96  # inception's 96-channel convs
+    assert pick_tensorcore_config(extents(56 * 56, 32, 1152)) is None  # densenet's growth convs ...
+    narrow = pick_tensorcore_config(extents(56 * 56, 32, 1152), k_steps=4, single_warp_columns=True)
+    assert (narrow.bn, narrow.wj, narrow.tk) == (32, 1, 4)  # ... have a tile where it lowers (TF32)
+    assert pick_tensorcore_config(extents(35 * 35, 48, 256), single_warp_columns=True) is None
+
+
+@pytest.mark.parametrize("precision,rule", [("tf32", "tensorcore-gemm"), ("fp16", "simt-gemm")])
+def test_gemms_32_wide_are_on_tensor_cores_where_they_lower(precision, rule):
+    kernels = describe_schedules(_tiny_network()[0], CUDA_TARGET, precision)
+    narrow = [k for k in kernels if k.n == 32 and ("conv2d" in k.name or "matmul" in k.name)]
+    assert len(narrow) == 4  # three convs and the hidden dense layer
+    assert {k.rule for k in narrow} == {rule}
 
 
 @pytest.mark.parametrize("precision,gemm_rule", [("fp32", "simt-gemm"), ("tf32", "tensorcore-gemm"),
