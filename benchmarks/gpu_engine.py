@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import multiprocessing
 import os
 import statistics
@@ -148,8 +149,9 @@ def _time_calls(run, sync, budget_s: float, min_samples: int = 5, max_samples: i
     return median, (max(samples) - min(samples)) / median
 
 
-def time_tvm(path: str, network: str, batch: int, budget_s: float):
-    """(output of the first call, median s, spread) for the exported library at ``path``."""
+def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int = 0):
+    """(output of the first call, median s, spread) for the exported library at ``path``; with
+    ``kernels``, also print that many of its slowest kernels."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -164,12 +166,44 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float):
     x = tvm.runtime.tensor(net.random_input(batch, seed=0), dev)
     weights = module_weights(vm, [tvm.runtime.tensor(p, dev) for p in net.params])
     out = main(x, *weights).numpy().astype(np.float64)
-    seconds, spread = _time_calls(lambda: main(x, *weights), dev.sync, budget_s)
+    run = functools.partial(main, x, *weights)
+    seconds, spread = _time_calls(run, dev.sync, budget_s)
+    if kernels:
+        print_kernel_times(vm, run, dev.sync, kernels)
+    del run
     del vm, weights, x
     return out, seconds, spread
 
 
-def time_torch(network: str, variant: str, batch: int, budget_s: float):
+def print_kernel_times(vm, run, sync, top: int) -> None:
+    """One call of ``run`` with the device synchronised around every kernel the VM launches: the
+    ``top`` kernels by time, with their argument shapes (the synchronisation adds a few us each)."""
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    shapes: dict[str, list] = {}
+    started: list[float] = []
+
+    def instrument(_func, name, before, _ret, *args):
+        sync()
+        if before:
+            started.append(time.perf_counter())
+            shapes[name] = [tuple(a.shape) for a in args if hasattr(a, "shape")]
+        else:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started.pop()
+            calls[name] = calls.get(name, 0) + 1
+        return 0
+
+    vm.set_instrument(instrument)
+    run()
+    vm.set_instrument(None)
+    kernels = {name: s for name, s in seconds.items() if not name.startswith("vm.builtin")}
+    total = sum(kernels.values())
+    print(f"    kernels, synchronised one by one: {total * 1e3:.2f} ms in all")
+    for name, s in sorted(kernels.items(), key=lambda item: -item[1])[:top]:
+        print(f"    {s * 1e3:7.3f} ms {100 * s / total:5.1f}% x{calls[name]:<3d} {name} {shapes[name]}")
+
+
+def time_torch(network: str, variant: str, batch: int, budget_s: float, kernels: int = 0):
     import torch
 
     from hetero.torch_models import torch_model
@@ -188,12 +222,31 @@ def time_torch(network: str, variant: str, batch: int, budget_s: float):
         size = 299 if network == "inception_v3" else 224
         x = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype)
         with torch.inference_mode():
-            seconds, spread = _time_calls(lambda: model(x), torch.cuda.synchronize, budget_s)
+            run = functools.partial(model, x)
+            seconds, spread = _time_calls(run, torch.cuda.synchronize, budget_s)
+            if kernels:
+                print_torch_kernel_times(run, kernels)
+            del run
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         del model
         torch.cuda.empty_cache()
     return seconds, spread
+
+
+def print_torch_kernel_times(run, top: int) -> None:
+    """The ``top`` CUDA kernels of one call of ``run`` by time, from PyTorch's profiler."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+        torch.cuda.synchronize()
+    events = [e for e in profile.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"    kernels (PyTorch profiler): {total / 1e3:.2f} ms in all")
+    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"    {event.device_time_total / 1e3:7.3f} ms {100 * event.device_time_total / total:5.1f}% "
+              f"x{event.count:<3d} {event.key[:110]}")
 
 
 # ------------------------------------------------------------------------------------ report
@@ -249,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=2.0, help="seconds of timing per variant")
     parser.add_argument("--compile-only", action="store_true", help="build (and report) only; no GPU needed")
     parser.add_argument("--arch", default=None, help="sm_XX; default: GPU 0's")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="also print each variant's N slowest kernels (one call, synchronised per kernel)")
     parser.add_argument("--describe", action="store_true",
                         help="also print the rule and tile hetero's pipeline gives every GEMM kernel")
     args = parser.parse_args(argv)
@@ -350,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 if error is not None or args.compile_only:
                     continue
                 try:
-                    out, secs, spread = time_tvm(path, network, args.batch, args.time_budget)
+                    out, secs, spread = time_tvm(path, network, args.batch, args.time_budget, args.kernels)
                     result.ms, result.spread = secs * 1e3, spread
                     if variant == "tvm-default":
                         reference = out
@@ -369,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = Result(network, variant)
                 results.append(result)
                 try:
-                    secs, spread = time_torch(network, variant, args.batch, args.time_budget)
+                    secs, spread = time_torch(network, variant, args.batch, args.time_budget,
+                                              args.kernels if variant == "torch-fp32" else 0)
                     result.ms, result.spread = secs * 1e3, spread
                 except Exception:  # pylint: disable=broad-except
                     result.error = _short_error()

@@ -223,6 +223,8 @@ def test_cuda_build(network, precision):
         # unlowered would hold the whole warp's fragment, 32 times as many elements)
         fragments = [int(size) for size in re.findall(r"float \w+_warp_ptr\[(\d+)\]", source)]
         assert fragments and max(fragments) <= 64
+        # every ldmatrix'd fragment is rounded to TF32 before the mma reads it
+        assert source.count("(uint)4096") == source.count("ldmatrix.sync") > 0
     elif precision == "fp16":
         assert "wmma::mma_sync" in source  # tensor cores
         assert "wmma::accumulator, 16, 16, 16, float>" in source  # float32 accumulation
@@ -259,3 +261,33 @@ def test_ldmatrix_fills_each_register_with_its_tf32_fragment_element(layout, row
             assert layout(*element) == (lane, register)
             seen.add(element)
     assert seen == {(r, c) for r in range(16) for c in range(_mma_tf32.FRAGMENT_K)}
+
+
+def _nearest_tf32(values: np.ndarray) -> np.ndarray:
+    """The TF32 number nearest each float32 (ties away from zero), from the two TF32 neighbours."""
+    bits = values.view(np.uint32)
+    down = (bits & np.uint32(0xFFFFE000)).view(np.float32)
+    up = ((bits & np.uint32(0xFFFFE000)) + np.uint32(0x2000)).view(np.float32)
+    return np.where(np.abs(values - down) < np.abs(up - values), down, up)
+
+
+def test_fragments_are_rounded_to_the_nearest_tf32():
+    """round_to_tf32, then the tensor cores' truncation to 10 mantissa bits, gives the TF32 number
+    nearest each float32 (ties away from zero); truncation alone would not."""
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    @T.prim_func(s_tir=True)
+    def as_tensor_cores_read(x: T.Buffer((4096,), "float32"), y: T.Buffer((4096,), "float32")):
+        for i in range(4096):
+            y[i] = T.reinterpret("float32", T.bitwise_and(
+                T.reinterpret("uint32", _mma_tf32.round_to_tf32(x[i])), T.uint32(0xFFFFE000)))
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(4096) * np.exp2(rng.integers(-20, 20, 4096))).astype(np.float32)
+    values[:4] = [1 + 2.0**-11, -(1 + 2.0**-11), 1 + 3 * 2.0**-12, 0.0]  # two ties, a round-up, zero
+    kernel = tvm.tirx.build(as_tensor_cores_read, target="llvm")
+    read = tvm.runtime.empty((4096,), "float32")
+    kernel(tvm.runtime.tensor(values), read)
+    expected = _nearest_tf32(values)
+    np.testing.assert_array_equal(read.numpy(), expected)
+    assert np.any((values.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) != expected)
