@@ -14,8 +14,9 @@ layout.  (Plain per-lane stores would also do, but ``LowerWarpMemory`` cannot pl
 registers: TVM's simplifier does not prove ``(4 * lane + 129) // 128 == 1``, the index stays
 dynamic and nvcc moves the fragments to local memory.  For the same reason the loop over the
 two n8 halves of an mma stays rolled in TIR, where a bounded loop variable, unlike a constant,
-lets the simplifier place the registers; nvcc unrolls it.)  The tensor cores read float32 bits as
-TF32, dropping the low 13 mantissa bits; the loads first round them (:func:`round_to_tf32`).  The
+lets the simplifier place the registers; nvcc unrolls it.)  The operands reach the tensor cores
+as float32 bits, which they read as TF32 by dropping the low 13 mantissa bits; hetero rounds them
+to TF32 before that, where they are computed (``gpu_schedule.round_to_tf32``).  The
 accumulator uses TVM's 16x16 float32 ``mma`` layout, so TVM's fill and store intrinsics serve as
 they are.
 """
@@ -74,14 +75,6 @@ def b_row_address(lane):
     return lane % 8 + 8 * (lane // 16), 4 * (lane // 8 % 2)
 
 
-def round_to_tf32(value):
-    """``value`` rounded to the nearest TF32 (ties away from zero), as float32 bits that the tensor
-    cores then truncate: half a TF32 unit (bit 12) added to the bits, as CUTLASS's
-    ``round_half_ulp_truncate`` does.  Truncating alone biases every product towards zero, and
-    the bias adds up over a network's layers."""
-    return T.reinterpret("float32", T.reinterpret("uint32", value) + T.uint32(1 << 12))
-
-
 def _load_intrin(layout, row_address, scope: str):
     @T.prim_func(s_tir=True)
     def load_desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
@@ -116,8 +109,6 @@ def _load_intrin(layout, row_address, scope: str):
                 T.evaluate(T.ptx_legacy.ldmatrix(
                     False, 4, ".b16", warp.data, warp.elem_offset + tx * lift(A_REGS),
                     shared.access_ptr("r"), row * s0 + col, dtype="float32"))
-                for reg in T.serial(A_REGS):  # rolled, as the mma loop below
-                    warp[tx, reg] = round_to_tf32(warp[tx, reg])
 
     return load_desc, load_impl
 

@@ -30,6 +30,7 @@ from hetero.gpu_schedule import (
     pick_simt_config,
     pick_tensorcore_config,
     prepare_module,
+    tf32_rounded,
     tir_pipeline,
 )
 from hetero.models import get_network
@@ -223,8 +224,8 @@ def test_cuda_build(network, precision):
         # unlowered would hold the whole warp's fragment, 32 times as many elements)
         fragments = [int(size) for size in re.findall(r"float \w+_warp_ptr\[(\d+)\]", source)]
         assert fragments and max(fragments) <= 64
-        # every ldmatrix'd fragment is rounded to TF32 before the mma reads it
-        assert source.count("(uint)4096") == source.count("ldmatrix.sync") > 0
+        # activations are rounded to TF32 in the kernels that compute them (mask 0xFFFFE000)
+        assert "(uint)4294959104" in source
     elif precision == "fp16":
         assert "wmma::mma_sync" in source  # tensor cores
         assert "wmma::accumulator, 16, 16, 16, float>" in source  # float32 accumulation
@@ -271,23 +272,48 @@ def _nearest_tf32(values: np.ndarray) -> np.ndarray:
     return np.where(np.abs(values - down) < np.abs(up - values), down, up)
 
 
-def test_fragments_are_rounded_to_the_nearest_tf32():
-    """round_to_tf32, then the tensor cores' truncation to 10 mantissa bits, gives the TF32 number
-    nearest each float32 (ties away from zero); truncation alone would not."""
+def test_tf32_rounding_gives_the_nearest_tf32():
+    """tf32_rounded gives the TF32 number nearest each float32 (ties away from zero), which the
+    tensor cores then read exactly; truncation, what they do alone, would not."""
     from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
 
     @T.prim_func(s_tir=True)
-    def as_tensor_cores_read(x: T.Buffer((4096,), "float32"), y: T.Buffer((4096,), "float32")):
+    def rounded(x: T.Buffer((4096,), "float32"), y: T.Buffer((4096,), "float32")):
         for i in range(4096):
-            y[i] = T.reinterpret("float32", T.bitwise_and(
-                T.reinterpret("uint32", _mma_tf32.round_to_tf32(x[i])), T.uint32(0xFFFFE000)))
+            y[i] = tf32_rounded(x[i])
 
     rng = np.random.default_rng(0)
     values = (rng.standard_normal(4096) * np.exp2(rng.integers(-20, 20, 4096))).astype(np.float32)
     values[:4] = [1 + 2.0**-11, -(1 + 2.0**-11), 1 + 3 * 2.0**-12, 0.0]  # two ties, a round-up, zero
-    kernel = tvm.tirx.build(as_tensor_cores_read, target="llvm")
+    kernel = tvm.tirx.build(rounded, target="llvm")
     read = tvm.runtime.empty((4096,), "float32")
     kernel(tvm.runtime.tensor(values), read)
     expected = _nearest_tf32(values)
     np.testing.assert_array_equal(read.numpy(), expected)
     assert np.any((values.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) != expected)
+
+
+def test_tf32_rewrite_rounds_every_gemm_operand(tiny_reference):
+    """Every convolution and matmul reads TF32 numbers, the weights rounded once (in
+    main_transform_params); the outputs move by TF32 rounding only."""
+    mod, params, batch, ref = tiny_reference
+    prepared = prepare_module(mod, "tf32")
+    operands = []
+
+    def gemm_operands(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and (
+                expr.op.name == "relax.matmul" or (expr.op.name == "relax.nn.conv2d" and expr.attrs.groups == 1)):
+            operands.extend(expr.args)
+
+    relax.analysis.post_order_visit(prepared["main"], gemm_operands)
+    assert len(operands) >= 16
+    bound = {binding.var: binding.value for block in prepared["main"].body.blocks for binding in block.bindings}
+    for operand in operands:
+        assert bound[operand].op.name == "relax.call_tir" and "tf32_round" in bound[operand].args[0].name_hint
+
+    lifted = _with_weights_prepared_once(mod, "tf32", "NHWC")
+    assert "tf32_round" in lifted["main_transform_params"].script()
+    vm = relax.VirtualMachine(relax.build(lifted, tvm.target.Target("llvm")), tvm.cpu())
+    weights = module_weights(vm, [tvm.runtime.tensor(p) for p in params])
+    out = vm["main"](tvm.runtime.tensor(batch), *weights).numpy()
+    assert 0 < _relative_error(out, ref) < 1e-2
