@@ -15,6 +15,10 @@ from hetero.cpu_schedule import (
     CONV_OPTIONS,
     DEFAULT_RULES,
     ScheduleForCPU,
+    _columns_tile,
+    _find_conv,
+    _located,
+    _static_shape,
     cpu_pipeline,
     generic_rule,
     parallel_only_rule,
@@ -139,7 +143,8 @@ def test_matches_default_pipeline(built, name):
 @pytest.mark.parametrize(
     "options",
     [{"fo_inner": True}, {"batch_in_task": True}, {"batch_in_task": False},
-     {"pack_at": "root", "pack_order": "f_outer"}, {"max_unroll_window": 49}],
+     {"pack_at": "root", "pack_order": "f_outer"}, {"max_unroll_window": 49},
+     {"columns_max_cin": 0}],
     ids=str,
 )
 def test_conv_option_variants_match(monkeypatch, options):
@@ -170,6 +175,34 @@ def test_conv_weights_are_packed_once_outside_main():
     ref = _run(relax.build(mod, TARGET), [x, *values])
     got = vm["main"](tvm.runtime.tensor(x), *prepared).numpy()
     assert np.abs(got - ref).max() / np.abs(ref).max() < RTOL
+
+
+def _legalized(name: str) -> tvm.IRModule:
+    mod, _, _ = _build(*GRAPHS[name][:2])
+    with TARGET:
+        return tvm.transform.Sequential(
+            cpu_generic.library_dispatch_passes(TARGET) + cpu_generic.legalize_passes(TARGET)
+        )(mod)
+
+
+@pytest.mark.parametrize("name,max_cin,picked", [
+    ("conv1x1_small_weights", 32, True),  # 8 -> 32 channels, 16 columns
+    ("conv1x1_small_weights", 4, False),  # more input channels than the option allows
+    ("conv3x3_pad", 32, False),  # reads a window of columns
+    ("conv3x3_stride2_odd", 32, False),
+    ("conv1x1_residual", 32, False),  # 7 columns: no whole vector
+])
+def test_column_tiles_only_for_unstrided_1x1_convs_over_few_channels(monkeypatch, name, max_cin, picked):
+    monkeypatch.setitem(CONV_OPTIONS, "columns_max_cin", max_cin)
+    funcs = [f for gv, f in _legalized(name).functions_items()
+             if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert funcs
+    for func in funcs:
+        sch, _, (conv, w_load, d_load) = _located(func, _find_conv)
+        stmt = sch.get(conv)
+        _, channels, _, columns = _static_shape(stmt.writes[0].source)
+        tile = _columns_tile(stmt, w_load, d_load, channels, columns, 16, CONV_OPTIONS)
+        assert (tile is not None) is picked
 
 
 def _parallel_loops(func: tirx.PrimFunc) -> int:
