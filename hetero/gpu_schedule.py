@@ -337,7 +337,8 @@ def _gemm_operands(func: relax.Function) -> set[relax.Var]:
         for binding in block.bindings:
             value = getattr(binding, "value", None)
             if isinstance(value, relax.Call) and _is_tensor_core_gemm(value):
-                operands.update(a for a in value.args if isinstance(a, relax.DataflowVar))
+                operands.update(a for a in value.args
+                                if isinstance(a, relax.DataflowVar) and _tensor_dtype(a) == "float32")
     return operands
 
 
