@@ -170,8 +170,7 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int 
     seconds, spread = _time_calls(run, dev.sync, budget_s)
     if kernels:
         print_kernel_times(vm, run, dev.sync, kernels)
-    del run
-    del vm, weights, x
+    del run, vm, weights, x
     return out, seconds, spread
 
 

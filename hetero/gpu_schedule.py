@@ -314,8 +314,7 @@ class _RoundGemmOperands(PyExprMutator):
         super().visit_var_binding_(binding)
         if binding.var in self.operands:  # every later use, not only the GEMM's, reads the rounded value
             remapped = self.get_var_remap(binding.var)
-            current = binding.var if remapped is None else remapped
-            self.set_var_remap(binding.var, self.builder_.emit(self.builder_.call_te(_tf32_rounding, current)))
+            self.set_var_remap(binding.var, self._emit_rounding(binding.var if remapped is None else remapped))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
         call = super().visit_call_(call)
@@ -327,8 +326,11 @@ class _RoundGemmOperands(PyExprMutator):
         if isinstance(arg, relax.DataflowVar) or _tensor_dtype(arg) != "float32":
             return arg  # rounded where it is bound
         if arg not in self.rounded:
-            self.rounded[arg] = self.builder_.emit(self.builder_.call_te(_tf32_rounding, arg))
+            self.rounded[arg] = self._emit_rounding(arg)
         return self.rounded[arg]
+
+    def _emit_rounding(self, expr: relax.Expr) -> relax.Var:
+        return self.builder_.emit(self.builder_.call_te(_tf32_rounding, expr))
 
 
 def _gemm_operands(func: relax.Function) -> set[relax.Var]:
