@@ -58,10 +58,14 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "hetero-fp16": ("hetero", "fp16", {}),
     "hetero-fp16-sync": ("hetero", "fp16", {"async_copy": False}),
     "hetero-fp16-percall": ("hetero", "fp16", {"weights_once": False}),
+    "hetero-fp32-i64": ("hetero", "fp32", {"narrow_index": False}),
+    "hetero-tf32-i64": ("hetero", "tf32", {"narrow_index": False}),
+    "hetero-fp16-i64": ("hetero", "fp16", {"narrow_index": False}),
 }
 VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
                    "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "fp16": "hetero-fp16",
-                   "fp16-sync": "hetero-fp16-sync", "fp16-percall": "hetero-fp16-percall"}
+                   "fp16-sync": "hetero-fp16-sync", "fp16-percall": "hetero-fp16-percall",
+                   "fp32-i64": "hetero-fp32-i64", "tf32-i64": "hetero-tf32-i64", "fp16-i64": "hetero-fp16-i64"}
 TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
 
 
@@ -157,11 +161,15 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int 
     from tvm import relax
 
     from hetero.compile import module_weights
+    from hetero.gpu_schedule import MAX_BATCH_FUNCTION
     from hetero.models import get_network
 
     net = get_network(network)
     dev = tvm.cuda(0)
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), dev)
+    if vm.module.implements_function(MAX_BATCH_FUNCTION) and batch > int(vm[MAX_BATCH_FUNCTION]()):
+        raise ValueError(f"batch {batch} is above the {int(vm[MAX_BATCH_FUNCTION]())} that this module's "
+                         "int32 indices hold")
     main = vm["main"]
     x = tvm.runtime.tensor(net.random_input(batch, seed=0), dev)
     weights = module_weights(vm, [tvm.runtime.tensor(p, dev) for p in net.params])
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
                              "(hetero's, without software pipelining), tf32, fp16, tf32-sync and fp16-sync "
                              "(without cp.async tile loads), fp16-percall (weights cast and transposed on "
-                             "every call)")
+                             "every call), fp32-i64, tf32-i64 and fp16-i64 (int64 index arithmetic)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
                         help="parallel compile processes (1: compile in this process)")

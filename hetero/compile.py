@@ -74,6 +74,16 @@ def module_weights(vm: relax.VirtualMachine, weights: list) -> list:
     return list(vm[TRANSFORM_PARAMS](weights))
 
 
+def module_max_batch(vm: relax.VirtualMachine, device: Device) -> int | None:
+    """The largest batch one call of `vm`'s main takes, or None for no limit: a CUDA module indexes
+    in int32 up to a batch it records (hetero.gpu_schedule.narrow_batch_indices)."""
+    if device.target.kind.name != "cuda":
+        return None
+    from .gpu_schedule import MAX_BATCH_FUNCTION
+
+    return int(vm[MAX_BATCH_FUNCTION]()) if vm.module.implements_function(MAX_BATCH_FUNCTION) else None
+
+
 def _tir_pipeline(device: Device) -> str:
     if device.target.kind.name == "cuda":
         from .gpu_schedule import tir_pipeline

@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .compile import BUILD_ID, Compiled, compile_network, module_weights
+from .compile import BUILD_ID, Compiled, compile_network, module_max_batch, module_weights
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
@@ -163,6 +163,7 @@ class Engine:
         vm = relax.VirtualMachine(compiled.executable, self._dev)
         uploaded = [tvm.runtime.tensor(p, self._dev) for p in network.params]
         self._main = (vm["main"], module_weights(vm, uploaded))
+        self.max_call = module_max_batch(vm, device)  # hetero's module takes at most this batch per call
         # Whole chunks of the tuning's batch run through the module tuned for exactly that batch.
         tuned_vm = relax.VirtualMachine(tuned[1].executable, self._dev) if tuned else None
         self._tuned_main = (tuned_vm["main"], module_weights(tuned_vm, uploaded)) if tuned else None
@@ -197,14 +198,24 @@ class Engine:
         return self._call(batch)
 
     def _call(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        if self.tuning is None or len(batch) < self.tuning.batch:
-            return self._call_module(batch, self._main)
-        step = self.tuning.batch
-        calls = []
-        for first in range(0, len(batch), step):
-            piece = batch[first : first + step]
-            calls.append(self._call_module(piece, self._tuned_main if len(piece) == step else self._main))
+        calls = [self._call_module(batch[first : first + size], module)
+                 for first, size, module in self._plan_calls(len(batch))]
+        if len(calls) == 1:
+            return calls[0]
         return np.concatenate([out for out, _ in calls]), Timing.summed([timing for _, timing in calls])
+
+    def _plan_calls(self, samples: int) -> list[tuple[int, int, tuple[Callable, list]]]:
+        """(first sample, size, module) of each module call that runs `samples`: whole chunks of the
+        tuning's batch through the tuned module, the rest through hetero's in calls of at most
+        `max_call` samples."""
+        plan, tuned = [], 0
+        if self._tuned_main is not None:
+            step = self.tuning.batch
+            tuned = samples - samples % step
+            plan = [(first, step, self._tuned_main) for first in range(0, tuned, step)]
+        limit = self.max_call or max(samples - tuned, 1)
+        plan += [(first, min(limit, samples - first), self._main) for first in range(tuned, samples, limit)]
+        return plan or [(0, 0, self._main)]
 
     def time_module(self, tuned: bool, repeats: int = 3) -> float:
         """Median seconds of one call at the tuning's batch through the tuned module or hetero's own."""

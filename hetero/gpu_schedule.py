@@ -83,6 +83,7 @@ from . import _mma_tf32
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_BATCH_FUNCTION",
     "PRECISIONS",
     "KernelSchedule",
     "ScheduleInParallel",
@@ -92,6 +93,7 @@ __all__ = [
     "fused_module",
     "gpu_pipeline",
     "gpu_rules",
+    "narrow_batch_indices",
     "pick_simt_config",
     "pick_tensorcore_config",
     "prepare_module",
@@ -1119,6 +1121,70 @@ class ScheduleInParallel:  # pylint: disable=too-few-public-methods
         return mod
 
 
+# ------------------------------------------------------------------------- 32-bit indices
+
+MAX_BATCH_FUNCTION = "hetero_max_batch"  # the largest batch one call of a narrowed module takes
+_INT32_MAX = 2**31 - 1
+_PADDED_ROWS = 128  # a GEMM's M (one row per pixel) is padded to its tile: at most this many rows
+
+
+def _buffers(func: tirx.PrimFunc) -> list[tirx.Buffer]:
+    """Every buffer an unscheduled PrimFunc reads, writes or allocates."""
+    sch = s_tir.Schedule(func)
+    found, todo = [], [get_root_block(sch)]
+    while todo:
+        block_rv = todo.pop()
+        block = sch.get(block_rv)
+        found += [*block.alloc_buffers, *(region.source for region in (*block.reads, *block.writes))]
+        todo += sch.get_child_blocks(block_rv)
+    return found
+
+
+def _batch_limit(func: tirx.PrimFunc, max_elements: int) -> int | None:
+    """The largest batch at which no buffer of ``func`` (padded GEMM rows included) has more than
+    ``max_elements`` elements; None if its shapes do not depend on the batch."""
+    probe = 1 << 20
+    per_sample = 0
+    for buffer in _buffers(func):
+        elements = functools.reduce(lambda a, b: a * b, buffer.shape, tirx.IntImm("int64", 1))
+        if undefined_vars(elements):
+            per_sample = max(per_sample, -(-_estimate(elements, probe) // probe))
+    return max_elements // per_sample - _PADDED_ROWS if per_sample else None
+
+
+def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
+    """Index arithmetic in int32 for every kernel (``ForceNarrowIndexToInt32``), run before
+    scheduling, and the batch that keeps it exact recorded as the module's
+    :data:`MAX_BATCH_FUNCTION`.
+
+    The batch is a symbolic int64, so every index, loop and ``cp.async`` predicate of a kernel
+    was int64 arithmetic: 64-bit divisions and modulos by constants in the K loop of every conv,
+    and registers.  In int32, vgg-16 ran 11% and resnet-34 13% faster in tf32 on an H200
+    (BENCHMARKS.md, "32-bit indices").  A module so narrowed is exact for batches up to the
+    recorded limit (vgg-16: 537); hetero's engines run larger batches in calls of that size.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="hetero.NarrowBatchIndices")
+    def narrow(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        limits = [_batch_limit(func, max_elements) for func in mod.functions.values()
+                  if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False)]
+        limits = [limit for limit in limits if limit is not None]
+        if not limits or min(limits) < 1:  # not even one sample fits: leave the int64 arithmetic
+            return mod
+        unscheduled = tvm.IRModule({gv: func for gv, func in mod.functions_items()
+                                    if isinstance(func, tirx.PrimFunc)
+                                    and not func.attrs.get("tirx.is_scheduled", False)})
+        for gv, func in tirx.transform.ForceNarrowIndexToInt32()(unscheduled).functions_items():
+            mod[gv] = func
+        builder = relax.BlockBuilder()
+        with builder.function(MAX_BATCH_FUNCTION, []):
+            builder.emit_func_output(relax.prim_value(tirx.IntImm("int64", min(limits))))
+        mod[MAX_BATCH_FUNCTION] = builder.get()[MAX_BATCH_FUNCTION]
+        return mod
+
+    return narrow
+
+
 def _with_weights_prepared_once(mod: tvm.IRModule, precision: str, layout: str) -> tvm.IRModule:
     """:func:`prepare_module`, then everything computed from the weights alone (OHWI transposes,
     float16 casts, bias reshapes) moved out of ``main`` into ``main_transform_params``, which an
@@ -1191,7 +1257,7 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
 def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: str = "NHWC",
                  num_sms: int = DEFAULT_NUM_SMS, tensor_cores: bool | None = None,
                  software_pipeline: bool = True, async_copy: bool = True, weights_once: bool = True,
-                 records: str | None = None) -> tvm.transform.Pass:
+                 narrow_index: bool = True, records: str | None = None) -> tvm.transform.Pass:
     """The Relax -> VM pipeline for a CUDA ``target`` with hetero's rewrites and schedules.
 
     ``precision`` is ``"fp32"`` or ``"fp16"`` (float16 storage and tensor cores, float32
@@ -1199,7 +1265,8 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     ``tensor_cores=False`` the wmma schedule (default: on for fp16 on sm_70 and newer),
     ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop,
     ``async_copy=False`` the ``cp.async`` tile loads of the tensor-core GEMMs,
-    ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call).
+    ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call),
+    ``narrow_index=False`` the int32 index arithmetic (:func:`narrow_batch_indices`).
     ``records``, a MetaSchedule database folder (hetero.tune), schedules the kernels it has records
     for; hetero's rules schedule the rest.
     ``num_sms`` (streaming multiprocessors) steers the tile choice.
@@ -1216,6 +1283,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
             seq = tvm.transform.Sequential(
                 _fusion_passes(target)
                 + ([relax.transform.MetaScheduleApplyDatabase()] if records else [])
+                + ([narrow_batch_indices()] if narrow_index else [])
                 + [
                     ScheduleInParallel(gpu_rules(target, precision, num_sms, tensor_cores,
                                                  software_pipeline=software_pipeline,

@@ -18,6 +18,7 @@ from hetero import _mma_tf32
 from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.gpu_schedule import (
+    MAX_BATCH_FUNCTION,
     ScheduleInParallel,
     SimtConfig,
     TensorCoreConfig,
@@ -27,6 +28,7 @@ from hetero.gpu_schedule import (
     fused_module,
     gpu_pipeline,
     gpu_rules,
+    narrow_batch_indices,
     pick_simt_config,
     pick_tensorcore_config,
     prepare_module,
@@ -232,6 +234,7 @@ def test_cuda_build(network, precision):
     else:
         assert "*(float4*)" in source  # vectorized loads and stores
         assert "mma_sync" not in source
+    assert "(int64_t)" not in source  # index arithmetic narrowed to int32 (narrow_batch_indices)
     copy_bytes = {int(size) for size in re.findall(r"ptx_cp_async\w*_(\d+)_\d+_\d+\(", source)}
     # tensor-core GEMMs with long K loops fill their tiles with 16-byte cp.async, and only them
     assert copy_bytes == ({16} if precision in ("tf32", "fp16") else set())
@@ -317,3 +320,32 @@ def test_tf32_rewrite_rounds_every_gemm_operand(tiny_reference):
     weights = module_weights(vm, [tvm.runtime.tensor(p) for p in params])
     out = vm["main"](tvm.runtime.tensor(batch), *weights).numpy()
     assert 0 < _relative_error(out, ref) < 1e-2
+
+
+def _fused_on_cpu(mod: tvm.IRModule) -> tvm.IRModule:
+    return tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                     relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+
+
+def test_int32_indices_compute_the_same_and_record_the_batch_they_hold(tiny_reference):
+    mod, params, batch, _ = tiny_reference
+    fused = _fused_on_cpu(mod)
+    narrowed = narrow_batch_indices()(fused)
+    kernels = [f for f in narrowed.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels and not any("int64" in f.script() for f in kernels)
+    outputs = []
+    for module in (fused, narrowed):
+        vm = relax.VirtualMachine(relax.build(module, "llvm", relax_pipeline=relax.pipeline.default_build_pipeline()),
+                                  tvm.cpu())
+        outputs.append(vm["main"](tvm.runtime.tensor(batch), *[tvm.runtime.tensor(p) for p in params]).numpy())
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    # The largest buffer per sample is 32 channels x 18 x 18 (16x16 maps padded for a 3x3 conv and
+    # the max pool); 128 samples are kept for rows a GEMM pads to its tile.
+    assert int(vm[MAX_BATCH_FUNCTION]()) == (2**31 - 1) // (32 * 18 * 18) - 128
+
+
+def test_indices_stay_64_bit_where_one_call_could_not_hold_a_useful_batch(tiny_reference):
+    fused = _fused_on_cpu(tiny_reference[0])
+    kept = narrow_batch_indices(max_elements=32 * 18 * 18 * 128)(fused)  # limit 0
+    assert MAX_BATCH_FUNCTION not in [gv.name_hint for gv in kept.functions]
+    assert any("int64" in f.script() for f in kept.functions.values() if isinstance(f, tvm.tirx.PrimFunc))

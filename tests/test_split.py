@@ -65,6 +65,23 @@ def test_engine_input_buffer_serves_every_batch_size():
     np.testing.assert_allclose(doubles, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_engine_runs_a_batch_above_its_module_limit_in_calls_within_it():
+    """A CUDA module indexes in int32 up to a batch it records (Engine.max_call): above it, calls of at most that."""
+    network = hetero.get_network(SMALL_NETWORK)
+    cpu = hetero.parse_devices("cpu")[0]
+    engine = execute.Engine(network, cpu, execute.compile_network(network, cpu))
+    inputs = network.random_input(7, seed=5)
+    whole, _ = engine.infer(inputs)
+    sizes, call_module = [], engine._call_module
+    engine._call_module = lambda batch, module: (sizes.append(len(batch)), call_module(batch, module))[1]
+    engine.max_call = 3
+    chunked, timing = engine.infer(inputs)
+    assert sizes == [3, 3, 1]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert timing.exec_s > 0
+    engine.close()
+
+
 def test_staging_copies_with_helper_threads_row_for_row(monkeypatch):
     monkeypatch.setattr(execute.ParallelCopy, "MIN_BYTES", 0)  # every copy is split over the threads
     buffer = execute.BatchBuffer(tvm.cpu(), (3, 5), "float32")
