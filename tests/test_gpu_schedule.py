@@ -244,8 +244,8 @@ def test_cuda_build(network, precision):
     ((True, True), 2304, True),  # a 3x3 conv over 256 channels
     ((True, False), 2304, False),  # weights fetched transposed: no contiguous 16-byte copies
     ((True, True), 27, False),  # vgg-16's first conv: K not a whole number of vectors
-    ((True, True), 64, False),  # two K tiles, fewer than the ring holds
-    ((True, True), 96, True),
+    ((True, True), 32, False),  # one K tile, fewer than the ring holds
+    ((True, True), 64, True),
 ])
 def test_async_copies_only_where_they_apply(k_major, k, expected):
     assert _copies_async(list(k_major), tvm.tirx.IntImm("int64", k), bk=32, vector=4) is expected
