@@ -1164,8 +1164,8 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
     The batch is a symbolic int64, so every index, loop and ``cp.async`` predicate of a kernel
     was int64 arithmetic: 64-bit divisions and modulos by constants in the K loop of every conv,
     and registers.  In int32, vgg-16 ran 11% and resnet-34 13% faster in tf32 on an H200
-    (BENCHMARKS.md, "32-bit indices").  A module so narrowed is exact for batches up to the
-    recorded limit (vgg-16: 537); hetero's engines run larger batches in calls of that size.
+    (BENCHMARKS.md, "int32 index arithmetic").  A module so narrowed is exact for batches up to
+    the recorded limit (vgg-16: 528); hetero's engines run larger batches in calls of that size.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.NarrowBatchIndices")
