@@ -1170,14 +1170,13 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.NarrowBatchIndices")
     def narrow(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        limits = [_batch_limit(func, max_elements) for func in mod.functions.values()
-                  if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False)]
-        limits = [limit for limit in limits if limit is not None]
-        if not limits or min(limits) < 1:  # not even one sample fits: leave the int64 arithmetic
-            return mod
         unscheduled = tvm.IRModule({gv: func for gv, func in mod.functions_items()
                                     if isinstance(func, tirx.PrimFunc)
                                     and not func.attrs.get("tirx.is_scheduled", False)})
+        limits = [limit for func in unscheduled.functions.values()
+                  if (limit := _batch_limit(func, max_elements)) is not None]
+        if not limits or min(limits) < 1:  # not even one sample fits: leave the int64 arithmetic
+            return mod
         for gv, func in tirx.transform.ForceNarrowIndexToInt32()(unscheduled).functions_items():
             mod[gv] = func
         builder = relax.BlockBuilder()
