@@ -349,3 +349,14 @@ def test_indices_stay_64_bit_where_one_call_could_not_hold_a_useful_batch(tiny_r
     kept = narrow_batch_indices(max_elements=32 * 18 * 18 * 128)(fused)  # limit 0
     assert MAX_BATCH_FUNCTION not in [gv.name_hint for gv in kept.functions]
     assert any("int64" in f.script() for f in kept.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_kernels_scheduled_from_tuning_records_keep_their_indices(tiny_reference):
+    fused = _fused_on_cpu(tiny_reference[0])
+    gv, func = next((gv, f) for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+                    and "int64" in f.script())
+    fused[gv] = func.with_attr("tirx.is_scheduled", True)  # as MetaScheduleApplyDatabase marks them
+    narrowed = narrow_batch_indices()(fused)
+    assert tvm_ffi.structural_equal(narrowed[gv], fused[gv])
+    others = [f for g, f in narrowed.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and g != gv]
+    assert others and not any("int64" in f.script() for f in others)
