@@ -161,15 +161,15 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int 
     from tvm import relax
 
     from hetero.compile import module_weights
-    from hetero.gpu_schedule import MAX_BATCH_FUNCTION
+    from hetero.gpu_schedule import recorded_max_batch
     from hetero.models import get_network
 
     net = get_network(network)
     dev = tvm.cuda(0)
     vm = relax.VirtualMachine(tvm.runtime.load_module(path), dev)
-    if vm.module.implements_function(MAX_BATCH_FUNCTION) and batch > int(vm[MAX_BATCH_FUNCTION]()):
-        raise ValueError(f"batch {batch} is above the {int(vm[MAX_BATCH_FUNCTION]())} that this module's "
-                         "int32 indices hold")
+    limit = recorded_max_batch(vm)
+    if limit is not None and batch > limit:
+        raise ValueError(f"batch {batch} is above the {limit} that this module's int32 indices hold")
     main = vm["main"]
     x = tvm.runtime.tensor(net.random_input(batch, seed=0), dev)
     weights = module_weights(vm, [tvm.runtime.tensor(p, dev) for p in net.params])

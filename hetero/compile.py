@@ -79,9 +79,9 @@ def module_max_batch(vm: relax.VirtualMachine, device: Device) -> int | None:
     in int32 up to a batch it records (hetero.gpu_schedule.narrow_batch_indices)."""
     if device.target.kind.name != "cuda":
         return None
-    from .gpu_schedule import MAX_BATCH_FUNCTION
+    from .gpu_schedule import recorded_max_batch
 
-    return int(vm[MAX_BATCH_FUNCTION]()) if vm.module.implements_function(MAX_BATCH_FUNCTION) else None
+    return recorded_max_batch(vm)
 
 
 def _tir_pipeline(device: Device) -> str:

@@ -97,6 +97,7 @@ __all__ = [
     "pick_simt_config",
     "pick_tensorcore_config",
     "prepare_module",
+    "recorded_max_batch",
     "schedule_gemm_simt",
     "schedule_gemm_tensorcore",
     "schedule_small_reduction",
@@ -1186,6 +1187,11 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
         return mod
 
     return narrow
+
+
+def recorded_max_batch(vm: relax.VirtualMachine) -> int | None:
+    """The batch limit :func:`narrow_batch_indices` recorded in ``vm``'s module, None if none."""
+    return int(vm[MAX_BATCH_FUNCTION]()) if vm.module.implements_function(MAX_BATCH_FUNCTION) else None
 
 
 def _with_weights_prepared_once(mod: tvm.IRModule, precision: str, layout: str) -> tvm.IRModule:

@@ -32,6 +32,7 @@ from hetero.gpu_schedule import (
     pick_simt_config,
     pick_tensorcore_config,
     prepare_module,
+    recorded_max_batch,
     tf32_rounded,
     tir_pipeline,
 )
@@ -341,7 +342,7 @@ def test_int32_indices_compute_the_same_and_record_the_batch_they_hold(tiny_refe
     np.testing.assert_array_equal(outputs[1], outputs[0])
     # The largest buffer per sample is 32 channels x 18 x 18 (16x16 maps padded for a 3x3 conv and
     # the max pool); 128 samples are kept for rows a GEMM pads to its tile.
-    assert int(vm[MAX_BATCH_FUNCTION]()) == (2**31 - 1) // (32 * 18 * 18) - 128
+    assert recorded_max_batch(vm) == (2**31 - 1) // (32 * 18 * 18) - 128
 
 
 def test_indices_stay_64_bit_where_one_call_could_not_hold_a_useful_batch(tiny_reference):
