@@ -23,8 +23,8 @@ raises on fused convs; depthwise convs go to ``GeneralReduction``, which spends 
 
 2. Schedule rules tried before dlight's (a rule that fails returns "no schedule", never raises):
 
-   * :func:`schedule_gemm_tensorcore` (float16 operands on wmma 16x16x16 fragments, or float32
-     read as TF32 by ``mma.sync``): every conv / matmul as an implicit GEMM
+   * :func:`schedule_gemm_tensorcore` (float16 operands, or float32 read as TF32, on
+     ``mma.sync`` fragments held in registers): every conv / matmul as an implicit GEMM
      ``C[M, N] += A[M, K] * B[N, K]`` with float32 accumulation, K tiles of 32, shared tiles
      filled by ``cp.async`` a stage ahead (register-staged and double-buffered where that
      does not apply), software pipeline, fused epilogue;
@@ -78,7 +78,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.sym.analyzer import Analyzer
 from tvm.tirx.analysis import undefined_vars
 
-from . import _mma_tf32
+from . import _mma
 
 logger = logging.getLogger(__name__)
 
@@ -456,12 +456,14 @@ TENSORCORE_CONFIGS = (
     TensorCoreConfig(wi=4, wj=2, ti=2, tj=2),  # 128 x 64, 8 warps of 32 x 32
     TensorCoreConfig(wi=2, wj=2, ti=2, tj=3),  # 64 x 96, 4 warps
     TensorCoreConfig(wi=2, wj=2, ti=2, tj=2),  # 64 x 64, 4 warps
-    TensorCoreConfig(wi=4, wj=1, ti=2, tj=2),  # 128 x 32, 4 warps of 32 x 32: TF32 only (below)
+    TensorCoreConfig(wi=4, wj=1, ti=2, tj=5),  # 128 x 80, 4 warps of 32 x 80 (inception)
+    TensorCoreConfig(wi=4, wj=1, ti=2, tj=3),  # 128 x 48, 4 warps of 32 x 48 (inception)
+    TensorCoreConfig(wi=4, wj=1, ti=2, tj=2),  # 128 x 32, 4 warps of 32 x 32 (densenet)
 )
 # Not offered, because TVM 0.27 fails to lower them: tk=1 (the k1 software pipeline loses its
-# fragments); with wmma (float16), one warp or one fragment along J or I (the staged epilogue mixes
-# float16/float32 access_ptr), so N = 32 GEMMs have tensor cores in TF32 only.  GEMMs whose N no
-# tile divides (inception's 48 and 80) go to the CUDA-core schedule.
+# fragments); with wmma (float16 before sm_80), one warp or one fragment along J or I (the staged
+# epilogue mixes float16/float32 access_ptr).  GEMMs whose N no tile divides go to the CUDA-core
+# schedule.
 
 
 def _static(expr) -> int | None:
@@ -507,10 +509,10 @@ def pick_simt_config(extents, num_sms: int = DEFAULT_NUM_SMS) -> SimtConfig:
 
 
 def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS, k_steps: int = 2,
-                           single_warp_columns: bool = False) -> TensorCoreConfig | None:
+                           single_warp_columns: bool = True) -> TensorCoreConfig | None:
     """Tile for the tensor-core GEMM with normalized extents ``(S, M, N, K)`` and ``k_steps``
     fragment K steps per stage, of the tiles with one warp along J only if
-    ``single_warp_columns``; None when no such tile's N divides the GEMM's N (see
+    ``single_warp_columns`` (not for wmma); None when no such tile's N divides the GEMM's N (see
     TENSORCORE_CONFIGS)."""
     n = _static(extents[2])
     configs = tuple(replace(c, tk=k_steps) for c in TENSORCORE_CONFIGS
@@ -670,8 +672,10 @@ def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:  # pylint: disable
     return stack
 
 
-def _wmma_intrinsics() -> dict[str, str]:
-    """Names of the f16 x f16 -> f32 wmma intrinsics (B transposed, shared.dyn), registered once.
+def _tensor_core_intrinsics(mma: _mma.MmaType | None) -> dict[str, str]:
+    """Names of ``mma``'s intrinsics (:mod:`hetero._mma`), registered once, with TVM's own CUDA
+    intrinsics (the accumulator's fill and store are TVM's); for ``None`` TVM's f16 x f16 -> f32
+    wmma intrinsics (B transposed, shared.dyn).
 
     Importing ``tvm.s_tir.tensor_intrin.cuda`` parses a few hundred TVMScript intrinsics, and the
     parser calls ``inspect.stack()`` for each: 20 s on a small machine, almost all of it in
@@ -685,6 +689,8 @@ def _wmma_intrinsics() -> dict[str, str]:
                 import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
             finally:
                 inspect.stack = original
+    if mma is not None:
+        return _mma.register(mma)
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group  # pylint: disable=import-outside-toplevel
 
     return get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn",
@@ -696,33 +702,27 @@ _IMPORT_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class _TensorCoreKind:
-    """What differs between the float16 (wmma) and the TF32 (mma.sync) tensor-core GEMMs."""
+    """What differs between the tensor-core GEMMs: ``mma.sync`` on fragments held in registers
+    (TF32, and float16 from sm_80 on) or TVM's wmma fragments (float16 on sm_70 and sm_75)."""
 
     operand_dtype: str
     fragment_k: int  # K of one fragment
-    k_steps: int  # fragments along K per shared-memory stage: 32 K elements in both kinds
-    single_warp_columns: bool  # whether tiles with one warp along J lower (TENSORCORE_CONFIGS)
-    operand_scopes: tuple[str, str]  # where A and B fragments live
-    accumulator_scope: str
+    k_steps: int  # fragments along K per shared-memory stage: 32 K elements in all kinds
     vector: tuple[int, int]  # global -> shared vector width: K-contiguous, transposing fetch
     align: tuple[int, int]  # shared row pitch = offset mod factor (conflict-free fragment reads)
-    intrinsics: Callable[[], dict[str, str]]
-    layouts: tuple | None = None  # (A, B, C) fragment (lane, register) maps for warp scope
+    mma: _mma.MmaType | None  # None: wmma
+
+    @property
+    def scopes(self) -> tuple[str, str, str]:
+        """Where the A, B and accumulator fragments live."""
+        return ("warp",) * 3 if self.mma else ("wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator")
 
 
-def _mma_tf32_intrinsics() -> dict[str, str]:
-    _wmma_intrinsics()  # TVM's intrinsics: the fill and store are shared
-    return _mma_tf32.register()
-
-
-_WMMA_F16 = _TensorCoreKind("float16", 16, 2, False, ("wmma.matrix_a", "wmma.matrix_b"), "wmma.accumulator",
-                            # 8 x float16 = 16 bytes per load; a transposing (row-contiguous)
-                            # fetch stores the vector element by element, which CUDA codegen
-                            # only supports up to 4 lanes of float16
-                            vector=(8, 4), align=(16, 8), intrinsics=lambda: _wmma_intrinsics())
-_MMA_TF32 = _TensorCoreKind("float32", _mma_tf32.FRAGMENT_K, 4, True, ("warp", "warp"), "warp",
-                            vector=(4, 4), align=(16, 4), intrinsics=_mma_tf32_intrinsics,
-                            layouts=(_mma_tf32.a_layout, _mma_tf32.b_layout, _mma_tf32.c_layout))
+# float16: 8 x float16 = 16 bytes per load; a transposing (row-contiguous) fetch stores the vector
+# element by element, which CUDA codegen only supports up to 4 lanes of float16
+_MMA_F16 = _TensorCoreKind("float16", _mma.FLOAT16.k, 2, vector=(8, 4), align=(16, 8), mma=_mma.FLOAT16)
+_WMMA_F16 = replace(_MMA_F16, mma=None)
+_MMA_TF32 = _TensorCoreKind("float32", _mma.TF32.k, 4, vector=(4, 4), align=(16, 4), mma=_mma.TF32)
 
 
 # Shared-memory tiles in a cp.async ring: one computed while the next loads.  Three (TVM's
@@ -743,9 +743,9 @@ def _copies_async(k_major: list[bool], k_extent, bk: int, vector: int) -> bool:
 
 
 def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
-                             kind: _TensorCoreKind = _WMMA_F16, async_copy: bool = True) -> s_tir.Schedule | None:
-    """A GEMM-like PrimFunc on tensor cores (float32 accumulation), or None: float16 operands on
-    wmma fragments, or with ``kind=_MMA_TF32`` float32 operands read as TF32 by ``mma.sync``.
+                             kind: _TensorCoreKind = _MMA_F16, async_copy: bool = True) -> s_tir.Schedule | None:
+    """A GEMM-like PrimFunc on tensor cores (``mma.sync``, float32 accumulation), or None: float16
+    operands, or with ``kind=_MMA_TF32`` float32 operands read as TF32.
 
     The structure is dlight's ``MatmulTensorization`` (register-staged double-buffered shared
     tiles, software pipeline, fragment loads, staged epilogue), with a tile chosen per kernel and
@@ -809,14 +809,15 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
     auto_inline_producers(sch, a_sh)
     auto_inline_producers(sch, b_sh)
 
-    a_mat = sch.cache_read(main, 0, kind.operand_scopes[0])
-    b_mat = sch.cache_read(main, 1, kind.operand_scopes[1])
+    a_scope, b_scope, accumulator_scope = kind.scopes
+    a_mat = sch.cache_read(main, 0, a_scope)
+    b_mat = sch.cache_read(main, 1, b_scope)
     sch.compute_at(a_mat, k1)
     sch.compute_at(b_mat, k1)
 
     acc_s2g = sch.cache_write(main, 0, "shared.dyn")
     sch.storage_align(acc_s2g, 0, -2, 16, 4)
-    store = sch.cache_write(main, 0, kind.accumulator_scope)
+    store = sch.cache_write(main, 0, accumulator_scope)
     sch.reverse_compute_at(store, warp)
     sch.reverse_compute_at(acc_s2g, warp)
     si, sj = sch.get_loops(store)[-2:]
@@ -831,15 +832,14 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
     init = sch.decompose_reduction(block_outer, k0)
     init_inner = sch.get_child_blocks(init)[0]
 
-    intrin = kind.intrinsics()  # first: the fragment layouts may be TVM's, from the module it imports
-    if kind.layouts is not None:  # fragments held as (lane, register) in warp-scope buffers
-        a_map, b_map, c_map = kind.layouts
+    intrin = _tensor_core_intrinsics(kind.mma)  # first: the accumulator layout is TVM's, from the module it imports
+    if kind.mma:  # fragments held as (lane, register) in warp-scope buffers
         sch.transform_layout(a_mat, ("write", 0), lambda s, r, c: (s, r // 16, c // frag_k,
-                                                                   *a_map(r % 16, c % frag_k)))
+                                                                   *kind.mma.a_layout(r % 16, c % frag_k)))
         sch.transform_layout(b_mat, ("write", 0), lambda s, r, c: (s, r // 16, c // frag_k,
-                                                                   *b_map(r % 16, c % frag_k)))
+                                                                   *kind.mma.b_layout(r % 16, c % frag_k)))
         sch.transform_layout(store, ("read", 0), lambda s, r, c: (s, r // 16, c // 16,
-                                                                  *c_map(r % 16, c % 16)))
+                                                                  *_mma.c_layout(r % 16, c % 16)))
 
     for mat, name in ((a_mat, "load_a"), (b_mat, "load_b")):
         li, lj = sch.get_loops(mat)[-2:]
@@ -853,7 +853,7 @@ def schedule_gemm_tensorcore(func: tirx.PrimFunc, pick: Callable | None = None,
     sch.tensorize(init_loops[-2], intrin["init"])
     sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
     sch.tensorize(sch.get_loops(main)[-3], intrin["compute"])
-    if kind.layouts is not None:
+    if kind.mma:
         # fragments are plain register arrays here: a loop over them that nvcc leaves rolled
         # indexes them at run time, which moves them to (slow, local) memory
         for loop in (i2, j2, si0, sj0, *init_loops[-4:-2]):
@@ -987,40 +987,36 @@ def _lower_all_warp_memory(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def _tensorcore_tir_pipeline(warp_fragments: bool):
+def _tensorcore_tir_pipeline():
     """TVM's s_tir lowering with ``cp.async`` on (``InjectPTXAsyncCopy``, for the asynchronous
-    stage of the tensor-core GEMMs).  For fragments held in warp memory (TF32) also
-    common-subexpression elimination off (it hides the ``threadIdx.x * 4`` of fragment stores
-    behind let variables, which ``LowerWarpMemory`` cannot read) and warp memory lowered to the
-    last buffer."""
+    stage of the tensor-core GEMMs), common-subexpression elimination off (it hides the
+    ``threadIdx.x * 4`` of fragment stores behind let variables, which ``LowerWarpMemory`` cannot
+    read) and warp memory (the fragments) lowered to the last buffer."""
     from tvm.s_tir.pipeline import default_s_tir_pipeline  # pylint: disable=import-outside-toplevel
 
-    lower, finalize_host, finalize_device = default_s_tir_pipeline()
-    config_changes = {"tirx.use_async_copy": True, **({"tirx.disable_cse_tir": True} if warp_fragments else {})}
+    lower, finalize_host, _ = default_s_tir_pipeline()
+    config_changes = {"tirx.use_async_copy": True, "tirx.disable_cse_tir": True}
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.TensorCoreLowering")
     def lower_for_tensor_cores(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with tvm.transform.PassContext(opt_level=ctx.opt_level, config={**dict(ctx.config), **config_changes}):
             return lower(mod)
 
-    if warp_fragments:
-        def finalize_device():
-            return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
-                                             tirx.transform.LowerIntrin()])
+    def finalize_device():
+        return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
+                                         tirx.transform.LowerIntrin()])
 
     return lower_for_tensor_cores, finalize_host, finalize_device
 
 
-_TIR_PIPELINES = {"tf32": "hetero-tf32", "fp16": "hetero-fp16"}
-for _precision, _name in _TIR_PIPELINES.items():
-    tvm.tirx.compilation_pipeline.register_tir_pipeline(
-        _name, lambda warp_fragments=_precision == "tf32": _tensorcore_tir_pipeline(warp_fragments))
+_TENSOR_CORE_TIR_PIPELINE = "hetero-tensor-cores"
+tvm.tirx.compilation_pipeline.register_tir_pipeline(_TENSOR_CORE_TIR_PIPELINE, _tensorcore_tir_pipeline)
 
 
 def tir_pipeline(precision: str) -> str:
     """The TIR lowering (``tir_pipeline`` of ``relax.build``) that :func:`gpu_pipeline`'s kernels
     need in ``precision``."""
-    return _TIR_PIPELINES.get(precision, "default")
+    return _TENSOR_CORE_TIR_PIPELINE if precision in ("tf32", "fp16") else "default"
 
 
 def _sm_version(target: tvm.target.Target) -> int:
@@ -1057,11 +1053,11 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
 
     rules: list[ScheduleRule] = []
     if tensor_cores:
-        kind = _MMA_TF32 if precision == "tf32" else _WMMA_F16
+        kind = _MMA_TF32 if precision == "tf32" else _MMA_F16 if _sm_version(target) >= 80 else _WMMA_F16
 
         def tensorcore(func, tgt):
             pick = functools.partial(pick_tensorcore_config, k_steps=kind.k_steps,
-                                     single_warp_columns=kind.single_warp_columns)
+                                     single_warp_columns=kind.mma is not None)
             sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick), kind, async_copy)
             return _lowers(sch, tgt, tir_pipeline(precision)) if verify else sch
 
@@ -1271,7 +1267,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
 
     ``precision`` is ``"fp32"`` or ``"fp16"`` (float16 storage and tensor cores, float32
     accumulation; inputs and outputs stay float32).  ``layout="NCHW"`` skips the NHWC conversion,
-    ``tensor_cores=False`` the wmma schedule (default: on for fp16 on sm_70 and newer),
+    ``tensor_cores=False`` the tensor-core schedule (default: on for fp16 on sm_70 and newer),
     ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop,
     ``async_copy=False`` the ``cp.async`` tile loads of the tensor-core GEMMs,
     ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call),

@@ -14,7 +14,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from hetero import _mma_tf32
+from hetero import _mma
 from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.gpu_schedule import (
@@ -38,11 +38,15 @@ from hetero.gpu_schedule import (
 )
 from hetero.models import get_network
 
-CUDA_TARGET = tvm.target.Target(
-    {"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
-     "max_shared_memory_per_block": 49152, "thread_warp_size": 32, "max_num_threads": 1024},
-    "llvm",
-)
+
+def _cuda_target(arch: str) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "cuda", "arch": arch, "max_threads_per_block": 1024,
+                              "max_shared_memory_per_block": 49152, "thread_warp_size": 32,
+                              "max_num_threads": 1024}, "llvm")
+
+
+CUDA_TARGET = _cuda_target("sm_90")
+TURING_TARGET = _cuda_target("sm_75")  # float16 tensor cores without mma.sync.m16n8k16 or TF32
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
 
 FP32_TOLERANCE = 1e-4  # max |out - ref| / max |ref|
@@ -157,18 +161,20 @@ def test_tiles_follow_the_problem_shape():
     tc = pick_tensorcore_config(extents(28 * 28, 128, 1152))
     assert isinstance(tc, TensorCoreConfig) and (tc.bm, tc.bn) == (128, 128)
     assert pick_tensorcore_config(extents(35 * 35, 96, 576)).bn == 96  # inception's 96-channel convs
-    assert pick_tensorcore_config(extents(56 * 56, 32, 1152)) is None  # densenet's growth convs ...
-    narrow = pick_tensorcore_config(extents(56 * 56, 32, 1152), k_steps=4, single_warp_columns=True)
-    assert (narrow.bn, narrow.wj, narrow.tk) == (32, 1, 4)  # ... have a tile where it lowers (TF32)
-    assert pick_tensorcore_config(extents(35 * 35, 48, 256), single_warp_columns=True) is None
+    narrow = pick_tensorcore_config(extents(56 * 56, 32, 1152), k_steps=4)  # densenet's growth convs
+    assert (narrow.bn, narrow.wj, narrow.tk) == (32, 1, 4)
+    assert pick_tensorcore_config(extents(56 * 56, 32, 1152), single_warp_columns=False) is None  # wmma
+    assert pick_tensorcore_config(extents(35 * 35, 48, 256)).bn == 48  # inception's 48 and 80
+    assert pick_tensorcore_config(extents(17 * 17, 80, 192)).bn == 80
+    assert pick_tensorcore_config(extents(1, 1000, 4096)) is None  # no tile divides N
 
 
-@pytest.mark.parametrize("precision,rule", [("tf32", "tensorcore-gemm"), ("fp16", "simt-gemm")])
-def test_gemms_32_wide_are_on_tensor_cores_where_they_lower(precision, rule):
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_gemms_32_wide_are_on_tensor_cores(precision):
     kernels = describe_schedules(_tiny_network()[0], CUDA_TARGET, precision)
     narrow = [k for k in kernels if k.n == 32 and ("conv2d" in k.name or "matmul" in k.name)]
     assert len(narrow) == 4  # three convs and the hidden dense layer
-    assert {k.rule for k in narrow} == {rule}
+    assert {k.rule for k in narrow} == {"tensorcore-gemm"}
 
 
 @pytest.mark.parametrize("precision,gemm_rule", [("fp32", "simt-gemm"), ("tf32", "tensorcore-gemm"),
@@ -213,28 +219,33 @@ def _cuda_source(executable) -> str:
 
 
 @needs_nvcc
-@pytest.mark.parametrize("network,precision", [("squeezenet_v1.1", "fp16"), ("resnet-18", "fp32"),
-                                               ("resnet-18", "fp16"), ("resnet-18", "tf32")])
-def test_cuda_build(network, precision):
-    executable = relax.build(get_network(network).module, CUDA_TARGET,
-                             relax_pipeline=gpu_pipeline(CUDA_TARGET, precision),
+@pytest.mark.parametrize("network,precision,target", [
+    ("squeezenet_v1.1", "fp16", CUDA_TARGET), ("resnet-18", "fp32", CUDA_TARGET),
+    ("resnet-18", "fp16", CUDA_TARGET), ("resnet-18", "tf32", CUDA_TARGET),
+    ("resnet-18", "fp16", TURING_TARGET),
+], ids=["squeezenet_v1.1-fp16", "resnet-18-fp32", "resnet-18-fp16", "resnet-18-tf32", "resnet-18-fp16-sm_75"])
+def test_cuda_build(network, precision, target):
+    executable = relax.build(get_network(network).module, target,
+                             relax_pipeline=gpu_pipeline(target, precision),
                              tir_pipeline=tir_pipeline(precision))
     source = _cuda_source(executable)
     assert "__global__" in source
-    if precision == "tf32":
-        assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in source
+    if target is TURING_TARGET:
+        assert "wmma::mma_sync" in source and "mma.sync" not in source  # wmma before sm_80
+        assert "wmma::accumulator, 16, 16, 16, float>" in source  # float32 accumulation
+    elif precision in ("tf32", "fp16"):
+        operand = {"tf32": "tf32", "fp16": "f16"}[precision]
+        assert f"mma.sync.aligned.m16n8k{8 if precision == 'tf32' else 16}.row.col.f32.{operand}.{operand}.f32" in source
         # every fragment buffer lowered to the thread's own registers (a warp-scope buffer left
         # unlowered would hold the whole warp's fragment, 32 times as many elements)
-        fragments = [int(size) for size in re.findall(r"float \w+_warp_ptr\[(\d+)\]", source)]
+        fragments = [int(size) for size in re.findall(r"(?:float|half) \w+_warp_ptr\[(\d+)\]", source)]
         assert fragments and max(fragments) <= 64
+    if precision == "tf32":
         # activations are rounded to TF32 in the kernels that compute them (mask 0xFFFFE000)
         assert "(uint)4294959104" in source
-    elif precision == "fp16":
-        assert "wmma::mma_sync" in source  # tensor cores
-        assert "wmma::accumulator, 16, 16, 16, float>" in source  # float32 accumulation
-    else:
+    if precision == "fp32":
         assert "*(float4*)" in source  # vectorized loads and stores
-        assert "mma_sync" not in source
+        assert "mma.sync" not in source
     assert "(int64_t)" not in source  # index arithmetic narrowed to int32 (narrow_batch_indices)
     copy_bytes = {int(size) for size in re.findall(r"ptx_cp_async\w*_(\d+)_\d+_\d+\(", source)}
     # tensor-core GEMMs with long K loops fill their tiles with 16-byte cp.async, and only them
@@ -252,20 +263,33 @@ def test_async_copies_only_where_they_apply(k_major, k, expected):
     assert _copies_async(list(k_major), tvm.tirx.IntImm("int64", k), bk=32, vector=4) is expected
 
 
-@pytest.mark.parametrize("layout,row_address", [(_mma_tf32.a_layout, _mma_tf32.a_row_address),
-                                                (_mma_tf32.b_layout, _mma_tf32.b_row_address)])
-def test_ldmatrix_fills_each_register_with_its_tf32_fragment_element(layout, row_address):
-    """ldmatrix.x4.b16 on float32 data: matrix q is read from the rows lanes 8q..8q+7 point at, and
-    lane L receives its element (L // 4, L % 4) in register q.  That must be the element the PTX
-    m16n8k8.tf32 layout puts in lane L's register q, for every lane and register, once each."""
+@pytest.mark.parametrize("mma", [_mma.TF32, _mma.FLOAT16], ids=["tf32", "fp16"])
+@pytest.mark.parametrize("operand", ["a", "b"])
+def test_ldmatrix_fills_each_register_with_its_fragment_elements(mma, operand):
+    """ldmatrix.x4.b16: matrix q is read from the rows lanes 8q..8q+7 point at, and lane L receives
+    the 32 bits (L // 4, L % 4) of it in register q: one float or two halves.  Those must be the
+    elements the PTX m16n8k8.tf32 / m16n8k16.f16 layout puts in lane L's register q, for every
+    lane and register, once each."""
+    layout, row_address = getattr(mma, f"{operand}_layout"), getattr(mma, f"{operand}_row_address")
+    per = mma.per_register
     seen = set()
-    for register in range(_mma_tf32.A_REGS):
-        for lane in range(_mma_tf32.WARP):
+    for register in range(mma.regs // per):
+        for lane in range(_mma.WARP):
             row, first_col = row_address(8 * register + lane // 4)
-            element = (row, first_col + lane % 4)
-            assert layout(*element) == (lane, register)
-            seen.add(element)
-    assert seen == {(r, c) for r in range(16) for c in range(_mma_tf32.FRAGMENT_K)}
+            for e in range(per):
+                element = (row, first_col + (lane % 4) * per + e)
+                assert layout(*element) == (lane, register * per + e)
+                seen.add(element)
+    assert seen == {(r, c) for r in range(16) for c in range(mma.k)}
+
+
+def test_float16_operand_layout_is_tvms():
+    """TVM's own float16 mma intrinsics lay out the A operand the same way (an independent check
+    of the PTX layout transcribed in hetero._mma)."""
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
+
+    assert all(_mma.FLOAT16.a_layout(i, k) == shared_16x16_to_ldmatrix_32x8_layout(i, k)
+               for i in range(16) for k in range(16))
 
 
 def _nearest_tf32(values: np.ndarray) -> np.ndarray:
