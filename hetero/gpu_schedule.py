@@ -336,14 +336,42 @@ class _RoundGemmOperands(PyExprMutator):
         return self.builder_.emit(self.builder_.call_te(_tf32_rounding, expr))
 
 
+# Ops whose output is TF32 wherever their input is: they move or pick values (rounding is
+# monotone, so max_pool(round(x)) == round(max_pool(x)), bit for bit).
+_KEEP_ROUNDING = ("relax.nn.max_pool2d", "relax.reshape", "relax.permute_dims")
+
+
 def _gemm_operands(func: relax.Function) -> set[relax.Var]:
+    """The dataflow vars to round: the GEMMs' float32 operands, each traced back through
+    _KEEP_ROUNDING ops to the first value with other uses.  Rounded there, the rounding fuses into
+    the epilogue of the conv that computes it, not into a max pool after it (and vgg's convs then
+    fit two blocks per SM: BENCHMARKS.md, "TF32 rounding before max pools")."""
+    bindings = [binding for block in (func.body.blocks if isinstance(func.body, relax.SeqExpr) else [])
+                for binding in block.bindings]
+    uses: dict[relax.Var, int] = {}
+
+    def count(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    for expr in [binding.value for binding in bindings] + [getattr(func.body, "body", func.body)]:
+        relax.analysis.post_order_visit(expr, count)
+    source = {binding.var: binding.value.args[0] for binding in bindings
+              if isinstance(binding.value, relax.Call) and isinstance(binding.value.op, tvm.ir.Op)
+              and binding.value.op.name in _KEEP_ROUNDING
+              and isinstance(binding.value.args[0], relax.DataflowVar) and uses.get(binding.value.args[0]) == 1}
+
+    def first_rounded(var: relax.Var) -> relax.Var:
+        while var in source:
+            var = source[var]
+        return var
+
     operands = set()
-    for block in func.body.blocks if isinstance(func.body, relax.SeqExpr) else []:
-        for binding in block.bindings:
-            value = getattr(binding, "value", None)
-            if isinstance(value, relax.Call) and _is_tensor_core_gemm(value):
-                operands.update(a for a in value.args
-                                if isinstance(a, relax.DataflowVar) and _tensor_dtype(a) == "float32")
+    for binding in bindings:
+        value = getattr(binding, "value", None)
+        if isinstance(value, relax.Call) and _is_tensor_core_gemm(value):
+            operands.update(first_rounded(a) for a in value.args
+                            if isinstance(a, relax.DataflowVar) and _tensor_dtype(a) == "float32")
     return operands
 
 
