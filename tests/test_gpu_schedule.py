@@ -19,6 +19,7 @@ from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.gpu_schedule import (
     MAX_BATCH_FUNCTION,
+    SPLIT_K_MIN_K,
     ScheduleInParallel,
     SimtConfig,
     TensorCoreConfig,
@@ -131,6 +132,36 @@ def test_weights_prepared_once_give_the_same_outputs(tiny_reference):
     weights = module_weights(vm, [tvm.runtime.tensor(p) for p in params])
     out = vm["main"](tvm.runtime.tensor(batch), *weights).numpy()
     assert _relative_error(out, ref) < FP16_TOLERANCE
+
+
+def _matmul_relu(k: int) -> tvm.IRModule:
+    n = tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType((n, k), "float32"))
+    w = relax.Var("w", relax.TensorType((k, 64), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
+        bb.emit_func_output(out)
+    return bb.finalize()
+
+
+def test_long_k_matmuls_are_split_and_compute_the_same():
+    """A matmul with one 128x128 tile at batch 64 and K = 8192 is cut into 32 parts of 256 (a
+    batched matmul, then a sum over the parts), with the same outputs to float32 rounding; one
+    with K below SPLIT_K_MIN_K is left whole."""
+    mod = _matmul_relu(8192)
+    prepared = prepare_module(mod, "fp32", "NCHW")
+    calls = [b.value for block in prepared["main"].body.blocks for b in block.bindings
+             if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+    matmuls = [c for c in calls if c.op.name == "relax.matmul"]
+    assert [[int(d) for d in c.args[1].ty.shape] for c in matmuls] == [[32, 256, 64]]
+    assert "relax.sum" in [c.op.name for c in calls]
+    rng = np.random.default_rng(1)
+    batch, weight = rng.standard_normal((3, 8192), dtype=np.float32), rng.standard_normal((8192, 64), dtype=np.float32)
+    ref = _run_on_cpu(mod, [weight], batch)
+    assert _relative_error(_run_on_cpu(prepared, [weight], batch), ref) < 1e-5
+    assert "R.sum" not in prepare_module(_matmul_relu(SPLIT_K_MIN_K // 2), "fp32", "NCHW")["main"].script()
 
 
 def test_rewrites_keep_the_batch_symbolic():
