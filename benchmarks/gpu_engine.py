@@ -102,7 +102,7 @@ def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tupl
                     else gpu_pipeline(target, precision, **options))
         start = time.perf_counter()
         executable = relax.build(net.module, target, relax_pipeline=pipeline,
-                                 tir_pipeline=tir_pipeline(precision if kind == "hetero" else "fp32"))
+                                 tir_pipeline=tir_pipeline(precision, target) if kind == "hetero" else "default")
         path = os.path.join(out_dir, f"{network}-{variant}.so")
         executable.export_library(path)
         return path, time.perf_counter() - start, None

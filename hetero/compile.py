@@ -88,7 +88,7 @@ def _tir_pipeline(device: Device) -> str:
     if device.target.kind.name == "cuda":
         from .gpu_schedule import tir_pipeline
 
-        return tir_pipeline(device.precision)
+        return tir_pipeline(device.precision, device.target)
     return "default"
 
 

@@ -43,7 +43,7 @@ raises on fused convs; depthwise convs go to ``GeneralReduction``, which spends 
 Usage::
 
     relax.build(network.module, target, relax_pipeline=gpu_pipeline(target, "fp16"),
-                tir_pipeline=tir_pipeline("fp16"))
+                tir_pipeline=tir_pipeline("fp16", target))
 
 :func:`describe_schedules` tells which rule and tile each kernel gets, without building.
 """
@@ -798,6 +798,11 @@ class _TensorCoreKind:
         """Where the A, B and accumulator fragments live."""
         return ("warp",) * 3 if self.mma else ("wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator")
 
+    @property
+    def tir_pipeline(self) -> str:
+        """The TIR lowering its kernels need (see :func:`tir_pipeline`)."""
+        return "hetero-mma" if self.mma else "hetero-wmma"
+
 
 # float16: 8 x float16 = 16 bytes per load; a transposing (row-contiguous) fetch stores the vector
 # element by element, which CUDA codegen only supports up to 4 lanes of float16
@@ -1068,36 +1073,51 @@ def _lower_all_warp_memory(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def _tensorcore_tir_pipeline():
+def _tensorcore_tir_pipeline(warp_fragments: bool):
     """TVM's s_tir lowering with ``cp.async`` on (``InjectPTXAsyncCopy``, for the asynchronous
-    stage of the tensor-core GEMMs), common-subexpression elimination off (it hides the
-    ``threadIdx.x * 4`` of fragment stores behind let variables, which ``LowerWarpMemory`` cannot
-    read) and warp memory (the fragments) lowered to the last buffer."""
+    stage of the tensor-core GEMMs).  For fragments held in warp memory (``mma.sync``) also
+    common-subexpression elimination off (it hides the ``threadIdx.x * 4`` of fragment stores
+    behind let variables, which ``LowerWarpMemory`` cannot read) and warp memory lowered to the
+    last buffer."""
     from tvm.s_tir.pipeline import default_s_tir_pipeline  # pylint: disable=import-outside-toplevel
 
-    lower, finalize_host, _ = default_s_tir_pipeline()
-    config_changes = {"tirx.use_async_copy": True, "tirx.disable_cse_tir": True}
+    lower, finalize_host, finalize_device = default_s_tir_pipeline()
+    config_changes = {"tirx.use_async_copy": True, **({"tirx.disable_cse_tir": True} if warp_fragments else {})}
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.TensorCoreLowering")
     def lower_for_tensor_cores(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with tvm.transform.PassContext(opt_level=ctx.opt_level, config={**dict(ctx.config), **config_changes}):
             return lower(mod)
 
-    def finalize_device():
-        return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
-                                         tirx.transform.LowerIntrin()])
+    if warp_fragments:
+        def finalize_device():
+            return tvm.transform.Sequential([_lower_all_warp_memory, tirx.transform.StmtSimplify(),
+                                             tirx.transform.LowerIntrin()])
 
     return lower_for_tensor_cores, finalize_host, finalize_device
 
 
-_TENSOR_CORE_TIR_PIPELINE = "hetero-tensor-cores"
-tvm.tirx.compilation_pipeline.register_tir_pipeline(_TENSOR_CORE_TIR_PIPELINE, _tensorcore_tir_pipeline)
+for _kind in (_MMA_F16, _WMMA_F16):
+    tvm.tirx.compilation_pipeline.register_tir_pipeline(
+        _kind.tir_pipeline, lambda warp_fragments=_kind.mma is not None: _tensorcore_tir_pipeline(warp_fragments))
 
 
-def tir_pipeline(precision: str) -> str:
+def _tensor_core_kind(target: tvm.target.Target, precision: str) -> _TensorCoreKind | None:
+    """The tensor-core GEMM ``target`` runs in ``precision``: TF32 and float16 on ``mma.sync`` from
+    sm_80 on, float16 on wmma on sm_70 and sm_75; None for fp32 and GPUs without them."""
+    if target.kind.name != "cuda" or precision == "fp32":
+        return None
+    sm = _sm_version(target)
+    if precision == "tf32":
+        return _MMA_TF32 if sm >= 80 else None
+    return _MMA_F16 if sm >= 80 else _WMMA_F16 if sm >= 70 else None
+
+
+def tir_pipeline(precision: str, target: tvm.target.Target) -> str:
     """The TIR lowering (``tir_pipeline`` of ``relax.build``) that :func:`gpu_pipeline`'s kernels
-    need in ``precision``."""
-    return _TENSOR_CORE_TIR_PIPELINE if precision in ("tf32", "fp16") else "default"
+    need in ``precision`` on ``target``."""
+    kind = _tensor_core_kind(target, precision)
+    return kind.tir_pipeline if kind else "default"
 
 
 def _sm_version(target: tvm.target.Target) -> int:
@@ -1119,10 +1139,9 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
     """
     from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
 
+    kind = _tensor_core_kind(target, precision)
     if tensor_cores is None:
-        tensor_cores = (target.kind.name == "cuda"
-                        and _sm_version(target) >= (80 if precision == "tf32" else 70)
-                        and precision != "fp32")
+        tensor_cores = kind is not None
 
     def traced(rule: str, pick: Callable) -> Callable:
         def picker(extents):
@@ -1133,14 +1152,13 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
         return picker
 
     rules: list[ScheduleRule] = []
-    if tensor_cores:
-        kind = _MMA_TF32 if precision == "tf32" else _MMA_F16 if _sm_version(target) >= 80 else _WMMA_F16
+    if tensor_cores and kind is not None:
 
         def tensorcore(func, tgt):
             pick = functools.partial(pick_tensorcore_config, k_steps=kind.k_steps,
                                      single_warp_columns=kind.mma is not None)
             sch = schedule_gemm_tensorcore(func, traced("tensorcore-gemm", pick), kind, async_copy)
-            return _lowers(sch, tgt, tir_pipeline(precision)) if verify else sch
+            return _lowers(sch, tgt, kind.tir_pipeline) if verify else sch
 
         rules.append(_Rule("tensorcore-gemm", tensorcore))
     rules += [

@@ -219,6 +219,13 @@ def test_every_conv_of_resnet18_is_a_tiled_gemm(precision, gemm_rule):
     assert not any(k.rule == "dlight.Fallback" and ("conv2d" in k.name or "matmul" in k.name) for k in kernels)
 
 
+def test_the_tir_lowering_follows_the_targets_tensor_cores():
+    assert tir_pipeline("tf32", CUDA_TARGET) == tir_pipeline("fp16", CUDA_TARGET) != "default"
+    # wmma before sm_80, lowered with TVM's common-subexpression elimination
+    assert tir_pipeline("fp16", TURING_TARGET) not in ("default", tir_pipeline("fp16", CUDA_TARGET))
+    assert tir_pipeline("tf32", TURING_TARGET) == tir_pipeline("fp32", CUDA_TARGET) == "default"
+
+
 def test_depthwise_convs_reduce_in_registers():
     kernels = describe_schedules(get_network("mobilenet").module, CUDA_TARGET, "fp32")
     by_rule: dict[str, list[str]] = {}
@@ -258,7 +265,7 @@ def _cuda_source(executable) -> str:
 def test_cuda_build(network, precision, target):
     executable = relax.build(get_network(network).module, target,
                              relax_pipeline=gpu_pipeline(target, precision),
-                             tir_pipeline=tir_pipeline(precision))
+                             tir_pipeline=tir_pipeline(precision, target))
     source = _cuda_source(executable)
     assert "__global__" in source
     if target is TURING_TARGET:
