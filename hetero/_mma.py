@@ -12,8 +12,8 @@ registers.
 A 16x16 output tile takes a 16xK A fragment (rows x K), a 16xK B fragment (columns x K, i.e.
 B stored transposed, as hetero's GEMMs have it) and two ``m16n8kK`` instructions.  Fragments are
 loaded with ``ldmatrix.x4.b16``: each of its four 8x8 b16 matrices is an 8 x C matrix of the
-operand (C = 4 floats or 8 halves: one 16-byte row), each lane receiving the 32 bits at row
-lane // 4, bits (lane % 4) of it -- the mma fragment layout of both types.  (Plain per-lane stores
+operand (C = 4 floats or 8 halves: one 16-byte row), each lane receiving 32-bit word lane % 4
+of row lane // 4 -- the mma fragment layout of both types.  (Plain per-lane stores
 would also do, but ``LowerWarpMemory`` cannot place their registers: TVM's simplifier does not
 prove ``(4 * lane + 129) // 128 == 1``, the index stays dynamic and nvcc moves the fragments to
 local memory.  For the same reason the loop over the two n8 halves of an mma stays rolled in TIR,
