@@ -368,9 +368,8 @@ def _gemm_operands(func: relax.Function) -> set[relax.Var]:
 
     operands = set()
     for binding in bindings:
-        value = getattr(binding, "value", None)
-        if isinstance(value, relax.Call) and _is_tensor_core_gemm(value):
-            operands.update(first_rounded(a) for a in value.args
+        if isinstance(binding.value, relax.Call) and _is_tensor_core_gemm(binding.value):
+            operands.update(first_rounded(a) for a in binding.value.args
                             if isinstance(a, relax.DataflowVar) and _tensor_dtype(a) == "float32")
     return operands
 
@@ -396,6 +395,7 @@ def round_to_tf32(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 SPLIT_K_MIN_K = 4096
 _SPLIT_K_TILE = 128  # the tile edge split_k counts blocks with
 _SPLIT_K_MIN_PART = 256  # the shortest K a split leaves each part
+_K_TILE = 32  # K of a tensor-core GEMM's shared-memory stage (the CUDA-core GEMM's 16 divides it)
 
 
 def _k_splits(call: relax.Call, num_sms: int) -> int:
@@ -411,7 +411,7 @@ def _k_splits(call: relax.Call, num_sms: int) -> int:
         return 1
     blocks = math.ceil(_estimate(m) / _SPLIT_K_TILE) * math.ceil(n / _SPLIT_K_TILE)
     splits = 1
-    while (blocks * splits < 2 * num_sms and k % (2 * splits * 32) == 0
+    while (blocks * splits < 2 * num_sms and k % (2 * splits * _K_TILE) == 0
            and k // (2 * splits) >= _SPLIT_K_MIN_PART):
         splits *= 2
     return splits
