@@ -533,6 +533,7 @@ SIMT_CONFIGS = (
 )
 TENSORCORE_CONFIGS = (
     TensorCoreConfig(wi=2, wj=4, ti=4, tj=2),  # 128 x 128, 8 warps of 64 x 32
+    TensorCoreConfig(wi=4, wj=2, ti=4, tj=2),  # 256 x 64, 8 warps of 64 x 32 (long K only)
     TensorCoreConfig(wi=4, wj=2, ti=2, tj=3),  # 128 x 96, 8 warps of 32 x 48
     TensorCoreConfig(wi=4, wj=2, ti=2, tj=2),  # 128 x 64, 8 warps of 32 x 32
     TensorCoreConfig(wi=2, wj=2, ti=2, tj=3),  # 64 x 96, 4 warps
@@ -541,6 +542,8 @@ TENSORCORE_CONFIGS = (
     TensorCoreConfig(wi=4, wj=1, ti=2, tj=3),  # 128 x 48, 4 warps of 32 x 48 (inception)
     TensorCoreConfig(wi=4, wj=1, ti=2, tj=2),  # 128 x 32, 4 warps of 32 x 32 (densenet)
 )
+TALL_TILE_ROWS = 256
+TALL_TILE_MIN_K = 512  # tiles of TALL_TILE_ROWS only over K loops this long (BENCHMARKS.md, "Tiles of 256 rows")
 # Not offered, because TVM 0.27 fails to lower them: tk=1 (the k1 software pipeline loses its
 # fragments); with wmma (float16 before sm_80), one warp or one fragment along J or I (the staged
 # epilogue mixes float16/float32 access_ptr).  GEMMs whose N no tile divides go to the CUDA-core
@@ -563,12 +566,13 @@ def _estimate(expr, batch: int = PLANNING_BATCH) -> int:
 
 
 def _pick(configs, extents, num_sms: int, blocks_per_sm: int):
-    """The largest tile that does not overshoot N and still makes ``num_sms * blocks_per_sm``
+    """The largest tile that overshoots neither M nor N and still makes ``num_sms * blocks_per_sm``
     blocks at the planning batch (over all S matrices of a batched GEMM); failing that, the tile
     that makes the most blocks (and, of those, pads the least)."""
     s_expr, m_expr, n_expr, _ = extents
     matrices, m, n = _estimate(s_expr), _estimate(m_expr), _estimate(n_expr)
-    fitting = [c for c in configs if c.bn <= max(n, min(c.bn for c in configs))]
+    fitting = [c for c in configs if c.bn <= max(n, min(c.bn for c in configs))
+               and c.bm <= max(m, min(c.bm for c in configs))]
     best, best_key = None, None
     for cfg in fitting:
         rows, cols = math.ceil(m / cfg.bm), math.ceil(n / cfg.bn)
@@ -594,10 +598,12 @@ def pick_tensorcore_config(extents, num_sms: int = DEFAULT_NUM_SMS, k_steps: int
     """Tile for the tensor-core GEMM with normalized extents ``(S, M, N, K)`` and ``k_steps``
     fragment K steps per stage, of the tiles with one warp along J only if
     ``single_warp_columns`` (not for wmma); None when no such tile's N divides the GEMM's N (see
-    TENSORCORE_CONFIGS)."""
-    n = _static(extents[2])
+    TENSORCORE_CONFIGS).  A tile of TALL_TILE_ROWS only pays where K is at least TALL_TILE_MIN_K:
+    over shorter K loops its fill and its epilogue outweigh it."""
+    n, k = _static(extents[2]), _estimate(extents[3])
     configs = tuple(replace(c, tk=k_steps) for c in TENSORCORE_CONFIGS
-                    if n is not None and n % c.bn == 0 and (c.wj > 1 or single_warp_columns))
+                    if n is not None and n % c.bn == 0 and (c.wj > 1 or single_warp_columns)
+                    and (c.bm < TALL_TILE_ROWS or k >= TALL_TILE_MIN_K))
     return _pick(configs, extents, num_sms, blocks_per_sm=2) if configs else None
 
 
@@ -1225,7 +1231,8 @@ class ScheduleInParallel:  # pylint: disable=too-few-public-methods
 
 MAX_BATCH_FUNCTION = "hetero_max_batch"  # the largest batch one call of a narrowed module takes
 _INT32_MAX = 2**31 - 1
-_PADDED_ROWS = 128  # a GEMM's M (one row per pixel) is padded to its tile: at most this many rows
+# a GEMM's M (one row per pixel) is padded to its tile: at most this many rows
+_PADDED_ROWS = max(c.bm for c in (*SIMT_CONFIGS, *TENSORCORE_CONFIGS))
 
 
 def _buffers(func: tirx.PrimFunc) -> list[tirx.Buffer]:

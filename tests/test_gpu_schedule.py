@@ -198,6 +198,12 @@ def test_tiles_follow_the_problem_shape():
     assert pick_tensorcore_config(extents(35 * 35, 48, 256)).bn == 48  # inception's 48 and 80
     assert pick_tensorcore_config(extents(17 * 17, 80, 192)).bn == 80
     assert pick_tensorcore_config(extents(1, 1000, 4096)) is None  # no tile divides N
+    tall = pick_tensorcore_config(extents(224 * 224, 64, 576))  # vgg's first 3x3 convs
+    assert (tall.bm, tall.bn) == (256, 64)
+    assert pick_tensorcore_config(extents(56 * 56, 64, 256)).bm == 128  # too short a K for 256 rows
+    split_dense = [tvm.tirx.IntImm("int64", 16), n, tvm.tirx.IntImm("int64", 4096),
+                   tvm.tirx.IntImm("int64", 1568)]  # vgg's first dense layer, split along K
+    assert pick_tensorcore_config(split_dense).bm == 64  # not padded from 64 rows to 128
 
 
 @pytest.mark.parametrize("precision", ["tf32", "fp16"])
@@ -413,8 +419,8 @@ def test_int32_indices_compute_the_same_and_record_the_batch_they_hold(tiny_refe
         outputs.append(vm["main"](tvm.runtime.tensor(batch), *[tvm.runtime.tensor(p) for p in params]).numpy())
     np.testing.assert_array_equal(outputs[1], outputs[0])
     # The largest buffer per sample is 32 channels x 18 x 18 (16x16 maps padded for a 3x3 conv and
-    # the max pool); 128 samples are kept for rows a GEMM pads to its tile.
-    assert recorded_max_batch(vm) == (2**31 - 1) // (32 * 18 * 18) - 128
+    # the max pool); 256 samples are kept for rows a GEMM pads to its tallest tile (256 x 128).
+    assert recorded_max_batch(vm) == (2**31 - 1) // (32 * 18 * 18) - 256
 
 
 def test_indices_stay_64_bit_where_one_call_could_not_hold_a_useful_batch(tiny_reference):
