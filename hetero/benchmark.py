@@ -23,7 +23,7 @@ import numpy as np
 from tabulate import tabulate
 
 from .cli import _Parser, _batch_list, _positive_int, _run
-from .devices import PRECISIONS, Device, parse_devices, with_precision
+from .devices import DEFAULT_PRECISION, PRECISIONS, Device, parse_devices, with_precision
 from .execute import Engine, load_engine, run_split
 from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, learn_company, plan, reserve_cores,
                         share_limits)
@@ -193,7 +193,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES))
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="tf32 or fp16 for CUDA GPUs")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help=f"the CUDA GPUs' arithmetic (default {DEFAULT_PRECISION}): fp32, tf32 or fp16")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="append results here")
     parser.add_argument("--machine", default=platform.node(), help="machine name for BENCHMARKS.md")
@@ -204,6 +205,7 @@ def main(argv: list[str]) -> int:
     table = ProfileTable.load(args.table, create=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m hetero.benchmark " + shlex.join(argv)
+    arithmetic = ", ".join(f"{d.name} {d.precision}" for d in devices)
     sections = []
     for network in args.network.split(","):
         for batch in args.batch:
@@ -211,7 +213,7 @@ def main(argv: list[str]) -> int:
                                args.budget, with_torch=not args.no_torch)
             text = format_markdown(result)
             print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
-            sections.append(f"#### {network}, batch {batch}, `{args.device}`, {args.precision}\n\n{text}\n")
+            sections.append(f"#### {network}, batch {batch}, `{args.device}` ({arithmetic})\n\n{text}\n")
     with open(args.markdown, "a", encoding="utf-8") as out:
         out.write(f"\n### {args.machine}, {stamp}\n\n`{command}`\n\n" + "\n".join(sections))
     return 0

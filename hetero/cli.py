@@ -176,7 +176,7 @@ def _list_devices() -> str:
 def inference_main(argv: list[str]) -> int:
     from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH, infer
     from .models import network_names
-    from .devices import PRECISIONS
+    from .devices import DEFAULT_PRECISION, PRECISIONS
     from .partition import PARTITIONERS
     from .profile import SEED_BATCHES
 
@@ -188,9 +188,11 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, help="write the outputs, in input order, to this .npy file")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE, help=f"profile table (default {DEFAULT_TABLE})")
     parser.add_argument("--partitioner", choices=sorted(PARTITIONERS), default="exact")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="tf32 and fp16 run CUDA GPUs on tensor cores (outputs within 2e-2 and 1e-2 "
-                             "relative of fp32); other devices stay fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help=f"the CUDA GPUs' arithmetic (default {DEFAULT_PRECISION}, as PyTorch's convolutions): "
+                             "tf32 and fp16 run them on tensor cores (outputs within 2e-2 and 1e-2 relative "
+                             "of fp32; tf32 only from sm_80 on, fp32 before), fp32 exactly on CUDA cores; "
+                             "other devices always fp32")
     parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES),
                         help="batch sizes to profile, e.g. 1,2,4 (default: the seed's 20 sizes up to 129)")
     parser.add_argument("--reprofile", action="store_true", help="measure again even if the table has a profile")

@@ -186,11 +186,20 @@ def parse_devices(spec: str) -> list[Device]:
 
 
 PRECISIONS = ("fp32", "tf32", "fp16")
+# PyTorch's default arithmetic for convolutions on a GPU (cuDNN in TF32): a user comparing the two
+# gets the same arithmetic from both
+DEFAULT_PRECISION = "tf32"
 
 
 def with_precision(devices: list[Device], precision: str) -> list[Device]:
-    """Devices set to compute in `precision`: tf32 and fp16 apply to CUDA GPUs (tensor cores); the
-    CPU and OpenCL devices stay fp32, which their schedules run fastest."""
+    """Devices set to compute in `precision`: tf32 and fp16 apply to CUDA GPUs (tensor cores), tf32
+    only to those that have TF32 tensor cores (sm_80 and newer; older ones stay fp32); the CPU and
+    OpenCL devices stay fp32, which their schedules run fastest."""
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
-    return [dataclasses.replace(d, precision=precision) if d.kind == "cuda" else d for d in devices]
+    if not any(d.kind == "cuda" for d in devices):
+        return list(devices)
+    from .gpu_schedule import effective_precision  # pylint: disable=import-outside-toplevel
+
+    return [dataclasses.replace(d, precision=effective_precision(d.target, precision)) if d.kind == "cuda" else d
+            for d in devices]

@@ -90,6 +90,7 @@ __all__ = [
     "SimtConfig",
     "TensorCoreConfig",
     "describe_schedules",
+    "effective_precision",
     "fused_module",
     "gpu_pipeline",
     "gpu_rules",
@@ -1119,6 +1120,13 @@ def _tensor_core_kind(target: tvm.target.Target, precision: str) -> _TensorCoreK
     return _MMA_F16 if sm >= 80 else _WMMA_F16 if sm >= 70 else None
 
 
+def effective_precision(target: tvm.target.Target, precision: str) -> str:
+    """The precision ``target`` computes ``precision`` in: ``"tf32"`` is ``"fp32"`` on GPUs without
+    TF32 tensor cores (before sm_80), whose CUDA cores would gain nothing from rounding the
+    operands and lose their precision."""
+    return "fp32" if precision == "tf32" and _tensor_core_kind(target, precision) is None else precision
+
+
 def tir_pipeline(precision: str, target: tvm.target.Target) -> str:
     """The TIR lowering (``tir_pipeline`` of ``relax.build``) that :func:`gpu_pipeline`'s kernels
     need in ``precision`` on ``target``."""
@@ -1268,7 +1276,7 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
     was int64 arithmetic: 64-bit divisions and modulos by constants in the K loop of every conv,
     and registers.  In int32, vgg-16 ran 11% and resnet-34 13% faster in tf32 on an H200
     (BENCHMARKS.md, "int32 index arithmetic").  A module so narrowed is exact for batches up to
-    the recorded limit (vgg-16: 528); hetero's engines run larger batches in calls of that size.
+    the recorded limit (vgg-16: 400); hetero's engines run larger batches in calls of that size.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.NarrowBatchIndices")
@@ -1384,6 +1392,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    precision = effective_precision(target, precision)
     from tvm.relax.backend.cuda import pipeline as cuda  # pylint: disable=import-outside-toplevel
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.GPUPipeline")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .devices import Device, parse_devices, with_precision
+from .devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
 from .errors import HeteroError, one_line
 from .execute import Engine, ShareResult, copy_threads, load_engine, run_split
 from .models import Network, get_network
@@ -301,7 +301,7 @@ def infer(
     budget_s: float = DEFAULT_BUDGET_S,
     progress: bool = True,
     load: Callable[[Network, Device], Engine] = load_engine,
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     tune_trials: int = 0,
     tune_batch: int = DEFAULT_TUNE_BATCH,
 ) -> InferenceReport:

@@ -22,7 +22,7 @@ def test_benchmark_prints_and_records_every_device_and_the_split(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     text = markdown.read_text()
-    assert "### test-box" in text and f"#### {SMALL_NETWORK}, batch 2, `cpu`, fp32" in text
+    assert "### test-box" in text and f"#### {SMALL_NETWORK}, batch 2, `cpu` (cpu fp32)" in text
     rows = [line for line in text.splitlines() if line.startswith("| cpu ") or line.startswith("| split ")]
     assert len(rows) == 2
     assert "split/ideal" in text and "split/best-single" in text

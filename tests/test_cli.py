@@ -62,6 +62,7 @@ def test_inference_profiles_once_then_reuses_table_and_cache(tmp_path):
     report = json.loads(first.stdout)
     assert report["profiled"] == ["cpu"]
     assert [d["samples"] for d in report["devices"]] == [3]
+    assert report["devices"][0]["precision"] == "fp32"  # the default tf32 is for CUDA GPUs only
     assert report["throughput_img_s"] > 0
 
     second = run_script("Inference.py", *args)

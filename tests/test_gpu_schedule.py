@@ -17,6 +17,7 @@ from tvm import relax
 from hetero import _mma
 from hetero._layers import Graph
 from hetero.compile import module_weights
+from hetero.devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
 from hetero.gpu_schedule import (
     MAX_BATCH_FUNCTION,
     SPLIT_K_MIN_K,
@@ -26,6 +27,7 @@ from hetero.gpu_schedule import (
     _copies_async,
     _with_weights_prepared_once,
     describe_schedules,
+    effective_precision,
     fused_module,
     gpu_pipeline,
     gpu_rules,
@@ -230,6 +232,16 @@ def test_the_tir_lowering_follows_the_targets_tensor_cores():
     # wmma before sm_80, lowered with TVM's common-subexpression elimination
     assert tir_pipeline("fp16", TURING_TARGET) not in ("default", tir_pipeline("fp16", CUDA_TARGET))
     assert tir_pipeline("tf32", TURING_TARGET) == tir_pipeline("fp32", CUDA_TARGET) == "default"
+
+
+def test_tf32_is_fp32_on_gpus_without_tf32_tensor_cores():
+    assert effective_precision(CUDA_TARGET, "tf32") == "tf32"
+    assert effective_precision(TURING_TARGET, "tf32") == "fp32"  # no rounding that buys no speed
+    assert effective_precision(TURING_TARGET, "fp16") == "fp16"
+    cpu = parse_devices("cpu")[0]
+    gpus = [Device(f"gpu{i}", "cuda", i, "test GPU", target) for i, target in enumerate((CUDA_TARGET, TURING_TARGET))]
+    assert [d.precision for d in with_precision([cpu, *gpus], DEFAULT_PRECISION)] == ["fp32", "tf32", "fp32"]
+    assert [d.precision for d in with_precision([cpu, *gpus], "fp16")] == ["fp32", "fp16", "fp16"]
 
 
 def test_depthwise_convs_reduce_in_registers():
