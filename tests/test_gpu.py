@@ -6,7 +6,7 @@ import pytest
 import hetero
 from hetero.devices import with_precision
 from hetero.execute import load_engine
-from hetero.inference import infer, run
+from hetero.inference import infer
 
 from .conftest import SMALL_NETWORK
 
@@ -26,7 +26,8 @@ def test_split_across_cpu_and_gpus_equals_cpu_alone(tmp_path):
     inputs = network.random_input(9, seed=11)
     reference, _ = load_engine(network, hetero.parse_devices("cpu")[0]).infer(inputs)
     devices = hetero.parse_devices(",".join(["cpu"] + [g.name for g in GPUS]))
-    report = infer(network, devices, inputs=inputs, table=tmp_path / "t.json", profile_batches=[1, 2, 4], progress=False)
+    report = infer(network, devices, inputs=inputs, table=tmp_path / "t.json", profile_batches=[1, 2, 4], progress=False,
+                   precision="fp32")  # exact, to compare with the CPU's outputs
     assert sum(s.size for s in report.shares) == 9
     assert any(s.size for s in report.shares if s.device.kind == "cuda")
     np.testing.assert_allclose(report.outputs, reference, rtol=1e-3, atol=1e-4)
@@ -34,7 +35,7 @@ def test_split_across_cpu_and_gpus_equals_cpu_alone(tmp_path):
 
 def test_a_run_computes_in_tf32_by_default_where_the_gpu_has_it(tmp_path):
     network = hetero.get_network(SMALL_NETWORK)
-    report = run(network, GPUS[0].name, batch=3, table=tmp_path / "t.json", profile_batches=[1, 2], progress=False)
+    report = infer(network, GPUS[0].name, batch=3, table=tmp_path / "t.json", profile_batches=[1, 2], progress=False)
     arch = int(GPUS[0].target.attrs["arch"].removeprefix("sm_").rstrip("a"))
     assert [s.device.precision for s in report.shares] == ["tf32" if arch >= 80 else "fp32"]
     reference, _ = load_engine(network, hetero.parse_devices("cpu")[0]).infer(network.random_input(3))
