@@ -53,7 +53,7 @@ def test_tensor_core_precisions_stay_within_the_stated_error(precision, bound):
     outputs, _ = engine.infer(inputs)
     # int32 indices hold up to the batch at which the largest buffer, the max pool's padded input
     # (64 x 114 x 114 per sample), reaches 2**31 elements, less 256 samples for rows padded to a
-    # tile (the tallest, 256 x 128)
+    # tile (the tallest, 256 x 64)
     assert engine.max_call == (2**31 - 1) // (64 * 114 * 114) - 256
     error = np.abs(outputs.astype(np.float64) - reference).max() / np.abs(reference).max()
     assert error < bound  # the bound README.md and --help state

@@ -431,7 +431,7 @@ def test_int32_indices_compute_the_same_and_record_the_batch_they_hold(tiny_refe
         outputs.append(vm["main"](tvm.runtime.tensor(batch), *[tvm.runtime.tensor(p) for p in params]).numpy())
     np.testing.assert_array_equal(outputs[1], outputs[0])
     # The largest buffer per sample is 32 channels x 18 x 18 (16x16 maps padded for a 3x3 conv and
-    # the max pool); 256 samples are kept for rows a GEMM pads to its tallest tile (256 x 128).
+    # the max pool); 256 samples are kept for rows a GEMM pads to its tallest tile (256 x 64).
     assert recorded_max_batch(vm) == (2**31 - 1) // (32 * 18 * 18) - 256
 
 
