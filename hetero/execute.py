@@ -58,6 +58,9 @@ class Timing:
 
 
 _CUDA_HOST = 3  # DLPack's kDLCUDAHost: page-locked host memory, allocated with cudaMallocHost
+# An accelerator's call is pipelined in up to this many chunks of at least this many samples
+PIPELINE_CHUNKS = 4
+PIPELINE_MIN_CHUNK = 32
 
 
 def copy_threads() -> int:
@@ -224,24 +227,54 @@ class Engine:
         self._call_module(batch, main)
         return statistics.median(self._call_module(batch, main)[1].total_s for _ in range(repeats))
 
-    def _call_module(self, batch: np.ndarray, module: tuple[Callable, list]) -> tuple[np.ndarray, Timing]:
-        main, weights = module
-        t0 = time.perf_counter()
-        staged = self._staging.fill(batch, self._copy)
+    def _chunks(self, samples: int) -> list[int]:
+        """The sizes a call of `samples` is pipelined in: an accelerator's, so that staging each
+        chunk's inputs on the host overlaps the device computing the chunk before; the CPU's, whole."""
         if self._on_device is None:
-            on_device = staged
-        else:
-            on_device = self._on_device.view(len(batch))
-            on_device.copyfrom(staged)
+            return [samples]
+        count = max(1, min(PIPELINE_CHUNKS, samples // PIPELINE_MIN_CHUNK))
+        return [len(part) for part in np.array_split(np.arange(samples), count)]
+
+    def _call_module(self, batch: np.ndarray, module: tuple[Callable, list]) -> tuple[np.ndarray, Timing]:
+        """One call of the module, in chunks (:meth:`_chunks`): a chunk is staged while the one before
+        computes, copied in once that one is done, and launched once that one's outputs are read back.
+        The Timing splits the wall time: staging counts as copying in even while the device computes."""
+        main, weights = module
+        copy_in = compute = copy_out = 0.0
+        outputs, in_flight, first = [], None, 0
+        mark = time.perf_counter()
+
+        def lap() -> float:
+            nonlocal mark
+            now = time.perf_counter()
+            seconds, mark = now - mark, now
+            return seconds
+
+        for size in self._chunks(len(batch)):
+            staged = self._staging.fill(batch[first : first + size], self._copy)
+            first += size
+            copy_in += lap()
+            self._dev.sync()
+            compute += lap()
+            if in_flight is not None:
+                outputs.append(in_flight.numpy())
+                copy_out += lap()
+            if self._on_device is None:
+                on_device = staged
+            else:
+                on_device = self._on_device.view(size)
+                on_device.copyfrom(staged)
+                self._dev.sync()
+            copy_in += lap()
+            in_flight = main(on_device, *weights)
+            compute += lap()
         self._dev.sync()
-        t1 = time.perf_counter()
-        out = main(on_device, *weights)
-        self._dev.sync()
-        t2 = time.perf_counter()
-        host = out.numpy()
-        t3 = time.perf_counter()
+        compute += lap()
+        outputs.append(in_flight.numpy())
+        copy_out += lap()
         self._has_run = True
-        return host, Timing(t1 - t0, t2 - t1, t3 - t2)
+        host = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return host, Timing(copy_in, compute, copy_out)
 
     def prepare(self, samples: int) -> None:
         """Before a timed run: input buffers for `samples`, and on an engine that has not run yet one

@@ -1256,15 +1256,23 @@ def _buffers(func: tirx.PrimFunc) -> list[tirx.Buffer]:
 
 
 def _batch_limit(func: tirx.PrimFunc, max_elements: int) -> int | None:
-    """The largest batch at which no buffer of ``func`` (padded GEMM rows included) has more than
-    ``max_elements`` elements; None if its shapes do not depend on the batch."""
+    """The largest batch at which no buffer of ``func`` has more than ``max_elements`` elements
+    (padded GEMM rows included), nor more than an int32 byte offset reaches: TVM's ``cp.async``
+    helper takes its source offset as an int and multiplies it by the element size in int.  vgg-16's
+    tf32 module, limited to 400 samples before, faulted (illegal address) while profiled at 128 or
+    256 samples: at 256 its convs read 822M floats from one buffer, 3.3 GB.  None if the shapes of
+    ``func`` do not depend on the batch."""
     probe = 1 << 20
-    per_sample = 0
+    per_sample = per_sample_bytes = 0
     for buffer in _buffers(func):
         elements = functools.reduce(lambda a, b: a * b, buffer.shape, tirx.IntImm("int64", 1))
         if undefined_vars(elements):
-            per_sample = max(per_sample, -(-_estimate(elements, probe) // probe))
-    return max_elements // per_sample - _PADDED_ROWS if per_sample else None
+            count = -(-_estimate(elements, probe) // probe)
+            per_sample = max(per_sample, count)
+            per_sample_bytes = max(per_sample_bytes, count * buffer.dtype.bits // 8)
+    if not per_sample:
+        return None
+    return min(max_elements // per_sample - _PADDED_ROWS, _INT32_MAX // per_sample_bytes)
 
 
 def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
@@ -1276,7 +1284,7 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
     was int64 arithmetic: 64-bit divisions and modulos by constants in the K loop of every conv,
     and registers.  In int32, vgg-16 ran 11% and resnet-34 13% faster in tf32 on an H200
     (BENCHMARKS.md, "int32 index arithmetic").  A module so narrowed is exact for batches up to
-    the recorded limit (vgg-16: 400); hetero's engines run larger batches in calls of that size.
+    the recorded limit (vgg-16: 164); hetero's engines run larger batches in calls of that size.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.NarrowBatchIndices")
