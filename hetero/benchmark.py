@@ -119,7 +119,7 @@ def benchmark(
     engines: list[Engine] = [load_engine(net, device) for device in devices]
     profiles, _ = ensure_profiles(engines, table, profile_batches, budget_s=budget_s)
     inputs = net.random_input(batch)
-    limits = share_limits(profiles)  # chunked as Inference.py runs them
+    limits = share_limits(profiles, devices)  # chunked as Inference.py runs them
     # One untimed split teaches the table each device's slowdown in company, as Inference.py's runs do,
     # so the timed split is the plan repeated runs of Inference.py settle on.
     shares, predicted, _ = plan(profiles, batch)

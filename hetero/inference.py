@@ -179,10 +179,19 @@ def plan(profiles: Sequence[Profile], batch: int, partitioner: str = "exact") ->
     return shares, predicted_times(costs, shares, slowdowns), seconds
 
 
-def share_limits(profiles: Sequence[Profile]) -> list[int | None]:
-    """The most samples each device takes in one call (the largest size its profile showed to fit);
-    larger shares run in chunks of that size. None where no size failed."""
-    return [p.max_batch() or None for p in profiles]
+def share_limits(profiles: Sequence[Profile], devices: Sequence[Device]) -> list[int | None]:
+    """The most samples each device takes in one call, larger shares running in chunks of that size:
+    the largest size its profile showed to fit, where a size failed; on a CPU, else, the largest size
+    profiled, since a call's buffers are fresh memory the first time (squeezenet_v1.1 on this
+    project's 2-core machine: 143 ms for a first call of 16 samples, 88 ms after; BENCHMARKS.md) and
+    its time per sample is flat beyond the profile; None, one call, elsewhere."""
+    limits = []
+    for profile, device in zip(profiles, devices, strict=True):
+        limit = profile.max_batch() or None
+        if limit is None and device.kind == "cpu":
+            limit = profile.largest_measured() or None
+        limits.append(limit)
+    return limits
 
 
 def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Sequence[ShareResult]) -> None:
@@ -332,7 +341,7 @@ def infer(
         return shares, predicted
 
     shares, predicted, partition_s = plan(profiles, len(inputs), partitioner)
-    limits = share_limits(profiles)
+    limits = share_limits(profiles, [engine.device for engine in engines])
     outputs, results, wall_s = run_split(engines, inputs, shares, predicted, limits, replan)
     learn_company(table, profiles, results)
     faults += [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]

@@ -128,6 +128,10 @@ class Profile:
             return None
         return max((m.batch for m in self.measurements if m.error is None and m.batch < min(failed)), default=0)
 
+    def largest_measured(self) -> int:
+        """The largest size that ran (0 if none did)."""
+        return max((m.batch for m in self.measurements if m.error is None), default=0)
+
     def _one_call(self, sizes: np.ndarray) -> np.ndarray:
         """Predicted seconds of running each size in one call, from the sizes that ran."""
         ran = [m for m in self.measurements if m.error is None]

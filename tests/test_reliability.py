@@ -21,9 +21,10 @@ import tvm
 import hetero
 from hetero import cli
 from hetero.compile import CompileError, compile_network
+from hetero.devices import Device
 from hetero.errors import HeteroError
 from hetero.execute import Engine, ExecutionError, load_engine, profile_key, run_split
-from hetero.inference import Fault, infer, plan
+from hetero.inference import Fault, infer, plan, share_limits
 from hetero.profile import profile_engine
 from hetero.table import Measurement, Profile, ProfileTable, format_table, key_change
 
@@ -214,6 +215,18 @@ def test_failed_profiling_size_is_recorded_and_larger_shares_run_in_chunks(tmp_p
     np.testing.assert_allclose(report.outputs, reference[:5], rtol=1e-4, atol=1e-5)
     assert engine.sizes == [2, 2, 1] and report.shares[0].calls == 3 and report.faults == []
     assert report.predicted_s == pytest.approx(profile.predict(5))
+
+
+def test_a_cpu_share_beyond_its_profile_runs_in_calls_of_the_largest_size_profiled(tmp_path, network, make_engine,
+                                                                                   reference):
+    cpu = dataclasses.replace(hetero.parse_devices("cpu")[0], threads=1)
+    engine = make_engine(cpu)
+    profile = linear_profile(cpu, network)  # sizes 1, 2, 4 and 8, none failed
+    report = _run(network, [engine], numbered(network, 11), _table(tmp_path, profile))
+    assert engine.sizes == [8, 3] and report.shares[0].calls == 2
+    np.testing.assert_allclose(report.outputs[:8], reference, rtol=1e-4, atol=1e-5)
+    gpu = Device("gpu0", "cuda", 0, "test GPU", tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, "llvm"))
+    assert share_limits([profile, profile], [cpu, gpu]) == [8, None]  # a GPU's call takes the whole share
 
 
 def test_device_that_ran_no_size_gets_no_share(tmp_path, network, two_devices, make_engine, reference):
