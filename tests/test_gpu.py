@@ -5,7 +5,7 @@ import pytest
 
 import hetero
 from hetero.devices import with_precision
-from hetero.execute import PIPELINE_MIN_CHUNK, load_engine
+from hetero.execute import PIPELINE_CHUNKS, PIPELINE_MIN_CHUNK, load_engine
 from hetero.inference import infer
 
 from .conftest import SMALL_NETWORK
@@ -36,8 +36,9 @@ def test_split_across_cpu_and_gpus_equals_cpu_alone(tmp_path):
 def test_a_gpu_call_runs_in_chunks_with_the_outputs_of_separate_calls():
     network = hetero.get_network(SMALL_NETWORK)
     engine = load_engine(network, GPUS[0])
-    inputs = network.random_input(2 * PIPELINE_MIN_CHUNK + 6, seed=4)
-    assert len(engine._chunks(len(inputs))) == 2
+    inputs = network.random_input(PIPELINE_CHUNKS * PIPELINE_MIN_CHUNK + 6, seed=4)
+    assert len(engine._chunks(len(inputs))) == PIPELINE_CHUNKS  # each of the two device buffers is reused
+    assert engine._stream, "a CUDA engine computes on a stream of its own"
     chunked, _ = engine.infer(inputs)
     separate = np.concatenate([engine.infer(inputs[first : first + 10])[0] for first in range(0, len(inputs), 10)])
     np.testing.assert_allclose(chunked, separate, rtol=1e-5, atol=1e-6)

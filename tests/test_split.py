@@ -149,7 +149,8 @@ def test_an_accelerators_call_runs_in_chunks_with_the_same_outputs_in_order():
     engine = execute.Engine(network, cpu, compile_network(network, cpu))
     try:
         # an accelerator computes on a buffer apart from where its inputs are staged: host memory stands in
-        engine._on_device = execute.BatchBuffer(tvm.cpu(), tuple(network.input_shape), network.dtype)
+        engine._on_device = [execute.BatchBuffer(tvm.cpu(), tuple(network.input_shape), network.dtype)
+                             for _ in range(2)]
         assert engine._chunks(len(inputs)) == [34, 33]
         chunked, timing = engine.infer(inputs)
     finally:
