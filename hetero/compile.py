@@ -23,9 +23,10 @@ from .errors import HeteroError, one_line
 from .models import Network
 from .tune import Tuning, static_module
 
-# hetero's own schedules (and the tensor intrinsics they use) decide what a compile produces and how
+# hetero's own schedules (and the tensor intrinsics and kernels they use) decide what a compile produces and how
 # fast it runs, so a digest of their source is part of the module cache key and of every profile's key.
-_SCHEDULE_SOURCES = sorted([*Path(__file__).parent.glob("*_schedule.py"), Path(__file__).with_name("_mma.py")])
+_SCHEDULE_SOURCES = sorted([*Path(__file__).parent.glob("*_schedule.py"),
+                            *(Path(__file__).with_name(name) for name in ("_mma.py", "wgmma.py"))])
 BUILD_ID = hashlib.sha256(b"".join(path.read_bytes() for path in _SCHEDULE_SOURCES)).hexdigest()[:12]
 
 

@@ -94,8 +94,10 @@ class CUDABackend:
         found = []
         index = 0
         while tvm.cuda(index).exist:
+            from .wgmma import with_wgmma  # pylint: disable=import-outside-toplevel  # TVMScript: only with a GPU
+
             dev = tvm.cuda(index)
-            target = tvm.target.Target(tvm.target.Target.from_device(dev), cpu_target())
+            target = with_wgmma(tvm.target.Target(tvm.target.Target.from_device(dev), cpu_target()))
             found.append(Device(f"gpu{index}", "cuda", index, dev.device_name, target))
             index += 1
         return found

@@ -78,7 +78,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 from tvm.sym.analyzer import Analyzer
 from tvm.tirx.analysis import undefined_vars
 
-from . import _mma
+from . import _mma, wgmma
 
 logger = logging.getLogger(__name__)
 
@@ -1091,10 +1091,18 @@ def _tensorcore_tir_pipeline(warp_fragments: bool):
     lower, finalize_host, finalize_device = default_s_tir_pipeline()
     config_changes = {"tirx.use_async_copy": True, **({"tirx.disable_cse_tir": True} if warp_fragments else {})}
 
+    lower_tirx = tvm.tirx.compilation_pipeline.tirx_pipeline()[0]
+
     @tvm.transform.module_pass(opt_level=0, name="hetero.TensorCoreLowering")
     def lower_for_tensor_cores(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        written = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and f.attrs
+                   and f.attrs.get(wgmma.KERNEL_ATTR, False)}  # tirx kernels take TVM's tirx lowering
+        scheduled = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in written}, attrs=mod.attrs)
         with tvm.transform.PassContext(opt_level=ctx.opt_level, config={**dict(ctx.config), **config_changes}):
-            return lower(mod)
+            lowered = lower(scheduled)
+        if written:
+            lowered.update(lower_tirx(tvm.IRModule(written, attrs=mod.attrs)))
+        return lowered
 
     if warp_fragments:
         def finalize_device():
@@ -1143,8 +1151,10 @@ def _sm_version(target: tvm.target.Target) -> int:
 def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int = DEFAULT_NUM_SMS,
               tensor_cores: bool | None = None, verify: bool = True,
               trace: Callable[[str, object, list], None] | None = None,
-              software_pipeline: bool = True, async_copy: bool = True) -> list[ScheduleRule]:
-    """The schedule rules of :func:`gpu_pipeline`, in the order they are tried.
+              software_pipeline: bool = True, async_copy: bool = True,
+              use_wgmma: bool = True) -> list[ScheduleRule]:
+    """The schedule rules of :func:`gpu_pipeline`, in the order they are tried: on sm_90a in TF32,
+    hetero.wgmma's conv kernels first (``use_wgmma``).
 
     With ``verify``, a tensor-core schedule is only used when its function generates code on its
     own (~0.1 s a kernel): TVM 0.27 fails to lower some tile/shape combinations, and one kernel
@@ -1166,6 +1176,21 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
         return picker
 
     rules: list[ScheduleRule] = []
+    if tensor_cores and kind is _MMA_TF32 and use_wgmma and wgmma.supports(target):
+
+        def wgmma_conv(func, tgt):
+            conv = wgmma.match_conv(func)
+            if conv is None:
+                return None
+            if trace is not None:
+                trace("wgmma-conv", wgmma.Tile(wgmma.BM, conv.block_n), conv.extents())
+            kernel = wgmma.conv_kernel(func, conv)
+            if verify:  # generates code on its own, as the tensor-core rule checks its schedules
+                tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main").with_attr(
+                    "target", tgt)}), target=tgt, pipeline="tirx")
+            return kernel
+
+        rules.append(_Rule("wgmma-conv", wgmma_conv))
     if tensor_cores and kind is not None:
 
         def tensorcore(func, tgt):
@@ -1202,8 +1227,8 @@ def _first_applying_rule(rules: Sequence[ScheduleRule], func: tirx.PrimFunc,
     with target:  # the current target is per thread
         for rule in rules:
             space = rule.apply(func, target, False)
-            if space is not None:
-                return rule, space if isinstance(space, s_tir.Schedule) else space[0]
+            if space is not None:  # a schedule, or a kernel written out (hetero.wgmma)
+                return rule, space if isinstance(space, (s_tir.Schedule, tirx.PrimFunc)) else space[0]
     return None
 
 
@@ -1222,7 +1247,10 @@ class ScheduleInParallel:  # pylint: disable=too-few-public-methods
 
     def _schedule(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         applied = _first_applying_rule(self.rules, func, self.target)
-        return applied[1].mod["main"].with_attr("tirx.is_scheduled", True) if applied else None
+        if applied is None:
+            return None
+        scheduled = applied[1] if isinstance(applied[1], tirx.PrimFunc) else applied[1].mod["main"]
+        return scheduled.with_attr("tirx.is_scheduled", True)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=missing-function-docstring
         todo = [(gv, func) for gv, func in mod.functions_items()
@@ -1362,7 +1390,7 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
     rules = gpu_rules(target, precision, num_sms, tensor_cores,
                       trace=lambda rule, cfg, ext: picked.append((rule, cfg, ext)))
     out = []
-    fused = fused_module(mod, target, precision, layout)
+    fused = narrow_batch_indices()(fused_module(mod, target, precision, layout))  # as gpu_pipeline schedules
     for gv, func in sorted(fused.functions_items(), key=lambda item: item[0].name_hint):
         if not isinstance(func, tirx.PrimFunc):
             continue
@@ -1384,7 +1412,8 @@ def describe_schedules(mod: tvm.IRModule, target: tvm.target.Target, precision: 
 def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: str = "NHWC",
                  num_sms: int = DEFAULT_NUM_SMS, tensor_cores: bool | None = None,
                  software_pipeline: bool = True, async_copy: bool = True, weights_once: bool = True,
-                 narrow_index: bool = True, records: str | None = None) -> tvm.transform.Pass:
+                 narrow_index: bool = True, records: str | None = None,
+                 use_wgmma: bool = True) -> tvm.transform.Pass:
     """The Relax -> VM pipeline for a CUDA ``target`` with hetero's rewrites and schedules.
 
     ``precision`` is ``"fp32"`` or ``"fp16"`` (float16 storage and tensor cores, float32
@@ -1393,7 +1422,8 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     ``software_pipeline=False`` the register-prefetch pipelining of the CUDA-core GEMM's K loop,
     ``async_copy=False`` the ``cp.async`` tile loads of the tensor-core GEMMs,
     ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call),
-    ``narrow_index=False`` the int32 index arithmetic (:func:`narrow_batch_indices`).
+    ``narrow_index=False`` the int32 index arithmetic (:func:`narrow_batch_indices`),
+    ``use_wgmma=False`` the wgmma conv kernels of sm_90a in TF32 (:mod:`hetero.wgmma`).
     ``records``, a MetaSchedule database folder (hetero.tune), schedules the kernels it has records
     for; hetero's rules schedule the rest.
     ``num_sms`` (streaming multiprocessors) steers the tile choice.
@@ -1415,7 +1445,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
                 + [
                     ScheduleInParallel(gpu_rules(target, precision, num_sms, tensor_cores,
                                                  software_pipeline=software_pipeline,
-                                                 async_copy=async_copy), target),
+                                                 async_copy=async_copy, use_wgmma=use_wgmma), target),
                 ]
                 + cuda.dataflow_lower_passes(target)
                 + cuda.finalize_passes(target)

@@ -6,6 +6,7 @@ import pytest
 import hetero
 from hetero.devices import with_precision
 from hetero.execute import PIPELINE_CHUNKS, PIPELINE_MIN_CHUNK, load_engine
+from hetero.gpu_schedule import describe_schedules
 from hetero.inference import infer
 
 from .conftest import SMALL_NETWORK
@@ -70,6 +71,8 @@ def test_tensor_core_precisions_stay_within_the_stated_error(precision, bound, l
     assert engine.max_call == (2**31 - 1) // largest_bytes
     error = np.abs(outputs.astype(np.float64) - reference).max() / np.abs(reference).max()
     assert error < bound  # the bound README.md and --help state
+    if precision == "tf32" and gpu.target.attrs["arch"] == "sm_90a":  # an H100 or H200: its 3x3 convs were on wgmma
+        assert sum(k.rule == "wgmma-conv" for k in describe_schedules(network.module, gpu.target, precision)) >= 10
 
 
 def test_a_gpu_tuning_records_and_its_module_computes_the_same(tmp_path):

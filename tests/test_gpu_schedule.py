@@ -7,12 +7,14 @@ from __future__ import annotations
 import functools
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import tvm
 import tvm_ffi
 from tvm import relax
+from tvm.ir.expr import TensorLoad
 
 from hetero import _mma
 from hetero._layers import Graph
@@ -40,6 +42,7 @@ from hetero.gpu_schedule import (
     tir_pipeline,
 )
 from hetero.models import get_network
+from hetero.wgmma import conv_kernel, match_conv, with_wgmma
 
 
 def _cuda_target(arch: str) -> tvm.target.Target:
@@ -49,6 +52,7 @@ def _cuda_target(arch: str) -> tvm.target.Target:
 
 
 CUDA_TARGET = _cuda_target("sm_90")
+HOPPER_TARGET = with_wgmma(CUDA_TARGET)  # as hetero.devices targets an sm_90 GPU: sm_90a, with wgmma
 TURING_TARGET = _cuda_target("sm_75")  # float16 tensor cores without mma.sync.m16n8k16 or TF32
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
 
@@ -272,6 +276,65 @@ def test_scheduling_in_threads_gives_what_dlight_gives_one_by_one():
 def _cuda_source(executable) -> str:
     return "\n".join(m.inspect_source() for m in executable.mod.imports[0].imports
                      if m.kind == "cuda")
+
+
+def test_an_sm_90_gpu_is_compiled_as_sm_90a_and_others_as_they_are():
+    assert HOPPER_TARGET.attrs["arch"] == "sm_90a" and HOPPER_TARGET.host.kind.name == "llvm"
+    assert with_wgmma(TURING_TARGET).attrs["arch"] == "sm_75"
+    assert with_wgmma(tvm.target.Target("llvm")).kind.name == "llvm"
+
+
+def test_wgmma_takes_the_convs_it_can_on_sm_90a_in_tf32_only():
+    vgg = get_network("vgg-16").module
+    kernels = {k.name: k for k in describe_schedules(vgg, HOPPER_TARGET, "tf32") if "conv2d" in k.name}
+    wgmma = sorted((k.n, k.tile.bn) for k in kernels.values() if k.rule == "wgmma-conv")
+    # every 3x3 conv but the first (3 input channels): block tiles as wide as wgmma's N allows
+    assert wgmma == [(64, 64), (128, 128), (128, 128), (256, 256), (256, 256), (512, 256), (512, 256), (512, 256)]
+    assert [k.rule for k in kernels.values() if k.k == 27] == ["tensorcore-gemm"]
+    for precision, target in (("fp16", HOPPER_TARGET), ("fp32", HOPPER_TARGET), ("tf32", CUDA_TARGET)):
+        assert not any(k.rule == "wgmma-conv" for k in describe_schedules(vgg, target, precision))
+
+
+def _fused_conv(network: str, name_prefix: str) -> tvm.tirx.PrimFunc:
+    fused = narrow_batch_indices()(fused_module(get_network(network).module, HOPPER_TARGET, "tf32"))
+    return next(f for gv, f in fused.functions_items() if gv.name_hint.startswith(name_prefix))
+
+
+def test_a_conv_is_read_with_its_stride_padding_and_epilogue():
+    # resnet-50's first 3x3 conv of stride 2 (56x56 -> 28x28), with bias, relu and TF32 rounding
+    func = _fused_conv("resnet-50", "fused_conv2d6_")
+    conv = match_conv(func)
+    assert (conv.stride, conv.pad, conv.dilation) == ((2, 2), (1, 1), (1, 1))
+    assert [tuple(int(d) for d in b.shape[1:]) for b in (conv.data, conv.weight, conv.out)] == [
+        (56, 56, 128), (3, 3, 128), (28, 28, 128)]
+    position = [tvm.tirx.Var(name, "int32") for name in "byxo"]
+    stored = conv.epilogue(tvm.tirx.Var("acc", "float32"), *position)
+    sources = []
+    tvm_ffi.structural_walk(stored, [(TensorLoad, lambda load: sources.append(load.source))])
+    bias = func.params[2]  # the epilogue reads parameters only: the conv's own result is the accumulator
+    assert len(sources) == 1 and sources[0].same_as(bias)
+    assert "4294959104" in str(stored) and "T.max" in str(stored)  # rounded to TF32 after the relu
+
+
+def test_convs_the_kernel_cannot_take_are_left_to_the_schedules():
+    assert match_conv(_fused_conv("vgg-16", "fused_conv2d_add_relu")) is None  # 3 input channels
+    assert match_conv(_fused_conv("vgg-16", "max_pool2d")) is None  # no conv at all
+
+
+@needs_nvcc
+def test_a_wgmma_conv_kernel_assembles_for_sm_90a(tmp_path):
+    func = _fused_conv("resnet-18", "fused_conv2d9_add7_add8_relu4__tf32")  # a residual add in its epilogue
+    kernel = conv_kernel(func, match_conv(func))
+    assert len(kernel.params) == len(func.params) == 5
+    executable = tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+                                target=HOPPER_TARGET, pipeline="tirx")
+    source = executable.imports[0].inspect_source()
+    assert "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32" in source
+    assert "cp.async.cg.shared.global [%0], [%1], 16, %2;" in source  # zero-filled where the conv pads
+    (tmp_path / "conv.cu").write_text(source)
+    result = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-o", str(tmp_path / "conv.cubin"),
+                             str(tmp_path / "conv.cu")], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @needs_nvcc
