@@ -1180,11 +1180,13 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
 
         def wgmma_conv(func, tgt):
             conv = wgmma.match_conv(func)
-            if conv is None:
+            extents = conv.extents() if conv else None
+            bn = wgmma.pick_block_n(_estimate(extents[2]), _estimate(extents[1]), num_sms) if conv else None
+            if bn is None:
                 return None
             if trace is not None:
-                trace("wgmma-conv", wgmma.Tile(wgmma.BM, conv.block_n), conv.extents())
-            kernel = wgmma.conv_kernel(func, conv)
+                trace("wgmma-conv", wgmma.Tile(wgmma.BM, bn), extents)
+            kernel = wgmma.conv_kernel(func, conv, bn)
             if verify:  # generates code on its own, as the tensor-core rule checks its schedules
                 tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main").with_attr(
                     "target", tgt)}), target=tgt, pipeline="tirx")

@@ -42,7 +42,7 @@ from hetero.gpu_schedule import (
     tir_pipeline,
 )
 from hetero.models import get_network
-from hetero.wgmma import conv_kernel, match_conv, with_wgmma
+from hetero.wgmma import conv_kernel, match_conv, pick_block_n, with_wgmma
 
 
 def _cuda_target(arch: str) -> tvm.target.Target:
@@ -295,6 +295,16 @@ def test_wgmma_takes_the_convs_it_can_on_sm_90a_in_tf32_only():
         assert not any(k.rule == "wgmma-conv" for k in describe_schedules(vgg, target, precision))
 
 
+@pytest.mark.parametrize("channels,rows,expected", [
+    (512, 12544, 256),  # vgg's 14x14 convs at batch 64: 98 x 2 blocks of 128 x 256
+    (256, 12544, 128),  # 98 blocks of 128 x 256 would leave SMs idle: 196 of 128 x 128
+    (512, 3136, 64),  # resnet-50's 7x7 stage: 25 row blocks, eight tiles across
+    (128, 3136, None),  # densenet-121's 7x7 bottlenecks: 50 blocks at most, left to mma.sync's tiles
+])
+def test_wgmma_tiles_narrow_until_every_sm_has_a_block(channels, rows, expected):
+    assert pick_block_n(channels, rows, num_sms=132) == expected
+
+
 def _fused_conv(network: str, name_prefix: str) -> tvm.tirx.PrimFunc:
     fused = narrow_batch_indices()(fused_module(get_network(network).module, HOPPER_TARGET, "tf32"))
     return next(f for gv, f in fused.functions_items() if gv.name_hint.startswith(name_prefix))
@@ -324,7 +334,7 @@ def test_convs_the_kernel_cannot_take_are_left_to_the_schedules():
 @needs_nvcc
 def test_a_wgmma_conv_kernel_assembles_for_sm_90a(tmp_path):
     func = _fused_conv("resnet-18", "fused_conv2d9_add7_add8_relu4__tf32")  # a residual add in its epilogue
-    kernel = conv_kernel(func, match_conv(func))
+    kernel = conv_kernel(func, match_conv(func), 256)
     assert len(kernel.params) == len(func.params) == 5
     executable = tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
                                 target=HOPPER_TARGET, pipeline="tirx")
