@@ -57,6 +57,7 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "hetero-tf32-sync": ("hetero", "tf32", {"async_copy": False}),
     "hetero-tf32-mma": ("hetero", "tf32", {"use_wgmma": False}),
     "hetero-fp16": ("hetero", "fp16", {}),
+    "hetero-fp16-mma": ("hetero", "fp16", {"use_wgmma": False}),
     "hetero-fp16-sync": ("hetero", "fp16", {"async_copy": False}),
     "hetero-fp16-percall": ("hetero", "fp16", {"weights_once": False}),
     "hetero-fp32-i64": ("hetero", "fp32", {"narrow_index": False}),
@@ -64,7 +65,7 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "hetero-fp16-i64": ("hetero", "fp16", {"narrow_index": False}),
 }
 VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
-                   "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "tf32-mma": "hetero-tf32-mma", "fp16": "hetero-fp16",
+                   "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "tf32-mma": "hetero-tf32-mma", "fp16": "hetero-fp16", "fp16-mma": "hetero-fp16-mma",
                    "fp16-sync": "hetero-fp16-sync", "fp16-percall": "hetero-fp16-percall",
                    "fp32-i64": "hetero-fp32-i64", "tf32-i64": "hetero-tf32-i64", "fp16-i64": "hetero-fp16-i64"}
 TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="default,fp32,tf32,fp16",
                         help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
                              "(hetero's, without software pipelining), tf32, fp16, tf32-sync and fp16-sync "
-                             "(without cp.async tile loads), tf32-mma (without the wgmma convs of sm_90), fp16-percall (weights cast and transposed on "
+                             "(without cp.async tile loads), tf32-mma and fp16-mma (without the wgmma convs of sm_90), fp16-percall (weights cast and transposed on "
                              "every call), fp32-i64, tf32-i64 and fp16-i64 (int64 index arithmetic)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),

@@ -1153,8 +1153,8 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
               trace: Callable[[str, object, list], None] | None = None,
               software_pipeline: bool = True, async_copy: bool = True,
               use_wgmma: bool = True) -> list[ScheduleRule]:
-    """The schedule rules of :func:`gpu_pipeline`, in the order they are tried: on sm_90a in TF32,
-    hetero.wgmma's conv kernels first (``use_wgmma``).
+    """The schedule rules of :func:`gpu_pipeline`, in the order they are tried: on sm_90a in TF32 and
+    float16, hetero.wgmma's conv kernels first (``use_wgmma``).
 
     With ``verify``, a tensor-core schedule is only used when its function generates code on its
     own (~0.1 s a kernel): TVM 0.27 fails to lower some tile/shape combinations, and one kernel
@@ -1176,7 +1176,7 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
         return picker
 
     rules: list[ScheduleRule] = []
-    if tensor_cores and kind is _MMA_TF32 and use_wgmma and wgmma.supports(target):
+    if tensor_cores and kind in (_MMA_TF32, _MMA_F16) and use_wgmma and wgmma.supports(target):
 
         def wgmma_conv(func, tgt):
             conv = wgmma.match_conv(func)
@@ -1185,7 +1185,7 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
             if bn is None:
                 return None
             if trace is not None:
-                trace("wgmma-conv", wgmma.Tile(wgmma.BM, bn), extents)
+                trace("wgmma-conv", wgmma.Tile(wgmma.BM, bn, conv.row), extents)
             kernel = wgmma.conv_kernel(func, conv, bn)
             if verify:  # generates code on its own, as the tensor-core rule checks its schedules
                 tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main").with_attr(
@@ -1425,7 +1425,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     ``async_copy=False`` the ``cp.async`` tile loads of the tensor-core GEMMs,
     ``weights_once=False`` the lifting of weight-only work out of ``main`` (so it runs per call),
     ``narrow_index=False`` the int32 index arithmetic (:func:`narrow_batch_indices`),
-    ``use_wgmma=False`` the wgmma conv kernels of sm_90a in TF32 (:mod:`hetero.wgmma`).
+    ``use_wgmma=False`` the wgmma conv kernels of sm_90a in TF32 and float16 (:mod:`hetero.wgmma`).
     ``records``, a MetaSchedule database folder (hetero.tune), schedules the kernels it has records
     for; hetero's rules schedule the rest.
     ``num_sms`` (streaming multiprocessors) steers the tile choice.

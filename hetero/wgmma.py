@@ -1,16 +1,17 @@
-"""TF32 convolutions on Hopper's warpgroup tensor cores (``wgmma``), for sm_90a.
+"""Convolutions on Hopper's warpgroup tensor cores (``wgmma``), in TF32 and float16, for sm_90a.
 
 hetero's other tensor-core kernels issue warp-level ``mma.sync``, which left vgg-19's 3x3 convs at
-150-160 TFLOP/s on an H200 while cuDNN's wgmma kernels ran them at about 470 (BENCHMARKS.md). Here a
-conv is one TVMScript (tirx) kernel on TVM 0.27's own PTX instructions: an implicit GEMM (M: output
-pixels, N: output channels, K: taps x input channels) whose 128 x BN block tile is two warpgroups,
-each issuing ``wgmma.mma_async m64nBNk8`` on operands in shared memory named by matrix descriptors.
-Tiles of 32 K are loaded with ``cp.async`` (zero-filled where the conv pads and past the last row)
-into a ring of STAGES stages laid out in the 128-byte swizzle that wgmma reads.
+150-160 TFLOP/s in TF32 on an H200 while cuDNN's wgmma kernels ran them at about 470 (BENCHMARKS.md).
+Here a conv is one TVMScript (tirx) kernel on TVM 0.27's own PTX instructions: an implicit GEMM (M:
+output pixels, N: output channels, K: taps x input channels) whose 128 x BN block tile is two
+warpgroups, each issuing ``wgmma.mma_async m64nBNk8`` (TF32) or ``k16`` (float16) on operands in
+shared memory named by matrix descriptors. Tiles of 128 bytes of K are loaded with ``cp.async``
+(zero-filled where the conv pads and past the last row) into a ring of STAGES stages laid out in the
+128-byte swizzle that wgmma reads; accumulation is in float32.
 
 The kernel replaces a fused conv PrimFunc and keeps its parameters: the elementwise blocks that follow
-the conv there (bias, residual, relu, TF32 rounding) are inlined into one expression, which the kernel
-evaluates on each accumulator as it stores it.
+the conv there (casts, bias, residual, relu, TF32 rounding) are inlined into one expression, which the
+kernel evaluates on each accumulator as it stores it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tvm.script import tirx as T
 
 ARCH = "sm_90a"  # wgmma is an sm_90a instruction
 KERNEL_ATTR = "hetero.wgmma"  # marks the kernels that need TVM's tirx lowering
-ATOM = 32  # floats in one 128-byte swizzled row: the K of one stage
+ROW_BYTES = 128  # one swizzled row of a tile: the K of one stage (32 floats, 64 halves)
+WGMMA_K_BYTES = 32  # the K of one wgmma instruction (k8 in TF32, k16 in float16)
 BM = 128  # rows of a block tile: two warpgroups of 64
 THREADS = 256
 STAGES = 4
@@ -34,6 +36,10 @@ SWIZZLE_128B = 3  # encode_matrix_descriptor's code for the 128-byte swizzle
 LBO = 1  # leading byte offset, unused by swizzled K-major operands
 SBO = 1024 >> 4  # stride byte offset, 16-byte units: 8 rows of 128 bytes
 MAX_SHARED_BYTES = 227 * 1024
+_BYTES = {"float32": 4, "float16": 2}
+# the wgmma shape suffix of each operand type, and the operands after the scales: float16 takes
+# transpose immediates (0: K-major, as hetero's GEMMs hold both operands), TF32 has none
+_MMA_TYPES = {"float32": ("k8.f32.tf32.tf32", ()), "float16": ("k16.f32.f16.f16", (0, 0))}
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Tile:
 
     bm: int
     bn: int
-    bk: int = ATOM
+    bk: int  # K elements per stage
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,11 @@ class ConvGemm:
     pad: tuple[int, int]  # top, left
     dilation: tuple[int, int]
     epilogue: Callable  # (accumulator, image, y, x, channel) -> the value stored
+
+    @property
+    def row(self) -> int:
+        """K elements in one 128-byte row of a shared tile."""
+        return ROW_BYTES // _BYTES[str(self.data.dtype)]
 
     def extents(self) -> list:
         """(batch, M, N, K) of the GEMM, as hetero's schedules normalise theirs."""
@@ -91,14 +102,19 @@ def _affine(expr, names: list[str]) -> tuple[int, list[int]] | None:
     return points[0], [point - points[0] for point in points[1:]]
 
 
+def _uncast(expr):
+    """``expr`` without a widening cast around it."""
+    return expr.value if type(expr).__name__ == "Cast" else expr
+
+
 def _names(block) -> list[str]:
     return [str(v.var.name) for v in block.iter_vars]
 
 
 def match_conv(func: tirx.PrimFunc) -> ConvGemm | None:
     """The conv of a fused PrimFunc that the wgmma kernel computes, or None: a 2-D conv of NHWC
-    float32 data and OHWI weights, one group, input channels a multiple of 32, output channels of
-    64, at least STAGES tiles of K, padded (by a block before it) or not, followed by elementwise
+    data and OHWI weights in float32 (read as TF32) or float16, one group, input channels a multiple
+    of one 128-byte row (32 or 64), output channels of 64, at least STAGES tiles of K, padded (by a block before it) or not, followed by elementwise
     blocks over its output only; its batch a variable indexed in int32 (``narrow_batch_indices``)."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -110,10 +126,12 @@ def match_conv(func: tirx.PrimFunc) -> ConvGemm | None:
     at = convs[0]
     conv, names = nodes[at], _names(nodes[at])  # n, y, x, o, ry, rx, rc
     accumulator, value = conv.body.buffer, conv.body.value
-    if (type(value).__name__ != "Add" or type(value.b).__name__ != "Mul" or str(accumulator.dtype) != "float32"
-            or not isinstance(value.b.a, TensorLoad) or not isinstance(value.b.b, TensorLoad)):
+    if type(value).__name__ != "Add" or type(value.b).__name__ != "Mul" or str(accumulator.dtype) != "float32":
         return None
-    (source, source_at), (weight, weight_at) = (value.b.a.source, value.b.a.indices), (value.b.b.source, value.b.b.indices)
+    operands = [_uncast(value.b.a), _uncast(value.b.b)]  # float16 operands are widened to float32
+    if not all(isinstance(operand, TensorLoad) for operand in operands):
+        return None
+    (source, source_at), (weight, weight_at) = ((operand.source, operand.indices) for operand in operands)
     if [str(i) for i in weight_at] != names[3:] or str(source_at[0]) != names[0] or str(source_at[3]) != names[6]:
         return None
     rows, columns = _affine(source_at[1], [names[1], names[4]]), _affine(source_at[2], [names[2], names[5]])
@@ -148,8 +166,11 @@ def match_conv(func: tirx.PrimFunc) -> ConvGemm | None:
     batch = data.shape[0]
     if not isinstance(batch, tirx.Var) or str(batch.ty) != "int32":  # indexed in int32: narrowed modules only
         return None
-    if (in_channels % ATOM or channels % 64 or taps_y * taps_x * in_channels // ATOM < STAGES
-            or str(data.dtype) != "float32" or int(data.shape[3]) != in_channels):
+    dtype = str(data.dtype)
+    if dtype not in _MMA_TYPES or str(weight.dtype) != dtype or int(data.shape[3]) != in_channels:
+        return None
+    row = ROW_BYTES // _BYTES[dtype]
+    if in_channels % row or channels % 64 or taps_y * taps_x * in_channels // row < STAGES:
         return None
     epilogue = _epilogue(final.body.value, accumulator, spatial) if final is not conv else (lambda acc, *_: acc)
     return ConvGemm(data, weight, out, (stride_y, stride_x), pad, (dilation_y, dilation_x), epilogue)
@@ -194,29 +215,33 @@ def _kernel(conv: ConvGemm, bn: int) -> tirx.PrimFunc:
     channels, taps_y, taps_x, _ = (int(d) for d in conv.weight.shape)
     out_h, out_w = (int(d) for d in conv.out.shape[1:3])
     (stride_y, stride_x), (pad_y, pad_x), (dil_y, dil_x) = conv.stride, conv.pad, conv.dilation
-    k_tiles = taps_y * taps_x * in_channels // ATOM
+    dtype, row_k = str(conv.data.dtype), conv.row
+    chunk = 16 // _BYTES[dtype]  # elements in one 16-byte cp.async
+    k_tiles = taps_y * taps_x * in_channels // row_k
     pixels = out_h * out_w
     rows = batch * pixels
     grid_n = channels // bn
     acc_regs = bn // 2  # accumulator registers per thread (wgmma m64nNk8: N / 2)
-    a_tile, b_tile = BM * ATOM, bn * ATOM  # floats per stage
+    a_tile, b_tile = BM * row_k, bn * row_k  # elements per stage
     stage = a_tile + b_tile
-    shared = STAGES * stage + 256  # + 1 KiB so the ring can start 1024-byte aligned
-    a_copies, b_copies = a_tile // 4 // THREADS, b_tile // 4 // THREADS  # 16-byte copies per thread
-    mma = f"wgmma.mma_async.sync.aligned.m64n{bn}k8.f32.tf32.tf32"
-    if shared * 4 > MAX_SHARED_BYTES:
-        raise ValueError(f"{shared * 4} bytes of shared memory")
+    shared = STAGES * stage + 1024 // _BYTES[dtype]  # + 1 KiB so the ring can start 1024-byte aligned
+    a_copies, b_copies = a_tile // chunk // THREADS, b_tile // chunk // THREADS  # 16-byte copies per thread
+    mma, trailing = _MMA_TYPES[dtype]
+    mma = f"wgmma.mma_async.sync.aligned.m64n{bn}{mma}"
+    element_shift = _BYTES[dtype].bit_length() - 1
+    if shared * _BYTES[dtype] > MAX_SHARED_BYTES:
+        raise ValueError(f"{shared * _BYTES[dtype]} bytes of shared memory")
     epilogue = conv.epilogue
 
     # fmt: off
     @T.prim_func(check_well_formed=False)
-    def kernel(data: T.Buffer((batch, height, width, in_channels), "float32"),
-               weight: T.Buffer((channels, taps_y, taps_x, in_channels), "float32"),
-               out: T.Buffer((batch, out_h, out_w, channels), "float32")):
+    def kernel(data: T.Buffer((batch, height, width, in_channels), dtype),
+               weight: T.Buffer((channels, taps_y, taps_x, in_channels), dtype),
+               out: T.Buffer((batch, out_h, out_w, channels), str(conv.out.dtype))):
         T.device_entry()
         bx = T.cta_id([T.ceildiv(rows, BM) * grid_n])
         tx = T.thread_id([THREADS])
-        smem = T.alloc_buffer((shared,), "float32", scope="shared.dyn", align=1024)
+        smem = T.alloc_buffer((shared,), dtype, scope="shared.dyn", align=1024)
         acc = T.alloc_local((acc_regs,), "float32")
         row_image = T.alloc_local((a_copies,), "int32")  # per A row this thread loads: image offset,
         row_y = T.alloc_local((a_copies,), "int32")  # top input row and left input column of its
@@ -226,7 +251,7 @@ def _kernel(conv: ConvGemm, bn: int) -> tirx.PrimFunc:
         bm = bx // grid_n  # consecutive blocks share their A rows
         bn_at = bx % grid_n
         wg = tx // 128
-        pad = T.meta_var(T.Cast("int32", ((T.uint32(1024) - (T.cuda.cvta_generic_to_shared(smem.data) & T.uint32(1023))) & T.uint32(1023)) >> T.uint32(2)))
+        pad = T.meta_var(T.Cast("int32", ((T.uint32(1024) - (T.cuda.cvta_generic_to_shared(smem.data) & T.uint32(1023))) & T.uint32(1023)) >> T.uint32(element_shift)))
 
         for i in T.unroll(a_copies):
             m = T.meta_var(bm * BM + (i * THREADS + tx) // 8)
@@ -237,26 +262,26 @@ def _kernel(conv: ConvGemm, bn: int) -> tirx.PrimFunc:
 
         @T.inline
         def load_tile(kt, s):
-            tap = T.meta_var(kt * ATOM // in_channels)
+            tap = T.meta_var(kt * row_k // in_channels)
             ky = T.meta_var(tap // taps_x * dil_y)
             kx = T.meta_var(tap % taps_x * dil_x)
-            channel = T.meta_var(kt * ATOM % in_channels + tx % 8 * 4)
+            channel = T.meta_var(kt * row_k % in_channels + tx % 8 * chunk)
             for i in T.unroll(a_copies):
                 row = T.meta_var((i * THREADS + tx) // 8)
                 y = T.meta_var(row_y[i] + ky)
                 x = T.meta_var(row_x[i] + kx)
                 inside = T.meta_var(0 <= y and y < height and 0 <= x and x < width)  # noqa: PLR1716 -- TVMScript
                 T.ptx.cp.async_.cg.shared.global_(
-                    smem.ptr_to([pad + s * stage + row * ATOM + T.bitwise_xor(tx % 8, row % 8) * 4]),
+                    smem.ptr_to([pad + s * stage + row * row_k + T.bitwise_xor(tx % 8, row % 8) * chunk]),
                     data.ptr_to([0, 0, 0, T.if_then_else(inside, row_image[i] + (y * width + x) * in_channels + channel, 0)]),
                     16, T.if_then_else(inside, T.uint32(16), T.uint32(0)))
             for i in T.unroll(b_copies):
                 row = T.meta_var((i * THREADS + tx) // 8)
                 T.ptx.cp.async_.cg.shared.global_(
-                    smem.ptr_to([pad + s * stage + a_tile + row * ATOM + T.bitwise_xor(tx % 8, row % 8) * 4]),
-                    weight.ptr_to([0, 0, 0, (bn_at * bn + row) * (taps_y * taps_x * in_channels) + kt * ATOM + tx % 8 * 4]), 16)
+                    smem.ptr_to([pad + s * stage + a_tile + row * row_k + T.bitwise_xor(tx % 8, row % 8) * chunk]),
+                    weight.ptr_to([0, 0, 0, (bn_at * bn + row) * (taps_y * taps_x * in_channels) + kt * row_k + tx % 8 * chunk]), 16)
 
-        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), smem.ptr_to([pad + wg * (64 * ATOM)]), LBO, SBO, SWIZZLE_128B)  # noqa: F821 -- declared above, in TVMScript
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), smem.ptr_to([pad + wg * (64 * row_k)]), LBO, SBO, SWIZZLE_128B)  # noqa: F821 -- declared above, in TVMScript
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b), smem.ptr_to([pad + a_tile]), LBO, SBO, SWIZZLE_128B)  # noqa: F821
         for i in T.serial(acc_regs):
             acc[i] = T.float32(0)
@@ -271,12 +296,12 @@ def _kernel(conv: ConvGemm, bn: int) -> tirx.PrimFunc:
             T.cuda.cta_sync()  # tile kt is in place, and stage (kt - 2) % STAGES is free again
             s = T.meta_var(kt % STAGES)
             T.ptx.wgmma.fence.sync.aligned()
-            for kk in T.unroll(ATOM // 8):
+            for kk in T.unroll(ROW_BYTES // WGMMA_K_BYTES):
                 T.ptx[mma](
                     *[acc[i] for i in range(acc_regs)],
-                    desc_a + T.Cast("uint64", (s * stage * 4 + kk * 32) >> 4),  # noqa: F821
-                    desc_b + T.Cast("uint64", (s * stage * 4 + kk * 32) >> 4),  # noqa: F821
-                    True, 1, 1)
+                    desc_a + T.Cast("uint64", (s * stage * _BYTES[dtype] + kk * WGMMA_K_BYTES) >> 4),  # noqa: F821
+                    desc_b + T.Cast("uint64", (s * stage * _BYTES[dtype] + kk * WGMMA_K_BYTES) >> 4),  # noqa: F821
+                    True, 1, 1, *trailing)
             T.ptx.wgmma.commit_group.sync.aligned()
             if kt + STAGES - 2 < k_tiles:
                 load_tile(kt + STAGES - 2, (kt + STAGES - 2) % STAGES)

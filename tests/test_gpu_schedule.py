@@ -284,15 +284,21 @@ def test_an_sm_90_gpu_is_compiled_as_sm_90a_and_others_as_they_are():
     assert with_wgmma(tvm.target.Target("llvm")).kind.name == "llvm"
 
 
-def test_wgmma_takes_the_convs_it_can_on_sm_90a_in_tf32_only():
+@pytest.mark.parametrize("precision,row", [("tf32", 32), ("fp16", 64)])
+def test_wgmma_takes_the_convs_it_can_on_sm_90a_on_tensor_cores(precision, row):
     vgg = get_network("vgg-16").module
-    kernels = {k.name: k for k in describe_schedules(vgg, HOPPER_TARGET, "tf32") if "conv2d" in k.name}
+    kernels = {k.name: k for k in describe_schedules(vgg, HOPPER_TARGET, precision) if "conv2d" in k.name}
     wgmma = sorted((k.n, k.tile.bn) for k in kernels.values() if k.rule == "wgmma-conv")
     # every 3x3 conv but the first (3 input channels): block tiles as wide as wgmma's N allows
     assert wgmma == [(64, 64), (128, 128), (128, 128), (256, 256), (256, 256), (512, 256), (512, 256), (512, 256)]
+    assert {k.tile.bk for k in kernels.values() if k.rule == "wgmma-conv"} == {row}  # 128 bytes of K a stage
     assert [k.rule for k in kernels.values() if k.k == 27] == ["tensorcore-gemm"]
-    for precision, target in (("fp16", HOPPER_TARGET), ("fp32", HOPPER_TARGET), ("tf32", CUDA_TARGET)):
-        assert not any(k.rule == "wgmma-conv" for k in describe_schedules(vgg, target, precision))
+
+
+@pytest.mark.parametrize("precision,target", [("fp32", HOPPER_TARGET), ("tf32", CUDA_TARGET), ("fp16", CUDA_TARGET)])
+def test_wgmma_needs_sm_90a_and_tensor_core_precision(precision, target):
+    vgg = get_network("vgg-16").module
+    assert not any(k.rule == "wgmma-conv" for k in describe_schedules(vgg, target, precision))
 
 
 @pytest.mark.parametrize("channels,rows,expected", [
@@ -332,14 +338,18 @@ def test_convs_the_kernel_cannot_take_are_left_to_the_schedules():
 
 
 @needs_nvcc
-def test_a_wgmma_conv_kernel_assembles_for_sm_90a(tmp_path):
-    func = _fused_conv("resnet-18", "fused_conv2d9_add7_add8_relu4__tf32")  # a residual add in its epilogue
+@pytest.mark.parametrize("precision,instruction", [("tf32", "m64n256k8.f32.tf32.tf32"), ("fp16", "m64n256k16.f32.f16.f16")])
+def test_a_wgmma_conv_kernel_assembles_for_sm_90a(tmp_path, precision, instruction):
+    # resnet-18's last 3x3 conv, with a residual add in its epilogue
+    fused = narrow_batch_indices()(fused_module(get_network("resnet-18").module, HOPPER_TARGET, precision))
+    func = next(f for gv, f in fused.functions_items()
+                if gv.name_hint.startswith("fused_conv2d9_") and len(f.params) == 5)
     kernel = conv_kernel(func, match_conv(func), 256)
     assert len(kernel.params) == len(func.params) == 5
     executable = tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
                                 target=HOPPER_TARGET, pipeline="tirx")
     source = executable.imports[0].inspect_source()
-    assert "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32" in source
+    assert f"wgmma.mma_async.sync.aligned.{instruction}" in source
     assert "cp.async.cg.shared.global [%0], [%1], 16, %2;" in source  # zero-filled where the conv pads
     (tmp_path / "conv.cu").write_text(source)
     result = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-o", str(tmp_path / "conv.cubin"),
