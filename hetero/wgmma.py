@@ -112,10 +112,11 @@ def _names(block) -> list[str]:
 
 
 def match_conv(func: tirx.PrimFunc) -> ConvGemm | None:
-    """The conv of a fused PrimFunc that the wgmma kernel computes, or None: a 2-D conv of NHWC
-    data and OHWI weights in float32 (read as TF32) or float16, one group, input channels a multiple
-    of one 128-byte row (32 or 64), output channels of 64, at least STAGES tiles of K, padded (by a block before it) or not, followed by elementwise
-    blocks over its output only; its batch a variable indexed in int32 (``narrow_batch_indices``)."""
+    """The conv of a fused PrimFunc that the wgmma kernel computes, or None: a 2-D conv of NHWC data
+    and OHWI weights in float32 (read as TF32) or float16, one group, input channels a multiple of
+    one 128-byte row (32 or 64), output channels of 64, at least STAGES tiles of K, padded (by a
+    block before it) or not, followed by elementwise blocks that read its result where they write
+    and otherwise parameters only; its batch a variable indexed in int32 (``narrow_batch_indices``)."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     nodes = [sch.get(b) for b in blocks]
@@ -160,7 +161,11 @@ def match_conv(func: tirx.PrimFunc) -> ConvGemm | None:
     out, spatial = final.body.buffer, _names(final)[:4]
     if not all(any(b.same_as(p) for p in func.params) for b in (data, weight, out)):
         return None
-    if [str(i) for i in final.body.indices] != spatial:
+    loads = []
+    tvm_ffi.structural_walk(final.body.value, [(TensorLoad, loads.append)])
+    if [str(i) for i in final.body.indices] != spatial or not all(
+            [str(i) for i in load.indices] == spatial if load.source.same_as(accumulator)
+            else any(load.source.same_as(p) for p in func.params) for load in loads):
         return None
     channels, taps_y, taps_x, in_channels = (int(d) for d in weight.shape)
     batch = data.shape[0]
