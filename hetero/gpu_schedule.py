@@ -1057,13 +1057,17 @@ class _Rule(ScheduleRule):
             return None
 
 
+def _generate_code(func: tirx.PrimFunc, target: tvm.target.Target, pipeline: str) -> None:
+    """Lower ``func`` on its own and generate its CUDA code (TVM raises where it cannot)."""
+    func = func.with_attr("global_symbol", "main").with_attr("target", target)
+    tvm.tirx.build(tvm.IRModule({"main": func}), target=target, pipeline=pipeline)
+
+
 def _lowers(sch: s_tir.Schedule | None, target: tvm.target.Target,
             pipeline: str = "default") -> s_tir.Schedule | None:
-    """``sch`` if its function lowers and generates CUDA code on its own, else None."""
-    if sch is None:
-        return None
-    func = sch.mod["main"].with_attr("global_symbol", "main").with_attr("target", target)
-    tvm.tirx.build(tvm.IRModule({"main": func}), target=target, pipeline=pipeline)
+    """``sch`` if its function lowers and generates CUDA code on its own (None stays None)."""
+    if sch is not None:
+        _generate_code(sch.mod["main"], target, pipeline)
     return sch
 
 
@@ -1180,16 +1184,17 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
 
         def wgmma_conv(func, tgt):
             conv = wgmma.match_conv(func)
-            extents = conv.extents() if conv else None
-            bn = wgmma.pick_block_n(_estimate(extents[2]), _estimate(extents[1]), num_sms) if conv else None
+            if conv is None:
+                return None
+            extents = conv.extents()
+            bn = wgmma.pick_block_n(_estimate(extents[2]), _estimate(extents[1]), num_sms)
             if bn is None:
                 return None
             if trace is not None:
                 trace("wgmma-conv", wgmma.Tile(wgmma.BM, bn, conv.row), extents)
             kernel = wgmma.conv_kernel(func, conv, bn)
-            if verify:  # generates code on its own, as the tensor-core rule checks its schedules
-                tvm.tirx.build(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main").with_attr(
-                    "target", tgt)}), target=tgt, pipeline="tirx")
+            if verify:  # as the tensor-core rule checks its schedules
+                _generate_code(kernel, tgt, "tirx")
             return kernel
 
         rules.append(_Rule("wgmma-conv", wgmma_conv))
