@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
-import tvm_ffi
 from tvm import relax
 
 from .devices import Device
@@ -95,8 +94,7 @@ def _tir_pipeline(device: Device) -> str:
 
 def module_key(network: Network, device: Device, tuning: Tuning | None = None) -> str:
     parts = [
-        network.name,
-        str(tvm_ffi.structural_hash(network.module)),
+        network.key,
         str(device.target),
         str(device.target.host),
         device.precision,

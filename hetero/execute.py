@@ -330,7 +330,7 @@ _engines_lock = threading.Lock()
 def load_engine(network: Network, device: Device, tuning: Tuning | None = None) -> Engine:
     """The engine for (network, device[, tuning]), compiled or loaded from the disk cache once per process."""
     # the device key holds the thread count and precision
-    key = (network.name, device.name, device.key, tuning.digest() if tuning else "")
+    key = (network.digest, device.name, device.key, tuning.digest() if tuning else "")
     with _engines_lock:
         if key not in _engines:
             tuned = (tuning, compile_network(network, device, tuning=tuning)) if tuning else None

@@ -140,7 +140,7 @@ def ensure_profiles(
     """
     profiles, measured = [], []
     for engine in engines:
-        key, network = engine.profile_key, engine.network.name
+        key, network = engine.profile_key, engine.network.key
         stored = table.get(key, network)
         if stored is not None and not stored.interrupted and not reprofile:
             profiles.append(stored)

@@ -24,12 +24,14 @@ import functools
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from ._layers import Graph
@@ -66,6 +68,26 @@ class Network:
     input_shape: tuple[int, ...]  # ONE sample, e.g. (3, 224, 224)
     output_shape: tuple[int, ...]  # ONE sample, e.g. (1000,)
     dtype: str = "float32"
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The network's identity: a digest of its graph (constants included), shapes and weights.
+
+        Two models with one name but other weights or another graph have other digests, so every
+        cache and table entry that must not be shared between them is keyed by this, never by name.
+        """
+        h = hashlib.sha256()
+        h.update(f"{tvm_ffi.structural_hash(self.module)} {self.input_shape} {self.output_shape} {self.dtype}".encode())
+        for p in self.params:
+            h.update(f"|{p.dtype} {p.shape}|".encode())
+            h.update(np.ascontiguousarray(p).data)
+        return h.hexdigest()[:16]
+
+    @property
+    def key(self) -> str:
+        """The name people read with the digest that identifies the network, e.g. "model@3f2a...":
+        what profile tables, tuning records and caches are keyed by."""
+        return f"{self.name}@{self.digest}"
 
     @property
     def num_params(self) -> int:
@@ -149,23 +171,29 @@ def _build(name: str) -> _Built:
     return _Built(mod, g, entry.input_shape, tuple(g.shape(out)[1:]))
 
 
-@functools.lru_cache(maxsize=None)
 def get_network(name_or_path: str | os.PathLike[str]) -> Network:
     """A registered network by name, or an ONNX model by a path ending in ``.onnx``.
 
-    Cached per process: repeated calls return the same object (whose weight
-    arrays are read-only, since they are shared).
+    Cached per process: repeated calls for one registered name, or for ONNX files of the same
+    content, return the same object (whose weight arrays are read-only, since they are shared).
+    An ONNX file is looked up by what it holds, not by its path, so a file replaced on disk, or
+    another file of the same name, is never answered with the model read before.
     """
     name_or_path = os.fspath(name_or_path)
     if name_or_path in _REGISTRY:
-        built = _build(name_or_path)
-        params = built.graph.init_weights(np.random.default_rng(_seed(name_or_path)))
-        return Network(name_or_path, built.module, params, built.input_shape, built.output_shape)
+        return _registered(name_or_path)
     if name_or_path.lower().endswith(".onnx"):
         return _load_onnx(name_or_path)
     raise UnknownNetworkError(
         f"unknown network {name_or_path!r}; choose from: {', '.join(network_names())}"
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(name: str) -> Network:
+    built = _build(name)
+    params = built.graph.init_weights(np.random.default_rng(_seed(name)))
+    return Network(name, built.module, params, built.input_shape, built.output_shape)
 
 
 # ---------------------------------------------------------------- MobileNet
@@ -438,17 +466,36 @@ def _load_onnx(path: str) -> Network:
         raise OnnxUnavailableError(
             f"loading {path!r} needs the onnx package: pip install onnx (or pip install .[onnx])"
         ) from None
-    from tvm.relax.frontend import detach_params
-    from tvm.relax.frontend.onnx import from_onnx
 
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"cannot read ONNX model {path!r}: no such file")
     try:
+        raw = file.read_bytes()
         model = onnx.load(str(file))
     except Exception as err:  # protobuf decode errors, permissions, bad external data, ...
         raise ValueError(f"cannot read ONNX model {path!r}: {one_line(err)}") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # weights in other files, which no digest of this file's bytes covers
+        return _convert_onnx(model, onnx, path)
+    content = (hashlib.sha256(raw).hexdigest(), file.stem)
+    with _ONNX_LOCK:
+        if content not in _ONNX_BY_CONTENT:
+            _ONNX_BY_CONTENT[content] = _convert_onnx(model, onnx, path)
+        return _ONNX_BY_CONTENT[content]
 
+
+# ONNX models converted in this process, by (digest of the file's bytes, file stem)
+_ONNX_BY_CONTENT: dict[tuple[str, str], Network] = {}
+_ONNX_LOCK = threading.Lock()
+
+
+def _convert_onnx(model, onnx, path: str) -> Network:  # noqa: ANN001 - onnx types
+    """The Network of a loaded ONNX model, checked to be one we can split by its batch dimension."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    file = Path(path)
     graph = model.graph
     if not graph.node:
         raise ValueError(f"cannot read ONNX model {path!r}: the file holds no graph")

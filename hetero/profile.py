@@ -108,12 +108,12 @@ def profile_engine(
                 break
     except KeyboardInterrupt:
         done = ", ".join(str(m.batch) for m in measurements) or "none"
-        partial = Profile(engine.profile_key, engine.network.name, measurements,
+        partial = Profile(engine.profile_key, engine.network.key, measurements,
                           f"interrupted by the user; sizes measured: {done}", interrupted=True)
         raise ProfilingInterrupted(partial) from None
     finally:
         bar.close()
-    return Profile(engine.profile_key, engine.network.name, measurements, stopped)
+    return Profile(engine.profile_key, engine.network.key, measurements, stopped)
 
 
 @dataclass(frozen=True)

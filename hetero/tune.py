@@ -60,7 +60,7 @@ class Tuning:
 def tuning_for(table_path: Path, network: Network, device: Device, batch: int) -> Tuning:
     """The tuning of `network` on `device` at `batch` that belongs with the profile table at `table_path`."""
     device_id = hashlib.sha256(device.key.encode()).hexdigest()[:12]
-    folder = table_path.parent / f"{table_path.stem}.tuning" / f"{network.name}-{device_id}-b{batch}"
+    folder = table_path.parent / f"{table_path.stem}.tuning" / f"{network.key.replace('@', '-')}-{device_id}-b{batch}"
     return Tuning(folder, batch)
 
 

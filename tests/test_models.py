@@ -154,12 +154,13 @@ def test_squeezenet_runs_any_batch(squeezenet_exe) -> None:
 
 
 def _tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1,
-               reshape: tuple[int, int] = (0, -1)) -> dict[str, np.ndarray]:
-    """Conv(3->4, 3x3, stride 2, pad 1) -> ReLU -> global avg pool -> Reshape -> Gemm(4->5)."""
+               reshape: tuple[int, int] = (0, -1), seed: int = 7) -> dict[str, np.ndarray]:
+    """Conv(3->4, 3x3, stride 2, pad 1) -> ReLU -> global avg pool -> Reshape -> Gemm(4->5), with
+    weights drawn from `seed`."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     w = {"W": rng.standard_normal((4, 3, 3, 3)), "B": rng.standard_normal(4),
          "G": rng.standard_normal((4, 5)), "C": rng.standard_normal(5)}
     w = {k: v.astype(np.float32) for k, v in w.items()}
