@@ -20,12 +20,13 @@ from tvm import relax
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
+from .nan import propagate_nan
 from .tune import Tuning, static_module
 
 # hetero's own schedules (and the tensor intrinsics and kernels they use) decide what a compile produces and how
 # fast it runs, so a digest of their source is part of the module cache key and of every profile's key.
 _SCHEDULE_SOURCES = sorted([*Path(__file__).parent.glob("*_schedule.py"),
-                            *(Path(__file__).with_name(name) for name in ("_mma.py", "wgmma.py"))])
+                            *(Path(__file__).with_name(name) for name in ("_mma.py", "wgmma.py", "nan.py"))])
 BUILD_ID = hashlib.sha256(b"".join(path.read_bytes() for path in _SCHEDULE_SOURCES)).hexdigest()[:12]
 
 
@@ -47,6 +48,11 @@ def cache_dir() -> Path:
 
 
 def _pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pass:
+    """The device's schedules (below), then NaN made to propagate through every max and min."""
+    return tvm.transform.Sequential([_scheduling_pipeline(device, tuning), propagate_nan])
+
+
+def _scheduling_pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pass:
     """hetero's own schedules where it has them (TVM's defaults leave CPU loops unscheduled and run
     convolutions on GPUs at a third of PyTorch's speed), TVM's default pipeline elsewhere; a tuning's
     records first where there are some."""

@@ -286,9 +286,11 @@ def to_float16(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 def tf32_rounded(value: tirx.PrimExpr) -> tirx.PrimExpr:
     """The TF32 number nearest the float32 ``value`` (ties away from zero; 10 mantissa bits), as a
-    float32: half a TF32 unit added to the bits, the 13 bits below TF32's mantissa cleared."""
+    float32: half a TF32 unit added to the bits, the 13 bits below TF32's mantissa cleared.  A NaN
+    stays itself: one whose payload lies in those 13 bits alone would otherwise round to infinity."""
     bits = tirx.reinterpret("uint32", value) + tirx.const(1 << 12, "uint32")
-    return tirx.reinterpret("float32", bits & tirx.const(0xFFFFE000, "uint32"))
+    rounded = tirx.reinterpret("float32", bits & tirx.const(0xFFFFE000, "uint32"))
+    return tirx.Select(tirx.isnan(value), value, rounded)
 
 
 def _tf32_rounding(x):

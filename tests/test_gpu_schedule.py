@@ -459,6 +459,12 @@ def test_tf32_rounding_gives_the_nearest_tf32():
     np.testing.assert_array_equal(read.numpy(), expected)
     assert np.any((values.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) != expected)
 
+    # NaNs stay NaN, also one whose payload lies in the bits rounding clears; infinities stay
+    special = np.array([0x7FC00000, 0x7F800001, 0xFF800FFF, 0x7F800000, 0xFF800000] * 820, np.uint32)[:4096]
+    kernel(tvm.runtime.tensor(special.view(np.float32)), read)
+    np.testing.assert_array_equal(np.isnan(read.numpy()), np.isnan(special.view(np.float32)))
+    np.testing.assert_array_equal(read.numpy()[3:5], special.view(np.float32)[3:5])
+
 
 def test_tf32_rewrite_rounds_every_gemm_operand(tiny_reference):
     """Every convolution and matmul reads TF32 numbers, the weights rounded once (in

@@ -1,0 +1,56 @@
+"""Make every floating-point max and min propagate NaN, as PyTorch and ONNX Runtime do.
+
+TVM lowers ``max(a, b)`` to ``a > b ? a : b`` on LLVM and to ``fmaxf`` on CUDA: both return the
+number when one operand is NaN, so ``relu(NaN)`` came out 0 and a max pool skipped a NaN in its
+window, turning a bad input into a plausible output. The pass rewrites each float ``Max``/``Min`` in
+the compiled kernels to return a NaN operand when there is one, and is run after scheduling, so the
+schedule rules still see the plain ``max`` they match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+
+def _can_be_nan(expr: tirx.Expr) -> bool:
+    """Whether `expr` may be NaN at run time: anything but a constant number (or a broadcast of one)."""
+    if isinstance(expr, tirx.Broadcast):
+        expr = expr.value
+    return not (isinstance(expr, tirx.FloatImm) and not math.isnan(expr.value))
+
+
+def _propagating(node: tirx.Max | tirx.Min) -> tirx.Expr:
+    if not str(node.ty).startswith(("float", "bfloat")):
+        return node
+    operands = [node.a, node.b]
+    bindings = []
+    for index, operand in enumerate(operands):
+        if _can_be_nan(operand) and not isinstance(operand, (tirx.Var, tvm.ir.TensorLoad)):
+            var = tirx.Var(f"nan_check{index}", operand.ty)  # evaluated once, read twice
+            bindings.append((var, operand))
+            operands[index] = var
+    result = type(node)(*operands)
+    for operand in reversed(operands):
+        if _can_be_nan(operand):
+            result = tirx.Select(tirx.isnan(operand), operand, result)
+    for var, value in reversed(bindings):
+        result = tirx.Let(var, value, result)
+    return result
+
+
+@tvm.transform.module_pass(opt_level=0, name="hetero.PropagateNaN")
+def propagate_nan(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Every PrimFunc of `mod` with its float max and min made NaN-propagating."""
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            updated = tvm_ffi.structural_map(func, ((tirx.Max, tirx.Min), _propagating), order="post")
+            if not updated.same_as(func):
+                updates[gvar] = updated
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
