@@ -27,6 +27,13 @@ FORMAT = "hetero-profile-table"
 VERSION = 1
 NOISY_IQR = 0.1  # exec times whose interquartile range passes 10% of the median are flagged
 
+# A table may be edited by hand, and the planner trusts it: a measurement outside what hardware can do is
+# refused when the table is loaded rather than planned with (batch 10**12 in a nanosecond printed as 1e21 img/s).
+MAX_BATCH = 2**31 - 1  # samples in one call: buffers and runtimes index with 32-bit ints; no device holds more
+MIN_CALL_S = 1e-6  # the fastest a device call can return, copies included: launch and synchronisation alone cost more
+MIN_SAMPLE_S = 1e-9  # a sample of a CNN is far more than the few operations a device does in a nanosecond
+MAX_TIME_S = 86400.0  # a day: no profiled call takes longer, and the profiler spends about a second per size
+
 Key = tuple[str, str]  # (device_key, network)
 KEY_FIELDS = " | "  # a key is "<hardware> | <target> | tvm <version> | hetero <build>"; hardware first
 
@@ -190,6 +197,35 @@ def _seconds_list(value: object, name: str, allow_empty: bool) -> list[float]:
     return [float(t) for t in value]
 
 
+class _Implausible(ValueError):
+    """A measurement that is well formed but outside physical sense; the message says which and why."""
+
+
+def _batch_text(batch: int) -> str:
+    digits = str(batch)
+    return digits if len(digits) <= 30 else f"{digits[:25]}... ({len(digits)} digits)"
+
+
+def _implausibility(m: Measurement) -> str | None:
+    """What makes a well-formed measurement physically impossible, None if nothing does."""
+    if m.batch > MAX_BATCH:
+        return f"more than {MAX_BATCH} samples in one call"
+    for name in ("exec_s", "h2d_s", "d2h_s"):
+        slowest = max(getattr(m, name), default=0.0)
+        if slowest > MAX_TIME_S:
+            return f"a time of {slowest:.3g} s in {name}, more than a day ({MAX_TIME_S:g} s)"
+    if m.error is not None:
+        return None
+    # Repeats are timed apart per part, so the fastest call is bounded by the sum of each part's fastest.
+    fastest = min(m.exec_s) + min(m.h2d_s) + min(m.d2h_s)
+    if fastest < MIN_CALL_S:
+        return (f"its fastest call took {fastest:.3g} s with copies, "
+                f"less than the {MIN_CALL_S:g} s any device call takes")
+    if fastest / m.batch < MIN_SAMPLE_S:
+        return f"{fastest / m.batch:.3g} s per sample, less than the {MIN_SAMPLE_S:g} s any sample takes"
+    return None
+
+
 def _measurement_from_json(m: dict) -> Measurement:
     """A measurement checked so that every derived time is defined: what the partitioner relies on."""
     batch, error = m["batch"], m["error"]
@@ -215,6 +251,10 @@ def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
     if not isinstance(entry["measurements"], list) or not entry["measurements"]:
         raise ValueError(f"the profile of {network!r:.60} on {device_key!r:.60} has no list of measurements")
     measurements = [_measurement_from_json(m) for m in entry["measurements"]]
+    for m in measurements:
+        if (why := _implausibility(m)) is not None:
+            raise _Implausible(f"implausible measurement of {network!r:.60} on {device_key!r:.80} at batch "
+                               f"{_batch_text(m.batch)}: {why}; remove the profile to measure it again")
     company = [s for s in _seconds_list(entry.get("company", []), "company", allow_empty=True) if s > 0]
     idle_splits = entry.get("idle_splits", 0)  # tables from before it was kept
     if not isinstance(idle_splits, int) or isinstance(idle_splits, bool) or idle_splits < 0:
@@ -238,6 +278,8 @@ def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:
             for device_key, networks in doc["profiles"].items()
             for network, entry in networks.items()
         }
+    except _Implausible as exc:
+        raise TableError(f"{path}: {exc}") from None
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise TableError(f"{path}: corrupt profile table ({type(exc).__name__}: {exc})") from None
 

@@ -7,7 +7,10 @@ import multiprocessing
 import numpy as np
 import pytest
 
+from hetero import cli
 from hetero.table import Measurement, Profile, ProfileTable, TableError, format_table
+
+from .conftest import ROOT
 
 KEY = "Test CPU | {\"kind\": \"llvm\"} | tvm 0.27.0"
 
@@ -242,3 +245,63 @@ def test_a_device_idle_for_long_is_planned_with_the_prior_again(tmp_path):
     assert f"idle in the last {Profile.IDLE_RETRY} splits" in format_table(table)
     profile.record_company(1.0 * predicted, 8)  # the retry's share resets the count
     assert profile.idle_splits == 0 and profile.company_slowdown(prior=1.05) == pytest.approx(3.0)
+
+
+def _write_table(path, measurement: dict) -> None:
+    path.write_text(json.dumps({"format": "hetero-profile-table", "version": 1, "profiles": {KEY: {"resnet-18": {
+        "stopped": None, "measurements": [{"batch": 1, "exec_s": [0.01], "h2d_s": [0.0], "d2h_s": [0.0], "error": None},
+                                          {"error": None, **measurement}]}}}}))
+
+
+def _timed(batch: int, exec_s: float, h2d_s: float = 0.0, d2h_s: float = 0.0) -> dict:
+    return {"batch": batch, "exec_s": [exec_s] * 3, "h2d_s": [h2d_s] * 3, "d2h_s": [d2h_s] * 3}
+
+
+@pytest.mark.parametrize(
+    "measurement, message",
+    [
+        (_timed(10**12, 1e-9), "batch 1000000000000: more than 2147483647 samples in one call"),
+        (_timed(2**31, 10.0), "batch 2147483648: more than 2147483647 samples in one call"),
+        ({"batch": 10**40, "exec_s": [], "h2d_s": [], "d2h_s": [], "error": "out of memory"},
+         "batch 1000000000000000000000000... (41 digits): more than"),
+        (_timed(4, 2e-7, 2e-7, 2e-7), "batch 4: its fastest call took 6e-07 s with copies, less than the 1e-06 s"),
+        (_timed(2**31 - 1, 1.0), "batch 2147483647: 4.66e-10 s per sample, less than the 1e-09 s"),
+        (_timed(8, 0.01, 1e6), "batch 8: a time of 1e+06 s in h2d_s, more than a day"),
+        ({"batch": 8, "exec_s": [], "h2d_s": [1e6], "d2h_s": [], "error": "timed out"}, "h2d_s, more than a day"),
+    ],
+    ids=["issue", "batch-past-int32", "huge-failed-batch", "faster-than-a-call", "faster-than-a-sample", "slow-copy",
+         "failed-but-slow"],
+)
+def test_implausible_measurement_is_refused_in_one_line_naming_it(tmp_path, capsys, measurement, message):
+    path = tmp_path / "table.json"
+    _write_table(path, measurement)
+    before = path.read_bytes()
+    with pytest.raises(TableError) as info:
+        ProfileTable.load(path)
+    text = str(info.value)
+    assert "\n" not in text and message in text
+    assert text.startswith(f"{path}: implausible measurement of 'resnet-18' on {KEY!r} at batch ")
+    assert cli.print_table([str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "measurement",
+    [_timed(2**31 - 1, 2.2), _timed(1, 1e-6), _timed(1, 4e-7, 3e-7, 3e-7), _timed(2**20, 1.1e-3), _timed(1, 86400.0),
+     {"batch": 2**31 - 1, "exec_s": [], "h2d_s": [], "d2h_s": [], "error": "out of memory"}],
+    ids=["largest-batch", "one-microsecond", "microsecond-with-copies", "a-nanosecond-per-sample", "one-day",
+         "largest-failed-batch"],
+)
+def test_measurements_at_the_bounds_load(tmp_path, measurement):
+    path = tmp_path / "table.json"
+    _write_table(path, measurement)
+    assert len(ProfileTable.load(path).get(KEY, "resnet-18").measurements) == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "profiles").glob("*.json")), ids=lambda p: p.name)
+def test_the_repositorys_measured_tables_load(path):
+    table = ProfileTable.load(path)
+    assert table.profiles() and format_table(table)
+    assert cli.print_table([str(path)]) == 0
