@@ -143,14 +143,43 @@ def predicted_times(costs: Sequence[np.ndarray], shares: Sequence[int],
     return [float(cost[share]) * factor for cost, share, factor in zip(costs, shares, factors, strict=True)]
 
 
+def _best_in_company(costs: Sequence[np.ndarray], batch: int) -> list[int] | None:
+    """The split with the smallest makespan among those where at least two devices work, None if there is none.
+
+    partition_exact's split has the smallest makespan T* of all splits, so where two or more devices work
+    in it, it is the answer. Where it puts everything on device j, every split with two or more devices
+    working takes at least T* and at least costs[k][1] for a working k != j, so at least
+    max(T*, min over k != j of costs[k][1]); [j: batch - 1, k: 1] for that k takes at most that, since
+    costs[j][batch - 1] <= costs[j][batch] = T*.
+    """
+    split = partition_exact(costs, batch)
+    if sum(1 for share in split if share) > 1:
+        return split
+    if batch < 2 or len(costs) < 2:
+        return None
+    j = int(np.argmax(split))
+    k = min((i for i in range(len(costs)) if i != j), key=lambda i: float(costs[i][1]))
+    if not math.isfinite(costs[k][1]):
+        return None
+    split[j], split[k] = batch - 1, 1
+    return split
+
+
 def split_or_single(costs: Sequence[np.ndarray], batch: int, partitioner: str = "exact",
                     slowdowns: Sequence[float] | None = None) -> list[int]:
-    """The partitioner's split of the costs as slowed in company, or the best device alone where that is
-    predicted no slower."""
+    """The split predicted to finish first by predicted_times, the best device alone where that is no slower.
+
+    A device alone runs at its profiled speed, devices together at their speeds in company, so the two kinds
+    of split are planned apart: "exact" takes the best split with two or more devices working, by the costs
+    as slowed in company (_best_in_company), and the best device alone, by its own costs, so the result is the
+    smallest predicted makespan over all splits. "greedy" (the seed's heuristic) splits the slowed costs as
+    it always did, and its split is weighed against the best device alone by the same predictions.
+    """
     slowdowns = _in_company(slowdowns, len(costs))
-    split = PARTITIONERS[partitioner]([cost * factor for cost, factor in zip(costs, slowdowns, strict=True)], batch)
+    slowed = [cost * factor for cost, factor in zip(costs, slowdowns, strict=True)]
+    split = _best_in_company(slowed, batch) if partitioner == "exact" else PARTITIONERS[partitioner](slowed, batch)
     single = [0] * len(costs)
     single[int(np.argmin([float(cost[batch]) for cost in costs]))] = batch
-    if max(predicted_times(costs, single, slowdowns)) <= max(predicted_times(costs, split, slowdowns)):
+    if split is None or max(predicted_times(costs, single, slowdowns)) <= max(predicted_times(costs, split, slowdowns)):
         return single
     return split

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hetero.partition import (
@@ -179,3 +179,69 @@ def test_chosen_split_is_never_predicted_slower_than_the_best_device_or_the_gree
         except ValueError:
             return
         assert chosen <= max(predicted_times(costs, greedy, slowdowns))
+
+
+def test_a_device_faster_in_company_is_not_left_alone_at_its_slower_solo_time():
+    # Device 0 alone: 1 s per sample; in company it has run at half its prediction. Device 1: 6 s per sample,
+    # the default 5% slower in company. Slowed, device 0 takes all 10 in 5 s, sooner than any split, but
+    # alone it is not slowed (nor sped up): 10 s. [9, 1] is predicted at max(9 * 0.5, 6 * 1.05) = 6.3 s.
+    fast, slow = np.arange(11) * 1.0, np.arange(11) * 6.0
+    assert partition_exact([fast * 0.5, slow * 1.05], 10) == [10, 0]
+    assert max(predicted_times([fast, slow], [10, 0], [0.5, 1.05])) == 10.0
+    assert split_or_single([fast, slow], 10, slowdowns=[0.5, 1.05]) == [9, 1]
+    assert predicted_times([fast, slow], [9, 1], [0.5, 1.05]) == pytest.approx([4.5, 6.3])
+    # Where partition_exact's split already has two devices working, it is the answer.
+    assert split_or_single([fast, slow], 10, slowdowns=[0.5, 0.5]) == [9, 1]
+    assert split_or_single([fast], 10, slowdowns=[0.5]) == [10], "one device has no company"
+    assert split_or_single([fast, slow], 1, slowdowns=[0.5, 1.05]) == [1, 0], "one sample has no company"
+
+
+def test_plan_picks_the_split_its_own_predictions_favour():
+    from hetero.inference import plan
+    from hetero.table import Measurement, Profile
+
+    def linear(key, per_sample_s, company):
+        measurements = [Measurement(b, [per_sample_s * b] * 3, [0.0] * 3, [0.0] * 3) for b in (1, 10)]
+        return Profile(key, "net", measurements, company=company)
+
+    shares, predicted, _ = plan([linear("a", 1.0, [0.5] * 3), linear("b", 6.0, [])], 10)
+    assert shares == [9, 1] and predicted == pytest.approx([4.5, 6.3])
+
+
+@st.composite
+def slowed_cost_tables(draw):
+    """2-3 monotone float cost curves from 0 (ties, plateaus, sometimes an inf tail) and a slowdown per device."""
+    batch = draw(st.integers(0, 8))
+    devices = draw(st.integers(2, 3))
+    costs = []
+    for _ in range(devices):
+        steps = draw(st.lists(st.sampled_from([0.0, 1.0, 2.5]) | st.floats(0, 10), min_size=batch, max_size=batch))
+        curve = np.concatenate([[0.0], np.cumsum(steps, dtype=float)])
+        if draw(st.booleans()):
+            curve[draw(st.integers(1, batch + 1)) :] = np.inf
+        costs.append(curve)
+    slowdowns = draw(st.lists(st.sampled_from([0.5, 1.0, 1.05]) | st.floats(0.3, 3), min_size=devices,
+                              max_size=devices))
+    return costs, batch, slowdowns
+
+
+@settings(max_examples=500, deadline=None)
+@given(slowed_cost_tables())
+@example(([np.arange(11) * 1.0, np.arange(11) * 6.0], 10, [0.5, 1.05]))
+@example(([np.array([0, 5, 5, 5.0]), np.array([0, 1, 9, 9.0])], 3, [0.3, 3.0]))
+def test_exact_plan_is_the_minimum_of_its_own_predictions_over_every_split(case):
+    costs, batch, slowdowns = case
+    if not _feasible(costs, batch):
+        return
+    predicted = {shares: max(predicted_times(costs, shares, slowdowns)) for shares in _splits(batch, len(costs))}
+    best = min(predicted.values())
+    shares = split_or_single(costs, batch, "exact", slowdowns)
+    assert sum(shares) == batch and min(shares) >= 0 and all(isinstance(s, int) for s in shares)
+    assert max(predicted_times(costs, shares, slowdowns)) == pytest.approx(best, rel=1e-12)
+    if min(float(cost[batch]) for cost in costs) == best:
+        assert sum(1 for s in shares if s) <= 1, "a tie goes to the best device alone"
+    try:
+        greedy = split_or_single(costs, batch, "greedy", slowdowns)
+    except ValueError:
+        return  # the greedy gets stuck where no single device fits the batch
+    assert max(predicted_times(costs, greedy, slowdowns)) <= min(float(cost[batch]) for cost in costs)
