@@ -9,14 +9,16 @@ The command lines are thin layers over this API:
 from .devices import Device, available_devices, parse_devices
 from .errors import HeteroError
 from .inference import InferenceReport, infer
-from .models import Network, get_network, network_names
+from .models import FormUnavailableError, Network, from_torch, get_network, network_names
 
 __all__ = [
     "Device",
+    "FormUnavailableError",
     "HeteroError",
     "InferenceReport",
     "Network",
     "available_devices",
+    "from_torch",
     "get_network",
     "infer",
     "network_names",

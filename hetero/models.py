@@ -1,4 +1,4 @@
-"""The network registry: standard CNNs built in TVM Relax, plus ONNX import.
+"""The network registry: standard CNNs built in TVM Relax, plus ONNX and PyTorch import.
 
 Every network is one Relax function ``main(x, *weights) -> logits`` whose batch
 dimension is a symbolic ``n``, so one compiled module serves every batch size.
@@ -15,7 +15,14 @@ Builders are registered timm-style::
         return _resnet(g, x, _basic_block, (2, 2, 2, 2))
 
 and composed from the blocks in this module and the layers of
-:class:`hetero._layers.Graph`.
+:class:`hetero.layers.Graph`, which are written once over a few primitives, so one
+builder gives the network in every form an engine runs: the Relax module
+(``Network.module``), an ONNX model (``Network.onnx_model()``) and a PyTorch
+module (``Network.torch_module()``), all with the same weights (``Network.params``).
+A network also comes from an .onnx file (``get_network(path)``: its ONNX form is
+the file's model, it has no PyTorch form) or from a PyTorch module
+(:func:`from_torch`).  What a network came from is its *origin*, which makes the
+forms other than Relax.
 """
 
 from __future__ import annotations
@@ -26,21 +33,26 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
 
-from ._layers import Graph
 from .errors import HeteroError, one_line
+from .layers import Graph
+from .layers.relax import RelaxGraph, build_module
 
 __all__ = [
+    "FormUnavailableError",
     "Network",
     "OnnxUnavailableError",
+    "TorchConversionError",
     "UnknownNetworkError",
+    "from_torch",
     "get_network",
     "network_names",
     "register",
@@ -58,6 +70,121 @@ class OnnxUnavailableError(HeteroError, ImportError):
     """
 
 
+class FormUnavailableError(HeteroError):
+    """A network has no such form (an .onnx file has no PyTorch module), or the package that
+    makes or holds the form is not installed."""
+
+
+class TorchConversionError(HeteroError, ValueError):
+    """A PyTorch module that cannot be exported, or imported into Relax with a symbolic batch."""
+
+
+Tensor = Any  # what a builder's Graph works on: a Relax expression, an ONNX value, a torch.Tensor
+
+
+def _require(package: str, form: str, name: str, install: str) -> None:
+    """Raise FormUnavailableError, saying ``pip install {install}``, unless ``package`` imports."""
+    try:
+        __import__(package)
+    except ImportError:
+        raise FormUnavailableError(f"the {form} form of network {name!r} needs {package}: "
+                                   f"pip install {install}") from None
+
+
+class _Origin:
+    """What a Network was made from; makes its forms other than the Relax module.
+
+    The base class has neither form (a Network built directly from a Relax module).
+    """
+
+    forms: tuple[str, ...] = ("relax",)
+    what = "it was built directly as a Relax module"
+
+    def onnx_model(self, net: Network):  # noqa: ANN201 - onnx.ModelProto, onnx not imported here
+        raise FormUnavailableError(f"network {net.name!r} has no ONNX form: {self.what}")
+
+    def torch_module(self, net: Network):  # noqa: ANN201 - torch.nn.Module
+        raise FormUnavailableError(f"network {net.name!r} has no PyTorch form: {self.what}")
+
+
+class _BuilderOrigin(_Origin):
+    """A registered builder: every form is emitted from it, with the network's params."""
+
+    forms = ("relax", "onnx", "torch")
+
+    def __init__(self, builder: Builder) -> None:
+        self.builder = builder
+
+    def onnx_model(self, net: Network):  # noqa: ANN201
+        _require("onnx", "ONNX", net.name, "'hetero[onnx]'")
+        from .layers.onnx import build_model
+
+        return build_model(self.builder, net.input_shape, net.params, name=net.name, dtype=net.dtype)
+
+    def torch_module(self, net: Network):  # noqa: ANN201
+        _require("torch", "PyTorch", net.name, "'hetero[torch]'")
+        from .layers.torch import BuiltModule
+
+        return BuiltModule(self.builder, net.input_shape, net.params, name=net.name, dtype=net.dtype)
+
+
+class _OnnxOrigin(_Origin):
+    """An .onnx file: its ONNX form is the file's own model, read again from the bytes kept here
+    (or, for weights in external files, a copy of the model as loaded)."""
+
+    forms = ("relax", "onnx")
+    what = "it was read from an ONNX file"
+
+    def __init__(self, raw: bytes | None, model: Any = None) -> None:
+        self.raw = raw
+        self.model = model
+
+    def onnx_model(self, net: Network):  # noqa: ANN201
+        _require("onnx", "ONNX", net.name, "'hetero[onnx]'")
+        import onnx
+
+        if self.raw is not None:
+            return onnx.load_from_string(self.raw)
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        return model
+
+
+class _TorchOrigin(_Origin):
+    """A PyTorch module (:func:`from_torch`): its PyTorch form is the module itself; its ONNX
+    form is exported once (torch.onnx's dynamo exporter, batch dimension ``N``)."""
+
+    forms = ("relax", "onnx", "torch")
+
+    def __init__(self, module: Any, example: Any) -> None:
+        self.module = module
+        self.example = example  # an input batch of 2, on the module's device
+        self._onnx: bytes | None = None
+        self._lock = threading.Lock()
+
+    def torch_module(self, net: Network):  # noqa: ANN201
+        return self.module.eval()
+
+    def onnx_model(self, net: Network):  # noqa: ANN201
+        _require("onnx", "ONNX", net.name, "'hetero[onnx]'")
+        _require("onnxscript", "ONNX", net.name, "onnxscript")
+        import onnx
+        import torch
+
+        with self._lock:
+            if self._onnx is None:
+                try:
+                    program = torch.onnx.export(
+                        self.module.eval(), (self.example,), dynamo=True, external_data=False,
+                        input_names=["x"], output_names=["y"],
+                        dynamic_shapes=({0: torch.export.Dim("N", min=1)},), verbose=False)
+                except Exception as err:  # unsupported ops, ...
+                    raise TorchConversionError(f"cannot export network {net.name!r} to ONNX: "
+                                               f"{one_line(err)}") from None
+                self._onnx = program.model_proto.SerializeToString()
+        return onnx.load_from_string(self._onnx)
+
+
 @dataclass(frozen=True, eq=False)
 class Network:
     """A network ready to compile: Relax module, weight values, per-sample shapes."""
@@ -68,6 +195,8 @@ class Network:
     input_shape: tuple[int, ...]  # ONE sample, e.g. (3, 224, 224)
     output_shape: tuple[int, ...]  # ONE sample, e.g. (1000,)
     dtype: str = "float32"
+    # what the network was made from, which makes its ONNX and PyTorch forms
+    origin: _Origin = field(default_factory=_Origin, repr=False)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -88,6 +217,34 @@ class Network:
         """The name people read with the digest that identifies the network, e.g. "model@3f2a...":
         what profile tables, tuning records and caches are keyed by."""
         return f"{self.name}@{self.digest}"
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        """The forms this network has: "relax" always, "onnx" and "torch" as its origin allows
+        (whether their packages are installed is not checked)."""
+        return self.origin.forms
+
+    def onnx_model(self):  # noqa: ANN201 - onnx.ModelProto; onnx is imported only here
+        """The network as an ``onnx.ModelProto``: one input of shape ``(N, *input_shape)``, one
+        output, symbolic batch ``N``; a new object on every call (callers may change it).
+
+        A registered network's model is emitted from its builder (input ``x``, output ``y``,
+        initializers named like the Relax weight parameters and holding ``params``); an .onnx
+        file's is the file's own model; a PyTorch module's is exported by ``torch.onnx``.
+
+        Raises FormUnavailableError when the network has no ONNX form or onnx is not installed.
+        """
+        return self.origin.onnx_model(self)
+
+    def torch_module(self):  # noqa: ANN201 - torch.nn.Module; torch is imported only here
+        """The network as a ``torch.nn.Module`` in eval mode, ``forward(x) -> logits``.
+
+        A registered network's is a new module on every call, holding a copy of ``params``; a
+        network made by :func:`from_torch` returns that module itself.  An .onnx file has none.
+
+        Raises FormUnavailableError when the network has no PyTorch form or torch is not installed.
+        """
+        return self.origin.torch_module(self)
 
     @property
     def num_params(self) -> int:
@@ -114,7 +271,7 @@ class Network:
 
 # ------------------------------------------------------------------ registry
 
-Builder = Callable[[Graph, relax.Var], relax.Var]
+Builder = Callable[[Graph, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -150,7 +307,7 @@ def _seed(name: str) -> int:
 @dataclass(frozen=True)
 class _Built:
     module: tvm.IRModule
-    graph: Graph
+    graph: RelaxGraph
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
 
@@ -159,16 +316,8 @@ class _Built:
 def _build(name: str) -> _Built:
     """The Relax module of a registered network and its weight recipe (no weight values yet)."""
     entry = _REGISTRY[name]
-    n = tvm.tirx.Var("n", "int64")
-    x = relax.Var("x", relax.TensorType((n, *entry.input_shape), "float32"))
-    bb = relax.BlockBuilder()
-    g = Graph(bb)
-    with bb.function("main", attrs={"num_input": 1}):
-        with bb.dataflow():
-            out = bb.emit_output(entry.build(g, x))
-        bb.emit_func_output(out, params=[x, *g.weights])
-    mod = bb.finalize()
-    return _Built(mod, g, entry.input_shape, tuple(g.shape(out)[1:]))
+    mod, g, output_shape = build_module(entry.build, entry.input_shape)
+    return _Built(mod, g, entry.input_shape, output_shape)
 
 
 def get_network(name_or_path: str | os.PathLike[str]) -> Network:
@@ -193,14 +342,15 @@ def get_network(name_or_path: str | os.PathLike[str]) -> Network:
 def _registered(name: str) -> Network:
     built = _build(name)
     params = built.graph.init_weights(np.random.default_rng(_seed(name)))
-    return Network(name, built.module, params, built.input_shape, built.output_shape)
+    return Network(name, built.module, params, built.input_shape, built.output_shape,
+                   origin=_BuilderOrigin(_REGISTRY[name].build))
 
 
 # ---------------------------------------------------------------- MobileNet
 
 
 @register("mobilenet")
-def mobilenet(g: Graph, x: relax.Var) -> relax.Var:
+def mobilenet(g: Graph, x: Tensor) -> Tensor:
     """MobileNet v1, width 1.0, 224x224: depthwise-separable convs."""
     x = g.conv(x, 32, 3, 2, 1)
     for cout, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -214,13 +364,13 @@ def mobilenet(g: Graph, x: relax.Var) -> relax.Var:
 # --------------------------------------------------------------- SqueezeNet
 
 
-def _fire(g: Graph, x: relax.Expr, squeeze: int, expand: int) -> relax.Var:
+def _fire(g: Graph, x: Tensor, squeeze: int, expand: int) -> Tensor:
     s = g.conv(x, squeeze, 1, bn=False)
     return g.concat([g.conv(s, expand, 1, bn=False), g.conv(s, expand, 3, 1, 1, bn=False)])
 
 
-def _squeezenet(g: Graph, x: relax.Expr, stem: tuple[int, int],
-                stages: Sequence[Sequence[tuple[int, int]]]) -> relax.Var:
+def _squeezenet(g: Graph, x: Tensor, stem: tuple[int, int],
+                stages: Sequence[Sequence[tuple[int, int]]]) -> Tensor:
     """``stem`` = (channels, kernel) of the stride-2 first conv; each stage starts with a max pool."""
     x = g.conv(x, stem[0], stem[1], 2, bn=False)
     for fires in stages:
@@ -232,14 +382,14 @@ def _squeezenet(g: Graph, x: relax.Expr, stem: tuple[int, int],
 
 
 @register("squeezenet_v1.0")
-def squeezenet_v1_0(g: Graph, x: relax.Var) -> relax.Var:
+def squeezenet_v1_0(g: Graph, x: Tensor) -> Tensor:
     return _squeezenet(g, x, (96, 7), [[(16, 64), (16, 64), (32, 128)],
                                        [(32, 128), (48, 192), (48, 192), (64, 256)],
                                        [(64, 256)]])
 
 
 @register("squeezenet_v1.1")
-def squeezenet_v1_1(g: Graph, x: relax.Var) -> relax.Var:
+def squeezenet_v1_1(g: Graph, x: Tensor) -> Tensor:
     return _squeezenet(g, x, (64, 3), [[(16, 64), (16, 64)],
                                        [(32, 128), (32, 128)],
                                        [(48, 192), (48, 192), (64, 256), (64, 256)]])
@@ -248,27 +398,27 @@ def squeezenet_v1_1(g: Graph, x: relax.Var) -> relax.Var:
 # ------------------------------------------------------------------- ResNet
 
 
-def _shortcut(g: Graph, x: relax.Expr, cout: int, stride: int) -> relax.Expr:
+def _shortcut(g: Graph, x: Tensor, cout: int, stride: int) -> Tensor:
     if stride == 1 and g.channels(x) == cout:
         return x
     return g.conv(x, cout, 1, stride, relu=False)
 
 
-def _basic_block(g: Graph, x: relax.Expr, width: int, stride: int, gamma: float) -> relax.Var:
+def _basic_block(g: Graph, x: Tensor, width: int, stride: int, gamma: float) -> Tensor:
     y = g.conv(x, width, 3, stride, 1)
     y = g.conv(y, width, 3, 1, 1, relu=False, bn_gamma=gamma)
     return g.relu(g.add(y, _shortcut(g, x, width, stride)))
 
 
-def _bottleneck(g: Graph, x: relax.Expr, width: int, stride: int, gamma: float) -> relax.Var:
+def _bottleneck(g: Graph, x: Tensor, width: int, stride: int, gamma: float) -> Tensor:
     y = g.conv(x, width, 1)
     y = g.conv(y, width, 3, stride, 1)  # stride on the 3x3 (torchvision's "v1.5")
     y = g.conv(y, width * 4, 1, relu=False, bn_gamma=gamma)
     return g.relu(g.add(y, _shortcut(g, x, width * 4, stride)))
 
 
-def _resnet(g: Graph, x: relax.Expr, block: Callable[..., relax.Var],
-            depths: Sequence[int]) -> relax.Var:
+def _resnet(g: Graph, x: Tensor, block: Callable[..., Tensor],
+            depths: Sequence[int]) -> Tensor:
     x = g.conv(x, 64, 7, 2, 3)
     x = g.max_pool(x, 3, 2, 1)
     # Each residual add grows the variance by (1 + gamma^2); damping the last
@@ -282,17 +432,17 @@ def _resnet(g: Graph, x: relax.Expr, block: Callable[..., relax.Var],
 
 
 @register("resnet-18")
-def resnet18(g: Graph, x: relax.Var) -> relax.Var:
+def resnet18(g: Graph, x: Tensor) -> Tensor:
     return _resnet(g, x, _basic_block, (2, 2, 2, 2))
 
 
 @register("resnet-34")
-def resnet34(g: Graph, x: relax.Var) -> relax.Var:
+def resnet34(g: Graph, x: Tensor) -> Tensor:
     return _resnet(g, x, _basic_block, (3, 4, 6, 3))
 
 
 @register("resnet-50")
-def resnet50(g: Graph, x: relax.Var) -> relax.Var:
+def resnet50(g: Graph, x: Tensor) -> Tensor:
     return _resnet(g, x, _bottleneck, (3, 4, 6, 3))
 
 
@@ -300,17 +450,17 @@ def resnet50(g: Graph, x: relax.Var) -> relax.Var:
 # A conv spec is (channels, kernel[, stride[, padding]]); every conv is conv-BN-ReLU.
 
 
-def _convs(g: Graph, x: relax.Expr, *specs: tuple) -> relax.Expr:
+def _convs(g: Graph, x: Tensor, *specs: tuple) -> Tensor:
     for spec in specs:
         x = g.conv(x, *spec)
     return x
 
 
-def _split_1x3_3x1(g: Graph, x: relax.Expr, c: int) -> relax.Var:
+def _split_1x3_3x1(g: Graph, x: Tensor, c: int) -> Tensor:
     return g.concat([g.conv(x, c, (1, 3), 1, (0, 1)), g.conv(x, c, (3, 1), 1, (1, 0))])
 
 
-def _inception_a(g: Graph, x: relax.Expr, pool_features: int) -> relax.Var:
+def _inception_a(g: Graph, x: Tensor, pool_features: int) -> Tensor:
     return g.concat([
         _convs(g, x, (64, 1)),
         _convs(g, x, (48, 1), (64, 5, 1, 2)),
@@ -319,7 +469,7 @@ def _inception_a(g: Graph, x: relax.Expr, pool_features: int) -> relax.Var:
     ])
 
 
-def _inception_b(g: Graph, x: relax.Expr) -> relax.Var:
+def _inception_b(g: Graph, x: Tensor) -> Tensor:
     return g.concat([
         _convs(g, x, (384, 3, 2)),
         _convs(g, x, (64, 1), (96, 3, 1, 1), (96, 3, 2)),
@@ -327,7 +477,7 @@ def _inception_b(g: Graph, x: relax.Expr) -> relax.Var:
     ])
 
 
-def _inception_c(g: Graph, x: relax.Expr, c7: int) -> relax.Var:
+def _inception_c(g: Graph, x: Tensor, c7: int) -> Tensor:
     h, v = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7 and 7x1 (kernel, stride, padding)
     return g.concat([
         _convs(g, x, (192, 1)),
@@ -337,7 +487,7 @@ def _inception_c(g: Graph, x: relax.Expr, c7: int) -> relax.Var:
     ])
 
 
-def _inception_d(g: Graph, x: relax.Expr) -> relax.Var:
+def _inception_d(g: Graph, x: Tensor) -> Tensor:
     return g.concat([
         _convs(g, x, (192, 1), (320, 3, 2)),
         _convs(g, x, (192, 1), (192, (1, 7), 1, (0, 3)), (192, (7, 1), 1, (3, 0)), (192, 3, 2)),
@@ -345,7 +495,7 @@ def _inception_d(g: Graph, x: relax.Expr) -> relax.Var:
     ])
 
 
-def _inception_e(g: Graph, x: relax.Expr) -> relax.Var:
+def _inception_e(g: Graph, x: Tensor) -> Tensor:
     return g.concat([
         _convs(g, x, (320, 1)),
         _split_1x3_3x1(g, _convs(g, x, (384, 1)), 384),
@@ -355,7 +505,7 @@ def _inception_e(g: Graph, x: relax.Expr) -> relax.Var:
 
 
 @register("inception_v3", input_shape=(3, 299, 299))
-def inception_v3(g: Graph, x: relax.Var) -> relax.Var:
+def inception_v3(g: Graph, x: Tensor) -> Tensor:
     """Inception v3 as in torchvision, without the auxiliary classifier."""
     g.bn_eps = 1e-3
     x = _convs(g, x, (32, 3, 2), (32, 3), (64, 3, 1, 1))
@@ -376,7 +526,7 @@ def inception_v3(g: Graph, x: relax.Var) -> relax.Var:
 # ---------------------------------------------------------------------- VGG
 
 
-def _vgg(g: Graph, x: relax.Expr, depths: Sequence[int]) -> relax.Var:
+def _vgg(g: Graph, x: Tensor, depths: Sequence[int]) -> Tensor:
     for stage, depth in enumerate(depths):
         for _ in range(depth):
             x = g.conv(x, min(64 << stage, 512), 3, 1, 1, bn=False)
@@ -388,12 +538,12 @@ def _vgg(g: Graph, x: relax.Expr, depths: Sequence[int]) -> relax.Var:
 
 
 @register("vgg-16")
-def vgg16(g: Graph, x: relax.Var) -> relax.Var:
+def vgg16(g: Graph, x: Tensor) -> Tensor:
     return _vgg(g, x, (2, 2, 3, 3, 3))
 
 
 @register("vgg-19")
-def vgg19(g: Graph, x: relax.Var) -> relax.Var:
+def vgg19(g: Graph, x: Tensor) -> Tensor:
     return _vgg(g, x, (2, 2, 4, 4, 4))
 
 
@@ -403,19 +553,19 @@ def vgg19(g: Graph, x: relax.Var) -> relax.Var:
 # the BN between a dense layer's 1x1 and 3x3 convs is folded into the 1x1.
 
 
-def _dense_layer(g: Graph, x: relax.Expr, growth: int, bn_size: int) -> relax.Var:
+def _dense_layer(g: Graph, x: Tensor, growth: int, bn_size: int) -> Tensor:
     y = g.conv(g.relu(g.batch_norm(x)), bn_size * growth, 1)
     return g.conv(y, growth, 3, 1, 1, bn=False, bias=False, relu=False)
 
 
-def _transition(g: Graph, x: relax.Expr) -> relax.Var:
+def _transition(g: Graph, x: Tensor) -> Tensor:
     y = g.relu(g.batch_norm(x))
     y = g.conv(y, g.channels(x) // 2, 1, bn=False, bias=False, relu=False)
     return g.avg_pool(y, 2, 2)
 
 
-def _densenet(g: Graph, x: relax.Expr, growth: int, blocks: Sequence[int],
-              init_features: int, bn_size: int = 4) -> relax.Var:
+def _densenet(g: Graph, x: Tensor, growth: int, blocks: Sequence[int],
+              init_features: int, bn_size: int = 4) -> Tensor:
     x = g.conv(x, init_features, 7, 2, 3)
     x = g.max_pool(x, 3, 2, 1)
     for i, layers in enumerate(blocks):
@@ -427,7 +577,7 @@ def _densenet(g: Graph, x: relax.Expr, growth: int, blocks: Sequence[int],
 
 
 @register("densenet-121")
-def densenet121(g: Graph, x: relax.Var) -> relax.Var:
+def densenet121(g: Graph, x: Tensor) -> Tensor:
     return _densenet(g, x, 32, (6, 12, 24, 16), 64)
 
 
@@ -477,11 +627,11 @@ def _load_onnx(path: str) -> Network:
         raise ValueError(f"cannot read ONNX model {path!r}: {one_line(err)}") from None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         # weights in other files, which no digest of this file's bytes covers
-        return _convert_onnx(model, onnx, path)
+        return _convert_onnx(model, onnx, path, _OnnxOrigin(None, model))
     content = (hashlib.sha256(raw).hexdigest(), file.stem)
     with _ONNX_LOCK:
         if content not in _ONNX_BY_CONTENT:
-            _ONNX_BY_CONTENT[content] = _convert_onnx(model, onnx, path)
+            _ONNX_BY_CONTENT[content] = _convert_onnx(model, onnx, path, _OnnxOrigin(raw))
         return _ONNX_BY_CONTENT[content]
 
 
@@ -490,7 +640,7 @@ _ONNX_BY_CONTENT: dict[tuple[str, str], Network] = {}
 _ONNX_LOCK = threading.Lock()
 
 
-def _convert_onnx(model, onnx, path: str) -> Network:  # noqa: ANN001 - onnx types
+def _convert_onnx(model, onnx, path: str, origin: _Origin) -> Network:  # noqa: ANN001 - onnx types
     """The Network of a loaded ONNX model, checked to be one we can split by its batch dimension."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
@@ -540,10 +690,90 @@ def _convert_onnx(model, onnx, path: str) -> Network:  # noqa: ANN001 - onnx typ
     if len(params) != len(main.params) - 1:
         raise ValueError(f"ONNX model {path!r}: {len(main.params) - 1} weight parameters "
                          f"but {len(params)} values")
-    return Network(file.stem, mod, params, sample, tuple(out_dims[1:]), dtype)
+    return Network(file.stem, mod, params, sample, tuple(out_dims[1:]), dtype, origin)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     a.flags.writeable = False
     return a
+
+
+# ------------------------------------------------------------------ PyTorch
+
+
+def from_torch(module: Any, sample_shape: Sequence[int], name: str = "torch_model") -> Network:
+    """The Network of a PyTorch module (one tensor in, one tensor out), for samples of ``sample_shape``.
+
+    ``sample_shape`` is the shape of ONE sample, e.g. ``(3, 224, 224)``.  The module is put in
+    eval mode and exported with ``torch.export`` with a dynamic batch dimension, then imported
+    into Relax with its parameters as the weights (``params``; buffers such as BatchNorm
+    statistics become constants of the module) and the batch a symbolic ``n``.  Its
+    ``torch_module()`` is ``module`` itself; its ``onnx_model()`` is exported by ``torch.onnx``.
+
+    Raises TorchConversionError when the module cannot be exported or imported, or its output's
+    batch dimension cannot be made symbolic (e.g. a hard-coded batch size in a reshape).
+    """
+    import torch  # the caller has a torch module, so torch is installed
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+
+    sample = tuple(int(d) for d in sample_shape)
+    if not sample or any(d <= 0 for d in sample):
+        raise ValueError(f"sample_shape must be the positive sizes of one sample, got {sample_shape}")
+    module.eval()
+    tensors = [*module.parameters(), *module.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    torch_dtype = floats[0].dtype if floats else torch.float32
+    dtype = str(torch_dtype).removeprefix("torch.")
+    # batch 2: torch.export specializes a dimension whose example size is 0 or 1
+    example = torch.randn((2, *sample), generator=torch.Generator().manual_seed(0)).to(device, torch_dtype)
+    try:
+        exported = torch.export.export(module, (example,),
+                                       dynamic_shapes=({0: torch.export.Dim("n", min=1)},))
+    except Exception as err:  # data-dependent control flow, a batch size baked in, ...
+        raise TorchConversionError(f"cannot export PyTorch module {name!r} with a dynamic batch "
+                                   f"dimension: {one_line(err)}") from None
+    try:
+        mod = from_exported_program(exported, keep_params_as_input=True,
+                                    unwrap_unit_return_tuple=True)
+    except Exception as err:  # ops the Relax frontend does not know, ...
+        raise TorchConversionError(f"cannot convert PyTorch module {name!r} to Relax: "
+                                   f"{one_line(err)}") from None
+    mod, detached = detach_params(mod)
+    main = mod["main"]
+    batch = None
+    if main.params and isinstance(main.params[0].ty, relax.TensorType) \
+            and isinstance(main.params[0].ty.shape, relax.ShapeExpr):
+        batch = main.params[0].ty.shape.values[0]
+    ret = main.ret_ty
+    out_dims = []
+    if isinstance(ret, relax.TensorType) and isinstance(ret.shape, relax.ShapeExpr):
+        out_dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ret.shape.values]
+    if not isinstance(batch, tvm.tirx.Var) or not out_dims or not isinstance(out_dims[0], tvm.tirx.Var) \
+            or not out_dims[0].same_as(batch) or not all(isinstance(d, int) for d in out_dims[1:]):
+        raise TorchConversionError(f"PyTorch module {name!r}: cannot make the batch dimension "
+                                   f"symbolic (output {ret}); it must return one tensor "
+                                   "(batch, ...) with static sizes after the batch")
+    mod = _rename_batch(mod, batch)
+    params = tuple(_readonly(p.numpy()) for p in detached.get("main", []))
+    if len(params) != len(main.params) - 1:
+        raise TorchConversionError(f"PyTorch module {name!r}: {len(main.params) - 1} weight "
+                                   f"parameters but {len(params)} values")
+    return Network(name, mod, params, sample, tuple(out_dims[1:]), dtype,
+                   _TorchOrigin(module, example))
+
+
+def _rename_batch(mod: tvm.IRModule, batch: tvm.tirx.Var) -> tvm.IRModule:
+    """``mod`` with its batch variable (named after a torch symbol, e.g. s31) renamed ``n``, as in
+    every other network (tuning binds it by that name)."""
+    n = tvm.tirx.Var("n", "int64")
+    mod = relax.transform.BindSymbolicVars({batch: n})(mod)
+    main = mod["main"]
+    for key in ("tir_var_lower_bound", "tir_var_upper_bound"):
+        bounds = main.attrs.get(key) if main.attrs else None
+        if bounds is not None and batch.name in bounds:
+            main = main.with_attr(key, {("n" if k == batch.name else k): v for k, v in bounds.items()})
+    mod["main"] = main  # mod is the pass's new module
+    return mod
