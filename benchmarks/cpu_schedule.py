@@ -1,24 +1,24 @@
-"""Default cpu_generic pipeline vs hetero.cpu_schedule.cpu_pipeline (vs PyTorch), img/s.
+"""Default cpu_generic pipeline vs hetero.cpu_schedule.cpu_pipeline, img/s.
+
+For work on hetero's CPU schedules: single layers and whole networks, TVM's default pipeline against
+hetero's. How hetero stands against the frameworks users run (PyTorch eager and torch.compile, ONNX
+Runtime, OpenVINO) is measured by `python -m hetero.benchmark`, the one home of those baselines.
 
 Networks are hetero's engines' modules (hetero.compile.compile_network: built once for a symbolic
 batch, kept in hetero's compile cache; "compile" is 0 s when a module came from there).
 
-    python benchmarks/cpu_schedule.py                       # layers + networks, batch 1 and 8
-    python benchmarks/cpu_schedule.py --networks resnet-50,mobilenet,vgg-16 --no-layers \
-        --default-networks none --wait-quiet 120 --torch-python /tmp/torchvenv/bin/python
-    python benchmarks/cpu_schedule.py --threads 1 --clock cpu ...   # busy machine
-
---torch-python: a venv outside the project, e.g.
-    python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy
-    /tmp/torchvenv/bin/pip install --no-deps torchvision==0.28.0
+    python -m benchmarks.cpu_schedule                       # layers + networks, batch 1 and 8
+    python -m benchmarks.cpu_schedule --networks resnet-50,mobilenet,vgg-16 --no-layers \
+        --default-networks none --wait-quiet 120
+    python -m benchmarks.cpu_schedule --threads 1 --clock cpu ...   # busy machine
 
 The unscheduled default pipeline is slow (resnet-18: ~1.6 s per image), so whole
 networks are compiled with it only when listed in --default-networks.  Each
 number is the median of --repeats timed calls after one warm-up call; the
 minimum is printed too because this 2-core machine is shared.  On a busy
-machine use ``--threads 1 --clock cpu`` (process CPU time, for TVM and
-PyTorch alike): wall-clock numbers with 2 threads swing by 2-5x when another
-process holds a core, since every parallel region waits for its slowest thread.
+machine use ``--threads 1 --clock cpu`` (process CPU time): wall-clock
+numbers with 2 threads swing by 2-5x when another process holds a core,
+since every parallel region waits for its slowest thread.
 TVM_NUM_THREADS is set to --threads before TVM starts its thread pool: TVM's
 default on x86 is half the logical CPUs (it assumes hyper-threading), i.e. a
 single thread on this 2-vCPU machine.
@@ -27,9 +27,7 @@ single thread on this 2-vCPU machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -198,60 +196,6 @@ def _compile_all(networks: list[str], jobs: int) -> dict[str, float]:
         return dict(zip(networks, pool.map(_compile_cached, networks)))
 
 
-# Imports torch (and torchvision even where it was built against another torch: its C ops are not
-# needed) and loads hetero/torch_models.py from argv[1] as `tm`, in the PyTorch interpreter.
-TORCH_PREAMBLE = r"""
-import json, os, sys, time, importlib.util
-import torch
-try:
-    import torchvision  # noqa: F401
-except Exception:
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-        del sys.modules[name]
-    torch.library.register_fake = lambda *a, **k: (lambda f: f)
-spec = importlib.util.spec_from_file_location("torch_models", sys.argv[1])
-tm = importlib.util.module_from_spec(spec); spec.loader.exec_module(tm)
-"""
-
-TORCH_SCRIPT = TORCH_PREAMBLE + r"""
-threads, repeats, clock = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-torch.set_num_threads(threads)
-clk = time.process_time if clock == "cpu" else time.perf_counter
-shapes = {"inception_v3": (3, 299, 299)}
-out = {}
-for item in sys.argv[5:]:
-    net, batch = item.split(":"); batch = int(batch)
-    model = tm.torch_model(net)
-    if model is None:
-        continue
-    model.eval()
-    x = torch.randn(batch, *shapes.get(net, (3, 224, 224)))
-    with torch.no_grad():
-        model(x)
-        ts = []
-        for _ in range(repeats):
-            t0 = clk(); model(x); ts.append(clk() - t0)
-    out[item] = ts
-print(json.dumps(out))
-"""
-
-
-def _torch_times(python: str, items: list[str], threads: int, repeats: int,
-                 clock: str) -> tuple[dict[str, list[float]], float]:
-    if WAIT_QUIET:
-        wait_quiet(WAIT_QUIET)
-    with ForeignLoad() as load:
-        proc = subprocess.run(
-            [python, "-c", TORCH_SCRIPT, str(ROOT / "hetero" / "torch_models.py"), str(threads),
-             str(repeats), clock, *items],
-            capture_output=True, text=True, timeout=3600,
-        )
-    if proc.returncode != 0:
-        print(f"(PyTorch run failed: {proc.stderr.strip().splitlines()[-1:]})")
-        return {}, load.share
-    return json.loads(proc.stdout.strip().splitlines()[-1]), load.share
-
-
 BUSY = 0.10  # flag a number when other processes used more than this share of the CPUs
 
 
@@ -279,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
                          "to leave the CPUs alone (shared machine)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="build the networks' modules in this many processes first (into hetero's compile cache)")
-    ap.add_argument("--torch-python", default=None,
-                    help="python of a separate venv with torch (+torchvision) for a PyTorch column")
     args = ap.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures process CPU time: use it with --threads 1")
@@ -330,17 +272,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n== networks ==")
         build_seconds = _compile_all(nets, args.jobs)
-        print(header + f" {'PyTorch':>18s} {'vs torch':>8s} {'compile':>8s}")
+        print(header + f" {'compile':>8s}")
         defaults = set(args.default_networks.split(","))
         for net_name in nets:
             net = get_network(net_name)
             compiled = compile_network(net, parse_devices("cpu")[0])
             build_s = build_seconds.get(net_name, compiled.seconds)
-            torch_res, torch_foreign = {}, 0.0
-            if args.torch_python:  # measured next to the TVM numbers: the machine is shared
-                items = [f"{net_name}:{b}" for b in batches]
-                torch_res, torch_foreign = _torch_times(args.torch_python, items, args.threads,
-                                                        args.repeats, args.clock)
             for batch in batches:
                 base = ref = None
                 if net_name in defaults:
@@ -351,12 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                 if ref is not None:
                     err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
                     flag = "" if err < 1e-4 else f"  MISMATCH rel err {err:.1e}"
-                tt = torch_res.get(f"{net_name}:{batch}")
-                torch_t = Timing(times=tt, foreign=torch_foreign) if tt else None
                 speed = f"{base.median / sched.median:7.1f}x" if base else f"{'-':>8s}"
-                vs = f"{torch_t.median / sched.median:7.2f}x" if torch_t else f"{'-':>8s}"
                 print(f"{net_name:34s} {batch:5d} {_fmt(batch, base)} {_fmt(batch, sched)} {speed} "
-                      f"{_fmt(batch, torch_t)} {vs} {build_s:7.1f}s{flag}", flush=True)
+                      f"{build_s:7.1f}s{flag}", flush=True)
     return 0
 
 

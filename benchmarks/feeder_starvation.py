@@ -14,7 +14,7 @@ import sys
 import time
 
 from hetero import get_network, parse_devices
-from hetero.execute import copy_threads, load_engine
+from hetero.engines import copy_threads, load_engine
 
 
 def gpu_times_while(gpu, gpu_batch, busy=None, runs=20) -> float:

@@ -1,11 +1,13 @@
-"""TVM on one CUDA GPU: the default pipeline vs hetero's gpu_pipeline (fp32, tf32, fp16) vs PyTorch eager.
+"""TVM on one CUDA GPU: the default pipeline vs hetero's gpu_pipeline (fp32, tf32, fp16) and its variants.
 
 For each network: compiles every TVM variant (in parallel worker processes), checks each one's
-outputs against the default pipeline's (same weights, same input), times every variant and
-PyTorch eager (fp32 as configured by default -- cuDNN may use TF32 -- strict fp32 without TF32,
-and fp16), and prints one table with img/s, the ratios to PyTorch and the compile times.
+outputs against the default pipeline's (same weights, same input), times every variant, and prints
+one table with img/s, the ratio to TVM's default pipeline and the compile times. This is for work on
+hetero's GPU schedules; how hetero stands against the frameworks users run (PyTorch eager and
+torch.compile, ONNX Runtime, OpenVINO) is measured by `python -m hetero.benchmark`, the one home of
+those baselines.
 
-Run from the repository root, on a machine with a CUDA GPU, TVM and torch/torchvision::
+Run from the repository root, on a machine with a CUDA GPU and TVM::
 
     python -m benchmarks.gpu_engine                      # resnet-50, mobilenet, vgg-16 at batch 64
     python -m benchmarks.gpu_engine --networks resnet-50 --batch 128 --variants fp16
@@ -35,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 
 def _lean_hetero() -> None:
-    """Make ``hetero.models`` / ``hetero.gpu_schedule`` / ``hetero.torch_models`` importable even
+    """Make ``hetero.models`` / ``hetero.gpu_schedule`` importable even
     where the package's own ``__init__`` cannot be (it pulls in psutil, tabulate, tqdm, ...)."""
     try:
         import hetero  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
@@ -68,7 +70,6 @@ VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe
                    "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "tf32-mma": "hetero-tf32-mma", "fp16": "hetero-fp16", "fp16-mma": "hetero-fp16-mma",
                    "fp16-sync": "hetero-fp16-sync", "fp16-percall": "hetero-fp16-percall",
                    "fp32-i64": "hetero-fp32-i64", "tf32-i64": "hetero-tf32-i64", "fp16-i64": "hetero-fp16-i64"}
-TORCH_VARIANTS = ("torch-fp32", "torch-fp32-notf32", "torch-fp16")
 
 
 # ------------------------------------------------------------------------------------ compile
@@ -215,52 +216,6 @@ def print_kernel_times(vm, run, sync, top: int) -> None:
         print(f"    {s * 1e3:7.3f} ms {100 * s / total:5.1f}% x{calls[name]:<3d} {name} {shapes[name]}")
 
 
-def time_torch(network: str, variant: str, batch: int, budget_s: float, kernels: int = 0):
-    import torch
-
-    from hetero.torch_models import torch_model
-
-    model = torch_model(network)
-    if model is None:
-        raise RuntimeError(f"no PyTorch counterpart for {network}")
-    model = model.eval().cuda()
-    dtype = torch.float16 if variant == "torch-fp16" else torch.float32
-    model = model.to(dtype)
-    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    if variant == "torch-fp32-notf32":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        size = 299 if network == "inception_v3" else 224
-        x = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype)
-        with torch.inference_mode():
-            run = functools.partial(model, x)
-            seconds, spread = _time_calls(run, torch.cuda.synchronize, budget_s)
-            if kernels:
-                print_torch_kernel_times(run, kernels)
-            del run
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        del model
-        torch.cuda.empty_cache()
-    return seconds, spread
-
-
-def print_torch_kernel_times(run, top: int) -> None:
-    """The ``top`` CUDA kernels of one call of ``run`` by time, from PyTorch's profiler."""
-    import torch
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        run()
-        torch.cuda.synchronize()
-    events = [e for e in profile.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
-    print(f"    kernels (PyTorch profiler): {total / 1e3:.2f} ms in all")
-    for event in sorted(events, key=lambda e: -e.device_time_total)[:top]:
-        print(f"    {event.device_time_total / 1e3:7.3f} ms {100 * event.device_time_total / total:5.1f}% "
-              f"x{event.count:<3d} {event.key[:110]}")
-
-
 # ------------------------------------------------------------------------------------ report
 
 
@@ -272,28 +227,22 @@ def print_table(results: list[Result], batch: int) -> None:
     by_key = {(r.network, r.variant): r for r in results}
     width = max([len("network")] + [len(r.network) for r in results])
     header = (f"{'network':<{width}} {'variant':<18} {'compile s':>9} {'ms/batch':>9} {'img/s':>8} "
-              f"{'spread':>6} {'/torch32':>8} {'/t32noTF':>8} {'/torch16':>8} {'rel err':>9}")
+              f"{'spread':>6} {'/default':>8} {'rel err':>9}")
     print("\n" + header)
     print("-" * len(header))
     for r in results:
         ips = batch / (r.ms / 1e3) if r.ms else None
-
-        def ratio(torch_variant: str) -> str:
-            ref = by_key.get((r.network, torch_variant))
-            if ips is None or ref is None or not ref.ms:
-                return "-"
-            return f"{ips / (batch / (ref.ms / 1e3)):.2f}x"
-
+        default = by_key.get((r.network, "tvm-default"))
+        ratio = f"{default.ms / r.ms:.2f}x" if r.ms and default is not None and default.ms else "-"
         spread = "-" if r.spread is None else f"{100 * r.spread:.0f}%"
         print(f"{r.network:<{width}} {r.variant:<18} {_fmt(r.compile_s, '.1f'):>9} {_fmt(r.ms, '.2f'):>9} "
-              f"{_fmt(ips, '.0f'):>8} {spread:>6} {ratio('torch-fp32'):>8} {ratio('torch-fp32-notf32'):>8} "
-              f"{ratio('torch-fp16'):>8} {_fmt(r.rel_err, '.1e'):>9}")
+              f"{_fmt(ips, '.0f'):>8} {spread:>6} {ratio:>8} {_fmt(r.rel_err, '.1e'):>9}")
         if r.error:
             print(f"{'':<{width}} {'':<18} ERROR: {r.error}")
-    print(f"\nimg/s at batch {batch}.  /torch32, /t32noTF, /torch16: img/s over PyTorch eager's in fp32 "
-          "(default settings: cuDNN may use TF32), in fp32 with TF32 off, and in fp16.  rel err = "
+    print(f"\nimg/s at batch {batch}.  /default: img/s over tvm-default's (TVM's own pipeline).  rel err = "
           "max|out - ref| / max|ref| against tvm-default's output (same weights, same input).  spread = "
-          "(max - min) / median of the timing samples.  compile s: relax.build + export_library.")
+          "(max - min) / median of the timing samples.  compile s: relax.build + export_library.  Against "
+          "PyTorch, ONNX Runtime and OpenVINO: python -m hetero.benchmark.")
 
 
 # ------------------------------------------------------------------------------------ main
@@ -308,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                              "(hetero's, without software pipelining), tf32, fp16, tf32-sync and fp16-sync "
                              "(without cp.async tile loads), tf32-mma and fp16-mma (without the wgmma convs of sm_90), fp16-percall (weights cast and transposed on "
                              "every call), fp32-i64, tf32-i64 and fp16-i64 (int64 index arithmetic)")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
                         help="parallel compile processes (1: compile in this process)")
     parser.add_argument("--time-budget", type=float, default=2.0, help="seconds of timing per variant")
@@ -345,16 +293,6 @@ def main(argv: list[str] | None = None) -> int:
           f"variants {variants}")
     if tvm.cuda(0).exist:
         print(f"GPU 0: {tvm.cuda(0).device_name}")
-    if not args.no_torch and not args.compile_only:
-        try:
-            import torch
-
-            print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-                  f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-                  f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
-        except Exception:  # pylint: disable=broad-except
-            print(f"PyTorch unavailable: {_short_error()}")
-            args.no_torch = True
 
     if args.describe:
         from hetero.gpu_schedule import TensorCoreConfig, describe_schedules
@@ -430,19 +368,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {network} {variant}: "
                       + (f"{result.ms:.2f} ms/batch, rel err {_fmt(result.rel_err, '.1e')}" if result.ms
                          else f"FAILED {result.error}"), flush=True)
-            if args.no_torch or args.compile_only:
-                continue
-            for variant in TORCH_VARIANTS:
-                result = Result(network, variant)
-                results.append(result)
-                try:
-                    secs, spread = time_torch(network, variant, args.batch, args.time_budget,
-                                              args.kernels if variant == "torch-fp32" else 0)
-                    result.ms, result.spread = secs * 1e3, spread
-                except Exception:  # pylint: disable=broad-except
-                    result.error = _short_error()
-                print(f"  {network} {variant}: "
-                      + (f"{result.ms:.2f} ms/batch" if result.ms else f"FAILED {result.error}"), flush=True)
 
     print_table(results, args.batch)
     print(f"total {time.perf_counter() - wall:.0f} s")

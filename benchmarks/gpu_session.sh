@@ -3,6 +3,8 @@
 #   source .device-tvm/setup.sh; bash benchmarks/gpu_session.sh MACHINE DEVICES
 # Results (BENCHMARKS.md section, profile table, session.log with everything printed) land in $OUT:
 # the call's own output keeps only its last 12,000 characters.
+# Every engine installed there is measured, the baselines users run among them (hetero.benchmark);
+# a run still going at the deadline is killed and writes no section.
 machine=${1:-nvidia-h100-x1}
 devices=${2:-cpu,gpu0}
 deadline=$((SECONDS + ${SESSION_SECONDS:-560}))
@@ -19,5 +21,5 @@ timeout 60 python3 -m benchmarks.gpu_upload --repeats 10
 for network in resnet-50 mobilenet vgg-16; do bench --network $network --batch 100 --repeats 3; done
 [ "$(left)" -gt 60 ] && timeout 60 python3 -m benchmarks.feeder_starvation resnet-50
 for network in resnet-50 mobilenet vgg-16; do
-  bench --network $network --batch 1000 --repeats 1 --warmup 1 --no-torch
+  bench --network $network --batch 1000 --repeats 1 --warmup 1
 done

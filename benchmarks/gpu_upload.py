@@ -18,7 +18,8 @@ import time
 import numpy as np
 import tvm
 
-from hetero.execute import BatchBuffer, ParallelCopy, copy_threads, staging_device
+from hetero.engines import copy_threads
+from hetero.engines.tvm import BatchBuffer, ParallelCopy, staging_device
 
 
 def _median_seconds(fn, repeats: int) -> float:
