@@ -6,6 +6,10 @@ The command lines are thin layers over this API:
     report = hetero.infer("resnet-18", "cpu,gpu0", batch=100)
 """
 
+from ._tvm_import import import_tvm
+
+import_tvm()
+
 from .devices import Device, available_devices, parse_devices
 from .errors import HeteroError
 from .inference import InferenceReport, infer

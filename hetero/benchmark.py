@@ -1,18 +1,25 @@
-"""Measure, in one process and one run, each device alone on the whole batch and then the split.
+"""Where hetero stands on this machine: each device with every engine installed, the best baseline a user
+could run there, hetero's choice, and the split, all measured side by side in one process.
 
     python -m hetero.benchmark --network resnet-50 --device cpu,gpu0 --batch 100
 
-prints per device img/s (and PyTorch eager fp32's on the same device and batch, where PyTorch is
-installed), the split's img/s, the ideal (the sum of the devices' throughputs), split/ideal and
-split/best-single, and appends the same as a markdown table to BENCHMARKS.md.
+Every run is timed the same way, host array in and host array out (copies included), in rounds that
+alternate the runs so that drift hits all alike; each figure is a median. The baselines are the
+engines a user already has, run as their own guides say (hetero.engines: PyTorch eager with
+channels_last and cudnn.benchmark under inference_mode, torch.compile, ONNX Runtime with its default
+graph optimisations and the same threads), on the same network with the same weights. TVM's engine
+is reported on its own too, so that its gap stays visible. The result replaces this machine's section
+of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import datetime
 import platform
+import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,23 +31,35 @@ from tabulate import tabulate
 
 from .cli import _Parser, _batch_list, _positive_int, _run
 from .devices import DEFAULT_PRECISION, PRECISIONS, Device, parse_devices, with_precision
-from .execute import Engine, load_engine, run_split
-from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, ensure_profiles, learn_company, plan, reserve_cores,
-                        share_limits)
-from .models import Network, get_network
+from .engines import Engine, load_engine
+from .execute import run_split
+from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, choose_engines, ensure_profiles, learn_company, plan,
+                        reserve_cores, share_limits)
+from .models import get_network
 from .profile import SEED_BATCHES
-from .table import ProfileTable
+from .selection import AUTO, candidate_engines
+from .table import Profile, ProfileTable
+
+BASELINES = ("onnxruntime", "openvino", "torch", "torch-compile")  # what users run without hetero
 
 
 @dataclass
 class DeviceResult:
     device: Device
-    alone_img_s: float
-    torch_img_s: float | None
+    engine_img_s: dict[str, float]  # every engine measured alone on the whole batch
+    chosen: str  # the engine hetero's plan runs on this device
     share: int
     predicted_s: float  # for its share in the split
     split_s: float  # measured for its share in the split, median
-    split_upload_s: float  # of which copying its inputs to the device, median
+
+    @property
+    def hetero_img_s(self) -> float:
+        return self.engine_img_s[self.chosen]
+
+    @property
+    def best_baseline(self) -> tuple[str, float] | None:
+        baselines = {name: rate for name, rate in self.engine_img_s.items() if name in BASELINES}
+        return max(baselines.items(), key=lambda item: item[1]) if baselines else None
 
 
 @dataclass
@@ -53,11 +72,13 @@ class BenchmarkResult:
 
     @property
     def ideal_img_s(self) -> float:
-        return sum(d.alone_img_s for d in self.devices)
+        """The sum of the devices' throughputs alone, each with the engine the split runs on it."""
+        return sum(d.hetero_img_s for d in self.devices)
 
     @property
     def best_single_img_s(self) -> float:
-        return max(d.alone_img_s for d in self.devices)
+        """The best a user gets from one device with its best engine."""
+        return max(max(d.engine_img_s.values()) for d in self.devices)
 
 
 def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
@@ -72,34 +93,11 @@ def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int, warm
     return [statistics.median(kept) for kept in times]
 
 
-def torch_run(network: Network, device: Device, inputs: np.ndarray) -> Callable[[], object] | None:
-    """One PyTorch eager pass of the same architecture on the same device in the device's precision,
-    or None without torch."""
-    try:
-        import torch
-
-        from .torch_models import torch_model
-    except ImportError:
-        return None
-    model = torch_model(network.name)
-    if model is None or (device.kind == "cuda" and not torch.cuda.is_available()) or device.kind == "opencl":
-        return None
-    target = torch.device("cpu" if device.kind == "cpu" else f"cuda:{device.index}")
-    if device.kind == "cpu":
-        torch.set_num_threads(device.threads or torch.get_num_threads())
-    dtype = torch.float16 if device.precision == "fp16" else torch.float32
-    model = model.eval().to(target, dtype)
-    batch = torch.from_numpy(inputs)
-    # PyTorch's default lets cuDNN's convolutions (not matmuls) round to TF32; hetero's fp32 is
-    # exact fp32 and its tf32 rounds both, so each is compared with PyTorch doing the same.
-    tf32 = device.precision == "tf32"
-
-    def run() -> None:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-        with torch.inference_mode():
-            model(batch.to(target, dtype)).float().cpu()
-
-    return run
+def _alone(engine: Engine, profile: Profile, inputs: np.ndarray) -> Callable[[], object]:
+    """The engine running the whole batch as a split of one device runs it (in its calls)."""
+    limits = share_limits([profile], [engine.device])
+    engine.on_worker(engine.prepare, len(inputs), limits[0]).result()
+    return lambda: run_split([engine], inputs, [len(inputs)], [0.0], limits)
 
 
 def benchmark(
@@ -111,76 +109,100 @@ def benchmark(
     warmup: int = 1,
     profile_batches: Sequence[int] = SEED_BATCHES,
     budget_s: float = DEFAULT_BUDGET_S,
-    with_torch: bool = True,
+    engine: str = AUTO,
 ) -> BenchmarkResult:
-    """Each device alone on the whole batch, PyTorch on each device, then the split: all in one process."""
+    """Each device alone on the whole batch with each engine, then hetero's split: all in one process."""
     net = get_network(network)
     devices = reserve_cores(devices)
-    engines: list[Engine] = [load_engine(net, device) for device in devices]
-    profiles, _ = ensure_profiles(engines, table, profile_batches, budget_s=budget_s)
+    options = [[load_engine(net, device, name) for name in candidate_engines(net, device, engine)]
+               for device in devices]
+    profiles, _ = ensure_profiles([e for engines in options for e in engines], table, profile_batches,
+                                  budget_s=budget_s)
+    profiled = iter(profiles)
+    pairs = [[(e, next(profiled)) for e in engines] for engines in options]
+    engines, chosen = choose_engines(pairs, batch)
     inputs = net.random_input(batch)
-    limits = share_limits(profiles, devices)  # chunked as Inference.py runs them
+    limits = share_limits(chosen, devices)  # chunked as Inference.py runs them
     # One untimed split teaches the table each device's slowdown in company, as Inference.py's runs do,
     # so the timed split is the plan repeated runs of Inference.py settle on.
-    shares, predicted, _ = plan(profiles, batch)
-    learn_company(table, profiles, run_split(engines, inputs, shares, predicted, limits)[1])
-    shares, predicted, partition_s = plan(profiles, batch)
-    idle = [0.0] * len(engines)
-
-    def alone(i: int) -> Callable[[], object]:
-        whole = [batch if j == i else 0 for j in range(len(engines))]
-        return lambda: run_split(engines, inputs, whole, idle, limits)
-
+    shares, predicted, _ = plan(chosen, batch)
+    learn_company(table, chosen, run_split(engines, inputs, shares, predicted, limits)[1])
+    shares, predicted, partition_s = plan(chosen, batch)
     split_walls: list[list[float]] = [[] for _ in engines]
-    split_uploads: list[list[float]] = [[] for _ in engines]
 
     def split() -> None:
         _, results, _ = run_split(engines, inputs, shares, predicted, limits)
-        for walls, uploads, result in zip(split_walls, split_uploads, results):
+        for walls, result in zip(split_walls, results):
             walls.append(result.wall_s)
-            uploads.append(result.timing.h2d_s if result.timing else 0.0)
 
-    runs = [alone(i) for i in range(len(engines))] + [split]
-    torch_runs = [torch_run(net, d, inputs) if with_torch else None for d in devices]
-    timed = interleaved_medians(runs + [r for r in torch_runs if r], repeats, warmup)
-    torch_seconds = iter(timed[len(runs):])
+    alone = [_alone(e, p, inputs) for device_pairs in pairs for e, p in device_pairs]
+    timed = iter(interleaved_medians(alone + [split], repeats, warmup))
     results = [
-        DeviceResult(engine.device, batch / seconds, batch / next(torch_seconds) if torch else None, share,
-                     predicted_s, statistics.median(walls[warmup:]), statistics.median(uploads[warmup:]))
-        for engine, seconds, torch, share, predicted_s, walls, uploads in zip(
-            engines, timed, torch_runs, shares, predicted, split_walls, split_uploads)
+        DeviceResult(engine.device, {e.name: batch / next(timed) for e, _ in device_pairs}, engine.name, share,
+                     predicted_s, statistics.median(walls[warmup:]))
+        for engine, device_pairs, share, predicted_s, walls in zip(engines, pairs, shares, predicted, split_walls)
     ]
-    return BenchmarkResult(net.name, batch, results, batch / timed[len(engines)], partition_s * 1e6)
+    return BenchmarkResult(net.name, batch, results, batch / next(timed), partition_s * 1e6)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
 
 
 def format_markdown(result: BenchmarkResult) -> str:
-    rows = [
-        [
-            d.device.name,
-            d.device.hardware,
-            d.share,
-            f"{d.predicted_s * 1e3:.1f}" if d.share else "-",
-            f"{d.split_s * 1e3:.1f} ({d.split_upload_s * 1e3:.1f})" if d.share else "-",
-            f"{d.alone_img_s:.1f}",
-            f"{d.torch_img_s:.1f}" if d.torch_img_s else "-",
-            f"{d.alone_img_s / d.torch_img_s:.2f}" if d.torch_img_s else "-",
-        ]
-        for d in result.devices
-    ]
-    rows.append(["split", "", result.batch, "", f"{result.batch / result.split_img_s * 1e3:.1f}",
-                 f"{result.split_img_s:.1f}", "", ""])
+    names = list(dict.fromkeys(name for d in result.devices for name in d.engine_img_s))
+    rows = []
+    for d in result.devices:
+        best = d.best_baseline
+        rows.append([
+            d.device.name, d.device.hardware, d.device.precision,
+            *(f"{d.engine_img_s[name]:.1f}" if name in d.engine_img_s else "-" for name in names),
+            f"{best[0]} {best[1]:.1f}" if best else "-",
+            d.chosen, _ratio(d.hetero_img_s, best and best[1]), _ratio(d.engine_img_s.get("tvm"), best and best[1]),
+            d.share, f"{d.predicted_s * 1e3:.1f}" if d.share else "-", f"{d.split_s * 1e3:.1f}" if d.share else "-",
+        ])
     table = tabulate(
         rows,
-        headers=["device", "hardware", "share", "predicted ms", "split ms (upload)", "hetero img/s", "PyTorch img/s",
-                 "hetero/PyTorch"],
+        headers=["device", "hardware", "precision", *(f"{name} img/s" for name in names), "best baseline img/s",
+                 "hetero runs", "hetero/best", "tvm/best", "share", "predicted ms", "split ms"],
         tablefmt="github",
     )
     summary = (
-        f"ideal (sum of devices) {result.ideal_img_s:.1f} img/s; split/ideal "
-        f"{result.split_img_s / result.ideal_img_s:.2f}; split/best-single "
-        f"{result.split_img_s / result.best_single_img_s:.2f}; partitioning {result.partition_us:.0f} us"
+        f"split {result.split_img_s:.1f} img/s; ideal (sum of the devices with hetero's engines) "
+        f"{result.ideal_img_s:.1f}; split/ideal {result.split_img_s / result.ideal_img_s:.2f}; "
+        f"split/best-single {result.split_img_s / result.best_single_img_s:.2f} (best single: one device with "
+        f"its fastest engine, {result.best_single_img_s:.1f}); partitioning {result.partition_us:.0f} us"
     )
     return f"{table}\n\n{summary}"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_section(path: Path, machine: str, text: str) -> None:
+    """Put `text` under "## <machine>" in the page at `path`, replacing that machine's earlier section."""
+    page = path.read_text(encoding="utf-8") if path.exists() else BENCHMARKS_HEAD
+    sections = re.split(r"(?m)^(?=## )", page)
+    heading = f"## {machine}\n"
+    kept = [s for s in sections if not s.startswith(heading)]
+    path.write_text("".join(kept).rstrip("\n") + f"\n\n{heading}\n{text.strip()}\n", encoding="utf-8")
+
+
+BENCHMARKS_HEAD = """# Where hetero stands
+
+Written by `python -m hetero.benchmark` (README.md, "Benchmark"): one section per machine, replaced each
+time the benchmark runs there. Each device runs the whole batch alone with every engine installed, then
+hetero splits the batch over the devices with the engine its plan picked for each; every figure is a
+median of rounds that alternate the runs, host array in and host array out. "best baseline" is the
+fastest engine a user already has on that device (PyTorch eager and torch.compile, ONNX Runtime,
+OpenVINO); "hetero/best" compares hetero's engine there with it, "tvm/best" hetero's own compiler.
+How these figures came about: benchmarks/HISTORY.md.
+"""
 
 
 def main(argv: list[str]) -> int:
@@ -188,6 +210,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--network", required=True, help="one or more networks, comma-separated")
     parser.add_argument("--device", default="cpu", help="comma-separated devices, e.g. cpu,gpu0")
     parser.add_argument("--batch", type=_batch_list, required=True, help="one or more batch sizes, comma-separated")
+    parser.add_argument("--engine", default=AUTO, help="engines to measure (as Inference.py's --engine; default auto)")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
@@ -195,9 +218,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help=f"the CUDA GPUs' arithmetic (default {DEFAULT_PRECISION}): fp32, tf32 or fp16")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="append results here")
-    parser.add_argument("--machine", default=platform.node(), help="machine name for BENCHMARKS.md")
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"),
+                        help="the page whose section for this machine is replaced (default BENCHMARKS.md)")
+    parser.add_argument("--machine", default=platform.node(), help="this machine's name in the page")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
@@ -205,17 +228,15 @@ def main(argv: list[str]) -> int:
     table = ProfileTable.load(args.table, create=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m hetero.benchmark " + shlex.join(argv)
-    arithmetic = ", ".join(f"{d.name} {d.precision}" for d in devices)
     sections = []
     for network in args.network.split(","):
         for batch in args.batch:
             result = benchmark(network, devices, batch, table, args.repeats, args.warmup, args.profile_batches,
-                               args.budget, with_torch=not args.no_torch)
+                               args.budget, args.engine)
             text = format_markdown(result)
             print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
-            sections.append(f"#### {network}, batch {batch}, `{args.device}` ({arithmetic})\n\n{text}\n")
-    with open(args.markdown, "a", encoding="utf-8") as out:
-        out.write(f"\n### {args.machine}, {stamp}\n\n`{command}`\n\n" + "\n".join(sections))
+            sections.append(f"### {network}, batch {batch}, `{args.device}`\n\n{text}\n")
+    write_section(args.markdown, args.machine, f"{stamp}, commit {_commit()}: `{command}`\n\n" + "\n".join(sections))
     return 0
 
 

@@ -131,6 +131,7 @@ def format_report(report) -> str:
         rows.append(
             [
                 share.device.name,
+                share.engine,
                 share.device.hardware,
                 share.size,
                 _ms(share.predicted_s) if share.size else "-",
@@ -141,7 +142,7 @@ def format_report(report) -> str:
             ]
         )
     table = tabulate(
-        rows, headers=["device", "hardware", "samples", "predicted ms", "measured ms", "I/O ms", "compile s", "note"]
+        rows, headers=["device", "engine", "hardware", "samples", "predicted ms", "measured ms", "I/O ms", "compile s", "note"]
     )
     lines = [table]
     for fault in report.faults:
@@ -442,6 +443,11 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--output", help="write the outputs, in input order, to this .npy file (exactly this name)")
     parser.add_argument("--table", default=str(DEFAULT_TABLE), help=f"profile table (default {DEFAULT_TABLE})")
     parser.add_argument("--partitioner", choices=sorted(PARTITIONERS), default="exact")
+    parser.add_argument("--engine", default=None,
+                        help="auto (profile every installed engine that can run the network on a device and run "
+                             "each device's fastest), one engine for all devices (tvm, onnxruntime, openvino, "
+                             "torch, torch-compile), or per device, e.g. gpu0=torch,cpu=onnxruntime "
+                             "(default: $HETERO_ENGINE, else auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help=f"the CUDA GPUs' arithmetic (default {DEFAULT_PRECISION}, as PyTorch's convolutions): "
                              "tf32 and fp16 run them on tensor cores (outputs within 2e-2 and 1e-2 relative "
@@ -490,6 +496,7 @@ def inference_main(argv: list[str]) -> int:
         budget_s=args.budget,
         progress=not args.no_progress and not args.json,
         precision=args.precision,
+        engine=args.engine,
         tune_trials=args.tune or 0,
         tune_batch=args.tune_batch,
     )

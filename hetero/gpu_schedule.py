@@ -288,9 +288,10 @@ def tf32_rounded(value: tirx.PrimExpr) -> tirx.PrimExpr:
     """The TF32 number nearest the float32 ``value`` (ties away from zero; 10 mantissa bits), as a
     float32: half a TF32 unit added to the bits, the 13 bits below TF32's mantissa cleared.  A NaN
     stays itself: one whose payload lies in those 13 bits alone would otherwise round to infinity."""
-    bits = tirx.reinterpret("uint32", value) + tirx.const(1 << 12, "uint32")
+    bound = tirx.Var("tf32_operand", "float32")  # the value is computed once, read three times
+    bits = tirx.reinterpret("uint32", bound) + tirx.const(1 << 12, "uint32")
     rounded = tirx.reinterpret("float32", bits & tirx.const(0xFFFFE000, "uint32"))
-    return tirx.Select(tirx.isnan(value), value, rounded)
+    return tirx.Let(bound, value, tirx.Select(tirx.isnan(bound), bound, rounded))
 
 
 def _tf32_rounding(x):

@@ -20,10 +20,12 @@ import psutil
 
 from .devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
 from .errors import HeteroError, one_line
-from .execute import Engine, ShareResult, copy_threads, load_engine, run_split
+from .engines import Engine, copy_threads, load_engine
+from .execute import ShareResult, run_split
 from .models import Network, get_network
 from .partition import CONCURRENCY_SLOWDOWN, PARTITIONERS, predicted_times, split_or_single
 from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
+from .selection import Fastest, candidate_engines, default_engine_choice, fastest_at, parse_engine_choice
 from .table import Profile, ProfileTable, TableError, key_change
 from .tune import TUNABLE_KINDS, TuningError, tune, tuning_for
 
@@ -76,6 +78,7 @@ class InferenceReport:
             "devices": [
                 {
                     "device": r.device.name,
+                    "engine": r.engine,
                     "hardware": r.device.hardware,
                     "precision": r.device.precision,
                     "samples": r.size,
@@ -147,7 +150,7 @@ def ensure_profiles(
             continue
         if stored is None:
             for old in table.superseded(key, network):
-                log.warning(f"{engine.device.name}: not using the table's profile of {network} measured under "
+                log.warning(f"{engine.device.name}: not using the table's profile of {engine.network.name} measured under "
                             f"{key_change(old.device_key, key)}; measuring again")
         earlier = stored.measurements if stored is not None and stored.interrupted and not reprofile else ()
         try:
@@ -159,7 +162,8 @@ def ensure_profiles(
             raise
         table.put(profile)
         table.save()
-        measured.append(engine.device.name)
+        if engine.device.name not in measured:
+            measured.append(engine.device.name)
         profiles.append(profile)
     return profiles, measured
 
@@ -238,9 +242,10 @@ def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials:
     running `trials` more trials when asked) and the tuned module runs that batch faster than hetero's."""
     chosen = []
     for engine in engines:
-        if engine.device.kind not in TUNABLE_KINDS:
+        if engine.device.kind not in TUNABLE_KINDS or engine.name != "tvm":
             if trials:
-                log.warning(f"{engine.device.name} not tuned: --tune works on CPU and CUDA devices")
+                log.warning(f"{engine.device.name} ({engine.name}) not tuned: --tune tunes TVM's engine on CPU "
+                            "and CUDA devices")
             chosen.append(engine)
             continue
         tuning = tuning_for(table_path, net, engine.device, batch)
@@ -252,7 +257,7 @@ def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials:
             chosen.append(engine)
             continue
         try:
-            tuned = load_engine(net, engine.device, tuning)
+            tuned = load_engine(net, engine.device, "tvm", tuning=tuning)
             tuned_s = tuned.on_worker(tuned.time_module, True).result()
             own_s = tuned.on_worker(tuned.time_module, False).result()
         except Exception as exc:  # unreadable records, a compile that fails: run untuned, as before tuning
@@ -268,34 +273,55 @@ def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials:
 
 
 def _load_engines(
-    net: Network, devices: Sequence[Device], load: Callable[[Network, Device], Engine]
-) -> tuple[list[Engine], list[Fault]]:
-    """An engine per device that compiles and loads; the others are left out and reported, not fatal."""
-    engines, faults = [], []
+    net: Network, devices: Sequence[Device], choice: dict[str, str], load: Callable[[Network, Device], Engine] | None
+) -> tuple[list[list[Engine]], list[Fault]]:
+    """Per device, its candidate engines that build and load (`load`, where given, makes each device's one
+    engine); a device none of whose engines loads is left out and reported, not fatal."""
+    options, faults = [], []
     for device in devices:
-        try:
-            engines.append(load(net, device))
-        except Exception as exc:  # a compile error, or a device that cannot hold the weights
-            faults.append(Fault(device.name, "load", one_line(exc)))
+        names = [None] if load else candidate_engines(net, device, choice[device.name])
+        loaded, errors = [], []
+        for name in names:
+            try:
+                loaded.append(load(net, device) if load else load_engine(net, device, name))
+            except Exception as exc:  # a compile error, or a device that cannot hold the weights
+                errors.append(f"{name}: {one_line(exc)}" if name and len(names) > 1 else one_line(exc))
+        if loaded:
+            options.append(loaded)
+            for error in errors:
+                log.warning(f"{device.name}: engine {error}; running the others")
+        else:
+            faults.append(Fault(device.name, "load", "; ".join(errors) or "no engine can run it"))
             log.warning(f"{device.name} left out: {faults[-1].error}")
-    return engines, faults
+    return options, faults
 
 
 def _runnable(
-    net: Network, engines: list[Engine], profiles: list[Profile], faults: list[Fault]
-) -> tuple[list[Engine], list[Profile]]:
-    """The engines that ran at least one profiled size; the others are added to `faults`."""
+    net: Network, options: list[list[tuple[Engine, Profile]]], faults: list[Fault]
+) -> list[list[tuple[Engine, Profile]]]:
+    """Per device, the engines that ran at least one profiled size; a device with none is added to `faults`."""
     kept = []
-    for engine, profile in zip(engines, profiles):
-        if profile.max_batch() == 0:
-            error = next(m.error for m in profile.measurements if m.error)
-            faults.append(Fault(engine.device.name, "profile", f"every profiled batch size failed: {error}"))
-            log.warning(f"{engine.device.name} left out: {faults[-1].error}")
-        else:
-            kept.append((engine, profile))
+    for pairs in options:
+        ran = [(engine, profile) for engine, profile in pairs if profile.max_batch() != 0]
+        if ran:
+            kept.append(ran)
+            continue
+        error = "; ".join(next(m.error for m in profile.measurements if m.error) for _, profile in pairs)
+        faults.append(Fault(pairs[0][0].device.name, "profile", f"every profiled batch size failed: {error}"))
+        log.warning(f"{faults[-1].device} left out: {faults[-1].error}")
     if not kept:
         raise HeteroError(f"no device can run {net.name}: " + "; ".join(f"{f.device}: {f.error}" for f in faults))
-    return [engine for engine, _ in kept], [profile for _, profile in kept]
+    return kept
+
+
+def choose_engines(options: list[list[tuple[Engine, Profile]]], batch: int,
+                   partitioner: str = "exact") -> tuple[list[Engine], list[Profile]]:
+    """Per device, the engine to run: a first plan over each device's fastest engine at every size gives
+    each device its share, and the engine predicted fastest for that share runs it."""
+    first, _, _ = plan([Fastest([profile for _, profile in pairs]) for pairs in options], batch, partitioner)
+    chosen = [pairs[fastest_at([profile for _, profile in pairs], share or batch)]
+              for pairs, share in zip(options, first, strict=True)]
+    return [engine for engine, _ in chosen], [profile for _, profile in chosen]
 
 
 def infer(
@@ -309,16 +335,18 @@ def infer(
     reprofile: bool = False,
     budget_s: float = DEFAULT_BUDGET_S,
     progress: bool = True,
-    load: Callable[[Network, Device], Engine] = load_engine,
+    load: Callable[[Network, Device], Engine] | None = None,
     precision: str = DEFAULT_PRECISION,
+    engine: str | None = None,
     tune_trials: int = 0,
     tune_batch: int = DEFAULT_TUNE_BATCH,
 ) -> InferenceReport:
     """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`.
 
     A device that fails to compile, runs no profiled size, or fails on its share is reported in the
-    report's faults while the others do its work; HeteroError only when no device can. `load` makes the
-    engines (the cached compile by default). `tune_trials` first runs that many MetaSchedule trials for
+    report's faults while the others do its work; HeteroError only when no device can. `engine` picks each
+    device's engine (hetero.selection: "auto" measures every installed one); `load`, where given, makes
+    each device's one engine instead. `tune_trials` first runs that many MetaSchedule trials for
     each CPU and CUDA device at `tune_batch`; records at that batch, from now or earlier, are used where faster.
     """
     chosen = reserve_cores(with_precision(parse_devices(devices) if isinstance(devices, str) else list(devices),
@@ -330,11 +358,15 @@ def infer(
                           f"has none")
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)
+    choice = parse_engine_choice(engine or default_engine_choice(), chosen)
     inputs = net.random_input(batch) if inputs is None else inputs
-    engines, faults = _load_engines(net, chosen, load)
-    engines = _with_tunings(net, engines, table.path, tune_trials, tune_batch)
-    profiles, measured = ensure_profiles(engines, table, profile_batches, reprofile, budget_s, progress)
-    engines, profiles = _runnable(net, engines, profiles, faults)
+    options, faults = _load_engines(net, chosen, choice, load)
+    options = [_with_tunings(net, engines, table.path, tune_trials, tune_batch) for engines in options]
+    profiles, measured = ensure_profiles([e for engines in options for e in engines], table, profile_batches,
+                                         reprofile, budget_s, progress)
+    profiled = iter(profiles)
+    options = _runnable(net, [[(e, next(profiled)) for e in engines] for engines in options], faults)
+    engines, profiles = choose_engines(options, len(inputs), partitioner)
 
     def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:
         shares, predicted, _ = plan([profiles[i] for i in survivors], samples, partitioner)

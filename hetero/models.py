@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import math
 import os
 import threading
@@ -79,6 +80,7 @@ class TorchConversionError(HeteroError, ValueError):
     """A PyTorch module that cannot be exported, or imported into Relax with a symbolic batch."""
 
 
+_FORM_NAMES = {"onnx": "ONNX", "torch": "PyTorch"}
 Tensor = Any  # what a builder's Graph works on: a Relax expression, an ONNX value, a torch.Tensor
 
 
@@ -223,6 +225,15 @@ class Network:
         """The forms this network has: "relax" always, "onnx" and "torch" as its origin allows
         (whether their packages are installed is not checked)."""
         return self.origin.forms
+
+    def why_no_form(self, form: str) -> str | None:
+        """Why this network has no `form` ("onnx", "torch") here, or None when it has one: what an engine
+        asks before it loads (looks the package up, imports nothing)."""
+        if form not in self.forms:
+            return f"{self.name} has no {_FORM_NAMES[form]} form: {self.origin.what}"
+        if importlib.util.find_spec(form) is None:
+            return f"its {_FORM_NAMES[form]} form needs {form}: pip install 'hetero[{form}]'"
+        return None
 
     def onnx_model(self):  # noqa: ANN201 - onnx.ModelProto; onnx is imported only here
         """The network as an ``onnx.ModelProto``: one input of shape ``(N, *input_shape)``, one

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .devices import Device
 from .errors import one_line
-from .execute import Engine
+from .engines import Engine
 from .models import Network
 from .table import Measurement, Profile
 
@@ -84,7 +84,7 @@ def profile_engine(
     measurements: list[Measurement] = []
     stopped = None
     start = time.perf_counter()
-    bar = tqdm(sizes, desc=f"profiling {engine.network.name} on {engine.device.name}", unit="size",
+    bar = tqdm(sizes, desc=f"profiling {engine.network.name} on {engine.device.name} ({engine.name})", unit="size",
                disable=not progress, leave=False)
     try:
         for batch in bar:

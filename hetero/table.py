@@ -35,7 +35,16 @@ MIN_SAMPLE_S = 1e-9  # a sample of a CNN is far more than the few operations a d
 MAX_TIME_S = 86400.0  # a day: no profiled call takes longer, and the profiler spends about a second per size
 
 Key = tuple[str, str]  # (device_key, network)
-KEY_FIELDS = " | "  # a key is "<hardware> | <target> | tvm <version> | hetero <build>"; hardware first
+# A key is "<hardware> | <target> | <precision> | tvm <version> | engine <name> <version>[ | ...]":
+# hardware first, the engine in the field that starts "engine " (a key without one is TVM's)
+KEY_FIELDS = " | "
+ENGINE_FIELD = "engine "
+
+
+def engine_of(device_key: str) -> str:
+    """The name of the engine whose profile is stored under `device_key`."""
+    fields = [f for f in device_key.split(KEY_FIELDS) if f.startswith(ENGINE_FIELD)]
+    return fields[0][len(ENGINE_FIELD):].split()[0] if fields else "tvm"
 
 
 @dataclass
@@ -344,15 +353,17 @@ class ProfileTable:
         return self._profiles.get((device_key, network))
 
     def superseded(self, device_key: str, network: str) -> list[Profile]:
-        """Profiles of `network` on the same hardware under another key (another target, TVM or driver).
+        """Profiles of `network` by the same engine on the same hardware under another key (another
+        target, TVM, engine version or driver).
 
         They do not apply to `device_key`: the caller tells the user so instead of trusting them silently.
         """
-        hardware = device_key.split(KEY_FIELDS)[0]
+        hardware, engine = device_key.split(KEY_FIELDS)[0], engine_of(device_key)
         return [
             profile
             for (key, name), profile in sorted(self._profiles.items())
             if name == network and key != device_key and key.split(KEY_FIELDS)[0] == hardware
+            and engine_of(key) == engine
         ]
 
     def put(self, profile: Profile) -> None:

@@ -18,6 +18,13 @@ def module_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tvm_engine_by_default():
+    """Tests of everything but engine choice run TVM's engine alone: profiling every installed engine
+    (torch.compile compiles for minutes on 2 cores) belongs to tests/test_engines.py, which asks for it."""
+    os.environ.setdefault("HETERO_ENGINE", "tvm")
+
+
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     """Run one of the top-level scripts (or `-m module`) the way the README does."""
     command = script.split() if script.startswith("-m ") else [str(ROOT / script)]

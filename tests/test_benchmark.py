@@ -6,35 +6,53 @@ import pytest
 
 import hetero
 from hetero.benchmark import benchmark
-from hetero.execute import profile_key
+from hetero.engines.tvm import profile_key
 from hetero.inference import plan
 from hetero.table import ProfileTable
 
+from hetero.engines import installed_engines
+
 from .conftest import SMALL_NETWORK, run_script
+
+# the baseline CI can run beside TVM's engine (torch.compile compiles for minutes on 2 cores)
+ENGINES = "+".join(["tvm"] + [name for name in ("onnxruntime",) if name in installed_engines()])
 
 
 def test_benchmark_prints_and_records_every_device_and_the_split(tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
     result = run_script(
         "-m hetero.benchmark", "--network", SMALL_NETWORK, "--device", "cpu", "--batch", "2",
-        "--profile-batches", "1,2", "--repeats", "1", "--warmup", "0", "--no-torch",
+        "--profile-batches", "1,2", "--repeats", "1", "--warmup", "0", "--engine", ENGINES,
         "--table", str(tmp_path / "t.json"), "--markdown", str(markdown), "--machine", "test-box",
     )
     assert result.returncode == 0, result.stderr
     text = markdown.read_text()
-    assert "### test-box" in text and f"#### {SMALL_NETWORK}, batch 2, `cpu` (cpu fp32)" in text
-    rows = [line for line in text.splitlines() if line.startswith("| cpu ") or line.startswith("| split ")]
-    assert len(rows) == 2
+    assert "## test-box" in text and f"### {SMALL_NETWORK}, batch 2, `cpu`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| cpu ")]
+    assert len(rows) == 1
+    for name in ENGINES.split("+"):
+        assert f"{name} img/s" in text
+    assert "hetero/best" in text and "tvm/best" in text
     assert "split/ideal" in text and "split/best-single" in text
     assert "split/ideal" in result.stdout
+
+    again = run_script(
+        "-m hetero.benchmark", "--network", SMALL_NETWORK, "--device", "cpu", "--batch", "1",
+        "--profile-batches", "1,2", "--repeats", "1", "--warmup", "0", "--engine", "tvm",
+        "--table", str(tmp_path / "t.json"), "--markdown", str(markdown), "--machine", "test-box",
+    )
+    assert again.returncode == 0, again.stderr
+    text = markdown.read_text()
+    assert text.count("## test-box") == 1, "a machine's section is replaced, not appended"
+    assert f"### {SMALL_NETWORK}, batch 1, `cpu`" in text and "batch 2" not in text
 
 
 def test_benchmark_times_the_split_planned_with_learned_slowdowns(tmp_path):
     cpu = hetero.parse_devices("cpu")[0]
     devices = [dataclasses.replace(cpu, name=name, threads=1) for name in ("cpu-a", "cpu-b")]
     table = ProfileTable.load(tmp_path / "t.json", create=True)
-    result = benchmark(SMALL_NETWORK, devices, 4, table, repeats=1, warmup=0, profile_batches=[1, 2], with_torch=False)
-    learned = ProfileTable.load(tmp_path / "t.json").get(profile_key(devices[0]), SMALL_NETWORK)
+    result = benchmark(SMALL_NETWORK, devices, 4, table, repeats=1, warmup=0, profile_batches=[1, 2], engine="tvm")
+    learned = ProfileTable.load(tmp_path / "t.json").get(profile_key(devices[0]), hetero.get_network(SMALL_NETWORK).key)
     assert len(learned.company) == 2, "the untimed split recorded both devices' shares"
     shares, predicted, _ = plan([learned, learned], 4)
     assert [d.share for d in result.devices] == shares

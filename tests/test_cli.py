@@ -7,7 +7,7 @@ import pytest
 
 import hetero
 from hetero import cli, inference
-from hetero.execute import load_engine
+from hetero.engines import load_engine
 
 from .conftest import SMALL_NETWORK, run_script
 

@@ -5,7 +5,8 @@ import pytest
 
 import hetero
 from hetero.devices import with_precision
-from hetero.execute import PIPELINE_CHUNKS, PIPELINE_MIN_CHUNK, load_engine
+from hetero.engines import load_engine
+from hetero.engines.tvm import PIPELINE_CHUNKS, PIPELINE_MIN_CHUNK
 from hetero.gpu_schedule import describe_schedules
 from hetero.inference import infer
 

@@ -89,7 +89,7 @@ def test_network_and_weights(name: str) -> None:
     assert net.num_params == models._build(name).graph.num_weights()
     assert len(repr(net)) < 200
 
-    fresh = get_network.__wrapped__(name)  # bypasses the cache: weights generated again
+    fresh = models._registered.__wrapped__(name)  # bypasses the cache: weights generated again
     assert fresh is not net
     for a, b in zip(net.params, fresh.params, strict=True):
         np.testing.assert_array_equal(a, b)

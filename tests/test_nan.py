@@ -7,7 +7,7 @@ from tvm import relax
 
 import hetero
 from hetero.devices import parse_devices, with_precision
-from hetero.execute import load_engine
+from hetero.engines import load_engine
 from hetero.models import Network
 
 from .conftest import SMALL_NETWORK

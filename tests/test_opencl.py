@@ -17,7 +17,7 @@ import hetero
 from hetero import opencl
 from hetero.compile import _pipeline
 from hetero.devices import OPENCL_RUNTIME_MISSING, DeviceError, OpenCLBackend
-from hetero.execute import load_engine
+from hetero.engines import load_engine
 from hetero.inference import infer
 from hetero.opencl import CLDevice
 

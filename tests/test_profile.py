@@ -26,7 +26,8 @@ def fake_device(monkeypatch):
         monkeypatch.setattr(profile_module, "measure_batch", measure)
         return clock
 
-    engine = SimpleNamespace(network=SimpleNamespace(name="net"), device=SimpleNamespace(name="dev"), profile_key="k")
+    engine = SimpleNamespace(name="fake", network=SimpleNamespace(name="net", key="net@0"),
+                             device=SimpleNamespace(name="dev"), profile_key="k")
     return engine, setup
 
 

@@ -23,7 +23,9 @@ from hetero import cli
 from hetero.compile import CompileError, compile_network
 from hetero.devices import Device
 from hetero.errors import HeteroError
-from hetero.execute import Engine, ExecutionError, load_engine, profile_key, run_split
+from hetero.engines import load_engine
+from hetero.engines.tvm import TVMEngine, profile_key
+from hetero.execute import ExecutionError, run_split
 from hetero.inference import Fault, infer, plan, share_limits
 from hetero.profile import profile_engine
 from hetero.table import Measurement, Profile, ProfileTable, format_table, key_change
@@ -31,7 +33,7 @@ from hetero.table import Measurement, Profile, ProfileTable, format_table, key_c
 from .conftest import ROOT, SMALL_NETWORK
 
 
-class FaultyEngine(Engine):
+class FaultyEngine(TVMEngine):
     """A real CPU engine whose calls raise whatever `fault(batch)` returns, recording what it ran.
 
     Samples carry their index in their first value (see `numbered`), so `ran` shows which samples
@@ -67,7 +69,7 @@ def linear_profile(device, network, per_sample_s=0.01, fails_from=None) -> Profi
                     if fails_from is None or b < fails_from]
     if fails_from is not None:
         measurements.append(Measurement(fails_from, [], [], [], error=f"out of memory at batch {fails_from}"))
-    return Profile(profile_key(device), network.name, measurements)
+    return Profile(profile_key(device), network.key, measurements)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +209,7 @@ def test_failed_profiling_size_is_recorded_and_larger_shares_run_in_chunks(tmp_p
     assert profile.max_batch() == 2
     assert profile.predict(5) == pytest.approx(2 * profile.predict(2) + profile.predict(1))
     table = _table(tmp_path, profile)
-    assert ProfileTable.load(table.path).get(profile_key(cpu), SMALL_NETWORK) == profile, "the reason is kept in the table"
+    assert ProfileTable.load(table.path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key) == profile, "the reason is kept in the table"
     assert oom in format_table(ProfileTable.load(table.path))
 
     engine.sizes.clear()
@@ -254,7 +256,7 @@ def test_interrupted_profiling_is_saved_as_partial_and_resumed(tmp_path, network
     with pytest.raises(KeyboardInterrupt):
         _run(network, [interrupting], None, path, batch=2, profile_batches=[1, 2, 4])
 
-    partial = ProfileTable.load(path).get(profile_key(cpu), SMALL_NETWORK)
+    partial = ProfileTable.load(path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key)
     assert partial.interrupted and [m.batch for m in partial.measurements] == [1, 2]
     assert "interrupted by the user; sizes measured: 1, 2" in partial.stopped
     assert "partial: the next run measures the rest" in format_table(ProfileTable.load(path))
@@ -263,7 +265,7 @@ def test_interrupted_profiling_is_saved_as_partial_and_resumed(tmp_path, network
     report = _run(network, [resumed], None, path, batch=2, profile_batches=[1, 2, 4])
     assert report.profiled == ["cpu"]
     assert 1 not in resumed.sizes and 4 in resumed.sizes, "sizes measured before Ctrl-C are not measured again"
-    complete = ProfileTable.load(path).get(profile_key(cpu), SMALL_NETWORK)
+    complete = ProfileTable.load(path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key)
     assert not complete.interrupted and complete.measurements[:2] == partial.measurements
     assert [m.batch for m in complete.measurements] == [1, 2, 4]
 
@@ -282,8 +284,8 @@ def test_profile_from_another_tvm_is_not_trusted_and_the_user_is_told(tmp_path, 
     note = f"note: cpu: not using the table's profile of {SMALL_NETWORK} measured under tvm 0.26.0 (now tvm "
     assert note in captured.err and "measuring again" in captured.err
     kept = ProfileTable.load(table.path)
-    assert kept.get(old_key, SMALL_NETWORK) is not None, "the old profile stays in the table"
-    assert kept.get(profile_key(cpu), SMALL_NETWORK) is not None
+    assert kept.get(old_key, hetero.get_network(SMALL_NETWORK).key) is not None, "the old profile stays in the table"
+    assert kept.get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key) is not None
 
 
 def test_oversized_batch_is_refused_before_allocating(capsys):
@@ -305,7 +307,8 @@ def test_two_processes_profiling_into_one_table_keep_both(tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    assert {p.network for p in ProfileTable.load(table).profiles()} == {SMALL_NETWORK, "squeezenet_v1.0"}
+    assert {p.network for p in ProfileTable.load(table).profiles()} == {
+        hetero.get_network(name).key for name in (SMALL_NETWORK, "squeezenet_v1.0")}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["table.json", "table.json.lock"]
 
 
@@ -326,7 +329,7 @@ def test_ctrl_c_while_profiling_keeps_the_sizes_measured(tmp_path):
     last_line = "".join(progress).replace("\r", "\n").strip().splitlines()[-1]
     assert proc.returncode == 130 and last_line.startswith("error: interrupted"), "".join(progress)
 
-    partial = ProfileTable.load(table).get(profile_key(hetero.parse_devices("cpu")[0]), SMALL_NETWORK)
+    partial = ProfileTable.load(table).get(profile_key(hetero.parse_devices("cpu")[0]), hetero.get_network(SMALL_NETWORK).key)
     assert partial.interrupted and [m.batch for m in partial.measurements][:3] == [1, 2, 3]
 
 

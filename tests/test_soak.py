@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 
 import hetero
-from hetero.execute import load_engine
+from hetero.engines import load_engine
 
 from .conftest import SMALL_NETWORK
 from .test_reliability import FaultyEngine, _run, _table, linear_profile, numbered

@@ -8,9 +8,10 @@ import pytest
 import tvm
 
 import hetero
-from hetero import execute
 from hetero.compile import compile_network
-from hetero.execute import load_engine, run_split
+from hetero.engines import load_engine, tvm as tvm_engine
+from hetero.engines.tvm import TVMEngine, profile_key
+from hetero.execute import ShareResult, run_split
 from hetero.inference import infer, learn_company, plan
 from hetero.table import ProfileTable
 
@@ -70,7 +71,7 @@ def test_engine_runs_a_batch_above_its_module_limit_in_calls_within_it():
     """A CUDA module indexes in int32 up to a batch it records (Engine.max_call): above it, calls of at most that."""
     network = hetero.get_network(SMALL_NETWORK)
     cpu = hetero.parse_devices("cpu")[0]
-    engine = execute.Engine(network, cpu, execute.compile_network(network, cpu))
+    engine = TVMEngine(network, cpu, compile_network(network, cpu))
     inputs = network.random_input(7, seed=5)
     whole, _ = engine.infer(inputs)
     sizes, call_module = [], engine._call_module
@@ -84,9 +85,9 @@ def test_engine_runs_a_batch_above_its_module_limit_in_calls_within_it():
 
 
 def test_staging_copies_with_helper_threads_row_for_row(monkeypatch):
-    monkeypatch.setattr(execute.ParallelCopy, "MIN_BYTES", 0)  # every copy is split over the threads
-    buffer = execute.BatchBuffer(tvm.cpu(), (3, 5), "float32")
-    copy = execute.ParallelCopy(3, "test-copy")
+    monkeypatch.setattr(tvm_engine.ParallelCopy, "MIN_BYTES", 0)  # every copy is split over the threads
+    buffer = tvm_engine.BatchBuffer(tvm.cpu(), (3, 5), "float32")
+    copy = tvm_engine.ParallelCopy(3, "test-copy")
     rng = np.random.default_rng(0)
     for rows in (7, 2, 9, 1, 9):
         batch = rng.standard_normal((rows, 3, 5))
@@ -94,18 +95,25 @@ def test_staging_copies_with_helper_threads_row_for_row(monkeypatch):
     copy.shutdown()
 
 
-def test_prepare_runs_a_fresh_engine_once_and_leaves_failures_to_the_run():
+def test_prepare_runs_each_new_call_size_once_and_leaves_failures_to_the_run():
+    """What a fresh process pays on a size's first call (kernels loading, the VM's buffers, fresh host
+    memory) is paid before the timed run, once per size."""
     network = hetero.get_network(SMALL_NETWORK)
     cpu = hetero.parse_devices("cpu")[0]
-    engine = execute.Engine(network, cpu, execute.compile_network(network, cpu))
-    sizes, call = [], engine._call
-    engine._call = lambda batch: (sizes.append(len(batch)), call(batch))[1]
+    engine = TVMEngine(network, cpu, compile_network(network, cpu))
+    sizes, run_once = [], engine._run_once
+    engine._run_once = lambda module, samples: (sizes.append(samples), run_once(module, samples))[1]
     engine.prepare(3)
-    engine.prepare(5)
-    assert sizes == [1], "one warm-up sample, and only while the engine has never run"
+    engine.prepare(3)
+    assert sizes == [3]
+    engine.prepare(5, limit=2)  # runs as calls of 2, 2 and 1
+    assert sizes == [3, 1, 2]
+    engine.infer(network.random_input(4))
+    engine.prepare(4)  # ran already
+    assert sizes == [3, 1, 2]
 
-    broken = execute.Engine(network, cpu, execute.compile_network(network, cpu))
-    broken._call = lambda batch: (_ for _ in ()).throw(RuntimeError("device lost"))
+    broken = TVMEngine(network, cpu, compile_network(network, cpu))
+    broken._run_once = lambda module, samples: (_ for _ in ()).throw(RuntimeError("device lost"))
     broken.prepare(2)  # does not raise: the run meets the failure and re-plans
     engine.close()
     broken.close()
@@ -116,7 +124,7 @@ def test_each_split_teaches_the_table_how_devices_run_in_company(tmp_path, two_c
     table = tmp_path / "t.json"
     first = infer(network, two_cpus, batch=4, table=table, profile_batches=[1, 2], progress=False)
     assert all(s.size for s in first.shares), "the test needs both devices to work"
-    learned = ProfileTable.load(table).get(execute.profile_key(two_cpus[0]), SMALL_NETWORK)
+    learned = ProfileTable.load(table).get(profile_key(two_cpus[0]), hetero.get_network(SMALL_NETWORK).key)
     assert len(learned.company) == 2, "both devices share one profile, and each share was recorded"
     assert learned.company == pytest.approx([s.wall_s / learned.predict(s.size) for s in first.shares])
 
@@ -131,25 +139,25 @@ def test_a_device_the_plan_leaves_idle_counts_the_splits_it_sits_out(tmp_path, t
     table_path = tmp_path / "t.json"
     infer(network, two_cpus[:1], batch=2, table=table_path, profile_batches=[1, 2], progress=False)
     table = ProfileTable.load(table_path)
-    profile = table.get(execute.profile_key(two_cpus[0]), SMALL_NETWORK)
+    profile = table.get(profile_key(two_cpus[0]), hetero.get_network(SMALL_NETWORK).key)
     other = dataclasses.replace(profile, device_key="another device", company=[], idle_splits=0)
-    working = execute.ShareResult(two_cpus[0], 0, 2, 0.01, wall_s=0.01)
-    idle = execute.ShareResult(two_cpus[1], 2, 0, 0.0)
+    working = ShareResult(two_cpus[0], "tvm", 0, 2, 0.01, wall_s=0.01)
+    idle = ShareResult(two_cpus[1], "tvm", 2, 0, 0.0)
     learn_company(table, [profile, other], [working, idle])
     assert other.idle_splits == 1 and profile.idle_splits == 0
     assert profile.company == [], "a device alone is not in company"
-    assert ProfileTable.load(table_path).get("another device", SMALL_NETWORK).idle_splits == 1
+    assert ProfileTable.load(table_path).get("another device", hetero.get_network(SMALL_NETWORK).key).idle_splits == 1
 
 
 def test_an_accelerators_call_runs_in_chunks_with_the_same_outputs_in_order():
     network = hetero.get_network(SMALL_NETWORK)
     cpu = hetero.parse_devices("cpu")[0]
-    inputs = network.random_input(2 * execute.PIPELINE_MIN_CHUNK + 3, seed=5)
+    inputs = network.random_input(2 * tvm_engine.PIPELINE_MIN_CHUNK + 3, seed=5)
     whole, _ = load_engine(network, cpu).infer(inputs)
-    engine = execute.Engine(network, cpu, compile_network(network, cpu))
+    engine = TVMEngine(network, cpu, compile_network(network, cpu))
     try:
         # an accelerator computes on a buffer apart from where its inputs are staged: host memory stands in
-        engine._on_device = [execute.BatchBuffer(tvm.cpu(), tuple(network.input_shape), network.dtype)
+        engine._on_device = [tvm_engine.BatchBuffer(tvm.cpu(), tuple(network.input_shape), network.dtype)
                              for _ in range(2)]
         assert engine._chunks(len(inputs)) == [34, 33]
         chunked, timing = engine.infer(inputs)

@@ -13,7 +13,9 @@ import tvm
 from tvm import relax, s_tir
 
 import hetero
-from hetero import execute, tune
+from hetero import tune
+from hetero.engines import load_engine
+from hetero.engines.tvm import TVMEngine
 from hetero.cpu_schedule import fusion_passes
 from hetero.inference import infer
 from hetero.table import ProfileTable
@@ -61,10 +63,10 @@ def test_the_tuned_module_runs_only_where_it_is_faster(tuned, monkeypatch, tmp_p
     network, cpu, shared_table, tuning = tuned
     table = tmp_path / shared_table.name  # a table of this test's own, beside a copy of the records
     shutil.copytree(tuning.records.parent, tmp_path / tuning.records.parent.name)
-    monkeypatch.setattr(execute.Engine, "time_module", lambda self, use_tuned: 1.0 if use_tuned == tuned_is_faster
+    monkeypatch.setattr(TVMEngine, "time_module", lambda self, use_tuned: 1.0 if use_tuned == tuned_is_faster
                         else 2.0)
     inputs = network.random_input(5, seed=3)  # two whole chunks of the tuned batch and one sample
-    reference, _ = execute.load_engine(network, cpu).infer(inputs)
+    reference, _ = load_engine(network, cpu).infer(inputs)
     report = infer(network, [cpu], inputs=inputs, table=table, profile_batches=[1, 2], progress=False,
                    tune_batch=TUNED_BATCH)
     np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
@@ -89,7 +91,7 @@ def test_records_that_cannot_be_used_leave_the_run_untuned(tuned, tmp_path, capl
     inputs = network.random_input(3, seed=1)
     report = infer(network, [cpu], inputs=inputs, table=table, profile_batches=[1, 2], progress=False,
                    tune_batch=TUNED_BATCH)
-    reference, _ = execute.load_engine(network, cpu).infer(inputs)
+    reference, _ = load_engine(network, cpu).infer(inputs)
     np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
     assert any("cannot be used" in r.getMessage() for r in caplog.records)
     assert all("tuned at batch" not in p.device_key for p in ProfileTable.load(table).profiles())

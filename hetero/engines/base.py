@@ -1,0 +1,152 @@
+"""The interface every engine implements, as inference servers put backends behind one interface.
+
+An engine is one network resident on one device: it is prepared once (compiled, loaded, weights
+uploaded), computes a batch from host memory to host memory with the seconds spent copying in,
+computing and copying out, and is closed. Everything else in hetero (profiling, planning, the split
+run) talks to engines through this class only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..devices import Device
+from ..errors import HeteroError
+from ..models import Network
+from ..table import ENGINE_FIELD, KEY_FIELDS
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailableError(HeteroError):
+    """An engine that is not installed here, or cannot run this network on this device."""
+
+
+@dataclass
+class Timing:
+    """Seconds spent by one call: copy in, compute, copy out."""
+
+    h2d_s: float
+    exec_s: float
+    d2h_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.h2d_s + self.exec_s + self.d2h_s
+
+    @classmethod
+    def summed(cls, timings: Sequence[Timing]) -> Timing:
+        return cls(sum(t.h2d_s for t in timings), sum(t.exec_s for t in timings), sum(t.d2h_s for t in timings))
+
+
+def copy_threads() -> int:
+    """Host threads that feed one accelerator, its engine's worker included.
+
+    One core copies at a few GB/s (3.7 GB/s into page-locked memory on the 32-core Xeon host of the
+    H100 machines: slower than the driver's own pageable path), a GPU's DMA at ten times that; so
+    hosts of 8 cores and more give each accelerator one per 4 cores, up to 4 (on the 16-core H200
+    host, mobilenet's 256-sample call took 13.5 ms with 4 against 18.3 with 2), and
+    hetero.inference.reserve_cores keeps them free.
+    """
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def cpu_threads(device: Device) -> int:
+    """The threads a CPU engine computes with: the device's share of the cores, or all of them."""
+    return device.threads or os.cpu_count() or 1
+
+
+def profile_key(device: Device, engine: str, version: str) -> str:
+    """The table key of an engine's profiles on a device: the device's identity and the engine's."""
+    return f"{device.key}{KEY_FIELDS}{ENGINE_FIELD}{engine} {version}"
+
+
+class Engine(ABC):
+    """A network resident on one device.
+
+    Every call goes through the engine's own long-lived worker thread: thread pools (TVM's, PyTorch's
+    intra-op pool) belong to the threads that use them, and profiling in the same thread that later
+    runs the shares keeps predictions honest.
+    """
+
+    name: ClassVar[str]  # what users pass to --engine
+    package: ClassVar[str]  # the extra that installs it: pip install 'hetero[<package>]'
+
+    def __init__(self, network: Network, device: Device):
+        self.network = network
+        self.device = device
+        self.load_s = 0.0  # seconds this process spent building or loading the engine; 0 when cached
+        self.max_call: int | None = None  # the most samples one call takes; None for no limit
+        self._worker = ThreadPoolExecutor(1, f"hetero-{device.name}-{self.name}", initializer=self.on_worker_start)
+        self._warm: set[int] = set()  # call sizes that have run
+
+    @classmethod
+    def load(cls, network: Network, device: Device) -> Engine:
+        """The engine built (compiled, loaded, weights uploaded) for `network` on `device`."""
+        return cls(network, device)
+
+    @classmethod
+    def unsupported(cls, network: Network, device: Device) -> str | None:
+        """Why this engine cannot run `network` on `device`, or None when it can (imports nothing heavy)."""
+        return None
+
+    @property
+    @abstractmethod
+    def version(self) -> str:
+        """What, besides the device, decides this engine's speed: its library's version and settings."""
+
+    @property
+    def profile_key(self) -> str:
+        """The table key of this engine's profiles: the device's identity and the engine's."""
+        return profile_key(self.device, self.name, self.version)
+
+    def on_worker_start(self) -> None:
+        """Runs once on the worker thread before any call (thread pools are sized here)."""
+
+    def compute(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        """One call on the worker thread, host memory to host memory: all device work goes through here.
+
+        That makes it the one seam where tests inject device faults (a subclass that raises).
+        """
+        result = self.run(batch)
+        self._warm.add(len(batch))
+        return result
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        """What :meth:`compute` does: the engine's own call."""
+
+    def call_sizes(self, samples: int, limit: int | None = None) -> set[int]:
+        """The sizes of the calls a share of `samples` in calls of at most `limit` makes."""
+        step = min(samples, limit or samples, self.max_call or samples)
+        return {step, samples % step} - {0}
+
+    def prepare(self, samples: int, limit: int | None = None) -> None:
+        """Before a timed run of a share of `samples` in calls of at most `limit`: each call size this
+        engine has not run yet runs once, so that what a fresh process pays on a size's first call
+        (kernels loading, buffers allocated, fresh host memory touched, a JIT compiling) is not charged
+        to the run. A failure here is left for the run itself to meet and report."""
+        try:
+            for size in sorted(self.call_sizes(samples, limit) - self._warm):
+                self.compute(np.zeros((size, *self.network.input_shape), self.network.dtype))
+        except Exception:  # noqa: BLE001 -- the run retries on this device and re-plans if it fails again
+            log.debug("preparing %s on %s failed", self.name, self.device.name, exc_info=True)
+
+    def on_worker(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) on this engine's worker thread."""
+        return self._worker.submit(fn, *args)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        """One call of `batch` on the worker, waited for."""
+        return self.on_worker(self.compute, batch).result()
+
+    def close(self) -> None:
+        self._worker.shutdown()
