@@ -37,7 +37,7 @@ from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, choose_engines, ensure_
                         reserve_cores, share_limits)
 from .models import get_network
 from .profile import SEED_BATCHES
-from .selection import AUTO, candidate_engines
+from .selection import AUTO, candidate_engines, parse_engine_choice
 from .table import Profile, ProfileTable
 
 BASELINES = ("onnxruntime", "openvino", "torch", "torch-compile")  # what users run without hetero
@@ -114,7 +114,8 @@ def benchmark(
     """Each device alone on the whole batch with each engine, then hetero's split: all in one process."""
     net = get_network(network)
     devices = reserve_cores(devices)
-    options = [[load_engine(net, device, name) for name in candidate_engines(net, device, engine)]
+    choice = parse_engine_choice(engine, devices)
+    options = [[load_engine(net, device, name) for name in candidate_engines(net, device, choice[device.name])]
                for device in devices]
     profiles, _ = ensure_profiles([e for engines in options for e in engines], table, profile_batches,
                                   budget_s=budget_s)

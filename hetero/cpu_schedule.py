@@ -446,7 +446,7 @@ def _find_conv(sch: s_tir.Schedule, blocks: list):
 CONV_OPTIONS = {
     # "once": pack the weights in a block of their own, which cpu_pipeline moves out of the
     # kernel (SplitLayoutRewritePreproc) and out of main (LiftTransformParams): packed when the
-    # engine loads, not on every call (BENCHMARKS.md: resnet-50, 1 thread, batch 1, 10.9 -> 12.4
+    # engine loads, not on every call (benchmarks/HISTORY.md: resnet-50, 1 thread, batch 1, 10.9 -> 12.4
     # img/s); "task": pack each output-channel slab inside its parallel task; "root": all
     # before the kernel's loops
     "pack_at": "once",

@@ -349,7 +349,7 @@ def _gemm_operands(func: relax.Function) -> set[relax.Var]:
     """The dataflow vars to round: the GEMMs' float32 operands, each traced back through
     _KEEP_ROUNDING ops to the first value with other uses.  Rounded there, the rounding fuses into
     the epilogue of the conv that computes it, not into a max pool after it (and vgg's convs then
-    fit two blocks per SM: BENCHMARKS.md, "TF32 rounding before max pools")."""
+    fit two blocks per SM: benchmarks/HISTORY.md, "TF32 rounding before max pools")."""
     bindings = [binding for block in (func.body.blocks if isinstance(func.body, relax.SeqExpr) else [])
                 for binding in block.bindings]
     uses: dict[relax.Var, int] = {}
@@ -547,7 +547,7 @@ TENSORCORE_CONFIGS = (
     TensorCoreConfig(wi=4, wj=1, ti=2, tj=2),  # 128 x 32, 4 warps of 32 x 32 (densenet)
 )
 TALL_TILE_ROWS = 256
-TALL_TILE_MIN_K = 512  # tiles of TALL_TILE_ROWS only over K loops this long (BENCHMARKS.md, "Tiles of 256 rows")
+TALL_TILE_MIN_K = 512  # tiles of TALL_TILE_ROWS only over K loops this long (benchmarks/HISTORY.md, "Tiles of 256 rows")
 # Not offered, because TVM 0.27 fails to lower them: tk=1 (the k1 software pipeline loses its
 # fragments); with wmma (float16 before sm_80), one warp or one fragment along J or I (the staged
 # epilogue mixes float16/float32 access_ptr).  GEMMs whose N no tile divides go to the CUDA-core
@@ -823,12 +823,12 @@ _MMA_TF32 = _TensorCoreKind("float32", _mma.TF32.k, 4, vector=(4, 4), align=(16,
 
 # Shared-memory tiles in a cp.async ring: one computed while the next loads.  Three (TVM's
 # MultiLevelTilingTensorCore ring) took 121 KB for a 128x128 tf32 tile, one block per SM; with two,
-# resnet-50 ran 13% faster in tf32 on an H200 (BENCHMARKS.md, "A cp.async ring of two tiles").
+# resnet-50 ran 13% faster in tf32 on an H200 (benchmarks/HISTORY.md, "A cp.async ring of two tiles").
 ASYNC_STAGES = 2
 
 
 def _copies_async(k_major: list[bool], k_extent, bk: int, vector: int) -> bool:
-    """Whether a tensor-core GEMM fills its shared tiles with ``cp.async`` (see BENCHMARKS.md,
+    """Whether a tensor-core GEMM fills its shared tiles with ``cp.async`` (see benchmarks/HISTORY.md,
     "K tiles of 32 and cp.async tile loads").  Not when an operand is fetched transposed (TVM's
     InjectPTXAsyncCopy then copies a strided vector as if it were contiguous: vgg-16's dense
     layers faulted with a misaligned address), not when K is not a whole number of vectors (the copies would shrink
@@ -1321,7 +1321,7 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
     The batch is a symbolic int64, so every index, loop and ``cp.async`` predicate of a kernel
     was int64 arithmetic: 64-bit divisions and modulos by constants in the K loop of every conv,
     and registers.  In int32, vgg-16 ran 11% and resnet-34 13% faster in tf32 on an H200
-    (BENCHMARKS.md, "int32 index arithmetic").  A module so narrowed is exact for batches up to
+    (benchmarks/HISTORY.md, "int32 index arithmetic").  A module so narrowed is exact for batches up to
     the recorded limit (vgg-16: 164); hetero's engines run larger batches in calls of that size.
     """
 

@@ -187,7 +187,7 @@ def share_limits(profiles: Sequence[Profile], devices: Sequence[Device]) -> list
     """The most samples each device takes in one call, larger shares running in chunks of that size:
     the largest size its profile showed to fit, where a size failed; on a CPU, else, the largest size
     profiled, since a call's buffers are fresh memory the first time (squeezenet_v1.1 on this
-    project's 2-core machine: 143 ms for a first call of 16 samples, 88 ms after; BENCHMARKS.md) and
+    project's 2-core machine: 143 ms for a first call of 16 samples, 88 ms after; benchmarks/HISTORY.md) and
     its time per sample is flat beyond the profile; None, one call, elsewhere."""
     limits = []
     for profile, device in zip(profiles, devices, strict=True):

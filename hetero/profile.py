@@ -51,6 +51,13 @@ def measure_batch(engine: Engine, batch: int) -> Measurement:
     )
 
 
+def _budget_spent(measurements: list[Measurement]) -> float:
+    """The profiling time that counts against the budget: each measured size's runs, its warm-up counted
+    as one more typical run. What a first call costs once (torch.compile compiling for tens of seconds, a
+    driver building programs) is not the size's cost, and would otherwise stop the profile at its first size."""
+    return sum(m.total_median * (len(m.exec_s) + 1) for m in measurements if m.error is None)
+
+
 def _flattened(measurements: list[Measurement]) -> bool:
     ok = [m for m in measurements if m.error is None]
     if len(ok) < 3:
@@ -83,14 +90,13 @@ def profile_engine(
     kept = {m.batch: m for m in earlier}
     measurements: list[Measurement] = []
     stopped = None
-    start = time.perf_counter()
     bar = tqdm(sizes, desc=f"profiling {engine.network.name} on {engine.device.name} ({engine.name})", unit="size",
                disable=not progress, leave=False)
     try:
         for batch in bar:
             measurement = kept.get(batch)
             if measurement is None:
-                spent = time.perf_counter() - start
+                spent = _budget_spent(measurements)
                 if measurements and spent > budget_s and _flattened(measurements):
                     stopped = (f"time budget {budget_s:g}s spent and per-sample time flat; "
                                f"sizes from {batch} up are extrapolated")

@@ -1,7 +1,7 @@
 """Convolutions on Hopper's warpgroup tensor cores (``wgmma``), in TF32 and float16, for sm_90a.
 
 hetero's other tensor-core kernels issue warp-level ``mma.sync``, which left vgg-19's 3x3 convs at
-150-160 TFLOP/s in TF32 on an H200 while cuDNN's wgmma kernels ran them at about 470 (BENCHMARKS.md).
+150-160 TFLOP/s in TF32 on an H200 while cuDNN's wgmma kernels ran them at about 470 (benchmarks/HISTORY.md).
 Here a conv is one TVMScript (tirx) kernel on TVM 0.27's own PTX instructions: an implicit GEMM (M:
 output pixels, N: output channels, K: taps x input channels) whose 128 x BN block tile is two
 warpgroups, each issuing ``wgmma.mma_async m64nBNk8`` (TF32) or ``k16`` (float16) on operands in

@@ -88,5 +88,5 @@ def test_a_gpu_tuning_records_and_its_module_computes_the_same(tmp_path):
     assert tuning.has_records()
     inputs = network.random_input(2, seed=5)
     reference, _ = load_engine(network, hetero.parse_devices("cpu")[0]).infer(inputs)
-    outputs, _ = load_engine(network, GPUS[0], tuning).infer(inputs)
+    outputs, _ = load_engine(network, GPUS[0], "tvm", tuning=tuning).infer(inputs)
     np.testing.assert_allclose(outputs, reference, rtol=1e-3, atol=1e-4)

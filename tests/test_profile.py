@@ -53,3 +53,23 @@ def test_within_budget_every_size_is_measured(fake_device):
     clock = setup(lambda batch: 0.001 * batch)
     profile = profile_engine(engine, [4, 1, 2, 2], budget_s=10, progress=False)
     assert clock.measured == [1, 2, 4] and profile.stopped is None
+
+
+def test_a_slow_first_call_does_not_spend_the_budget(fake_device):
+    """An engine that compiles on its first call (torch.compile: tens of seconds) is still profiled at
+    every size: the budget counts the sizes' runs, not what the first call costs once."""
+    engine, setup = fake_device
+    clock = setup(lambda batch: 0.001 * batch)
+    measure = profile_module.measure_batch
+
+    def compiling_first(engine, batch):
+        if not clock.measured:
+            clock.now += 60.0  # the first warm-up call compiles
+        return measure(engine, batch)
+
+    profile_module.measure_batch = compiling_first
+    try:
+        profile = profile_engine(engine, [1, 2, 4, 8], budget_s=1.0, progress=False)
+    finally:
+        profile_module.measure_batch = measure
+    assert clock.measured == [1, 2, 4, 8] and profile.stopped is None

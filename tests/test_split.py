@@ -101,8 +101,8 @@ def test_prepare_runs_each_new_call_size_once_and_leaves_failures_to_the_run():
     network = hetero.get_network(SMALL_NETWORK)
     cpu = hetero.parse_devices("cpu")[0]
     engine = TVMEngine(network, cpu, compile_network(network, cpu))
-    sizes, run_once = [], engine._run_once
-    engine._run_once = lambda module, samples: (sizes.append(samples), run_once(module, samples))[1]
+    sizes, call_module = [], engine._call_module
+    engine._call_module = lambda batch, module, chunks=None: (sizes.append(len(batch)), call_module(batch, module, chunks))[1]
     engine.prepare(3)
     engine.prepare(3)
     assert sizes == [3]
@@ -110,10 +110,10 @@ def test_prepare_runs_each_new_call_size_once_and_leaves_failures_to_the_run():
     assert sizes == [3, 1, 2]
     engine.infer(network.random_input(4))
     engine.prepare(4)  # ran already
-    assert sizes == [3, 1, 2]
+    assert sizes == [3, 1, 2, 4]
 
     broken = TVMEngine(network, cpu, compile_network(network, cpu))
-    broken._run_once = lambda module, samples: (_ for _ in ()).throw(RuntimeError("device lost"))
+    broken._call_module = lambda batch, module, chunks=None: (_ for _ in ()).throw(RuntimeError("device lost"))
     broken.prepare(2)  # does not raise: the run meets the failure and re-plans
     engine.close()
     broken.close()

@@ -205,8 +205,9 @@ class TVMEngine(Engine):
         count = max(1, min(PIPELINE_CHUNKS, samples // PIPELINE_MIN_CHUNK))
         return [len(part) for part in np.array_split(np.arange(samples), count)]
 
-    def _call_module(self, batch: np.ndarray, module: tuple[Callable, list]) -> tuple[np.ndarray, Timing]:
-        """One call of the module, in chunks (:meth:`_chunks`): while the device computes chunk k - 1,
+    def _call_module(self, batch: np.ndarray, module: tuple[Callable, list],
+                     chunks: list[int] | None = None) -> tuple[np.ndarray, Timing]:
+        """One call of the module, in `chunks` (by default :meth:`_chunks`): while the device computes chunk k - 1,
         chunk k is staged on the host and copied into the device buffer that chunk k - 1 does not use;
         then chunk k - 1's outputs are read back and chunk k is launched. The Timing splits the wall
         time: staging and copying count as copying in, even while the device computes."""
@@ -221,7 +222,7 @@ class TVMEngine(Engine):
             seconds, mark = now - mark, now
             return seconds
 
-        for index, size in enumerate(self._chunks(len(batch))):
+        for index, size in enumerate(chunks or self._chunks(len(batch))):
             staged = self._staging.fill(batch[first : first + size], self._copy)
             first += size
             if self._on_device is None:
@@ -268,19 +269,10 @@ class TVMEngine(Engine):
             for buffer in [self._staging, *(self._on_device or [])]:
                 buffer.view(max(chunk for _, chunk in chunks))
             for (main, chunk), module in chunks.items():
-                if (main, chunk) not in self._warm_calls:
-                    self._run_once(module, chunk)
+                if (main, chunk) not in self._warm_calls:  # the whole path: staging, copy threads, upload, read-back
+                    self._call_module(np.zeros((chunk, *self.network.input_shape), self.network.dtype), module, [chunk])
         except Exception:  # noqa: BLE001 -- the run retries on this device and re-plans if it fails again
             log.debug("preparing %s failed", self.device.name, exc_info=True)
-
-    def _run_once(self, module: tuple[Callable, list], samples: int) -> None:
-        """One module call of `samples` on whatever the input buffers hold (the outputs are dropped)."""
-        main, weights = module
-        inputs = (self._staging if self._on_device is None else self._on_device[0]).view(samples)
-        outputs = self._launch(main, inputs, weights)
-        self._dev.sync(self._stream)
-        outputs.numpy()
-        self._warm_calls.add((id(main), samples))
 
     def close(self) -> None:
         super().close()
