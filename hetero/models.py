@@ -705,7 +705,7 @@ def _convert_onnx(model, onnx, path: str, origin: _Origin) -> Network:  # noqa: 
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes a 0-d array (a scalar weight) 1-d
     a.flags.writeable = False
     return a
 
