@@ -43,6 +43,11 @@ class Device:
         threads = f" | {self.threads} threads" if self.threads else ""
         return f"{self.hardware} | {self.target} | {self.precision}{threads} | tvm {tvm.__version__}"
 
+    @property
+    def host(self) -> bool:
+        """Whether this is the host processor itself rather than an accelerator the host feeds."""
+        return self.kind == "cpu"
+
     def tvm_device(self) -> tvm.runtime.Device:
         return tvm.device(self.kind, self.index)
 

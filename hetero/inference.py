@@ -27,7 +27,7 @@ from .partition import CONCURRENCY_SLOWDOWN, PARTITIONERS, predicted_times, spli
 from .profile import SEED_BATCHES, ProfilingInterrupted, profile_engine
 from .selection import Fastest, candidate_engines, default_engine_choice, fastest_at, parse_engine_choice
 from .table import Profile, ProfileTable, TableError, key_change
-from .tune import TUNABLE_KINDS, TuningError, tune, tuning_for
+from .tune import TuningError, tunable, tune, tuning_for
 
 DEFAULT_TABLE = Path("profiles") / "profile_table.json"
 DEFAULT_TUNE_BATCH = 16
@@ -107,10 +107,10 @@ def reserve_cores(devices: Sequence[Device]) -> list[Device]:
     descheduled by a GPU's copies slows as a whole (on a 32-core host, resnet-50's 10-sample CPU share
     took 5x its prediction next to two GPUs). A CPU device that already names its thread count keeps it.
     """
-    reserved = copy_threads() * sum(1 for d in devices if d.kind != "cpu")
+    reserved = copy_threads() * sum(1 for d in devices if not d.host)
     cores = os.cpu_count() or 1
     cpu_threads = max(1, cores - reserved) if reserved else 0
-    return [dataclasses.replace(d, threads=cpu_threads) if d.kind == "cpu" and not d.threads else d for d in devices]
+    return [dataclasses.replace(d, threads=cpu_threads) if d.host and not d.threads else d for d in devices]
 
 
 def check_host_memory(network: Network, batch: int, what: str = "batch") -> None:
@@ -192,7 +192,7 @@ def share_limits(profiles: Sequence[Profile], devices: Sequence[Device]) -> list
     limits = []
     for profile, device in zip(profiles, devices, strict=True):
         limit = profile.max_batch() or None
-        if limit is None and device.kind == "cpu":
+        if limit is None and device.host:
             limit = profile.largest_measured() or None
         limits.append(limit)
     return limits
@@ -242,7 +242,7 @@ def _with_tunings(net: Network, engines: list[Engine], table_path: Path, trials:
     running `trials` more trials when asked) and the tuned module runs that batch faster than hetero's."""
     chosen = []
     for engine in engines:
-        if engine.device.kind not in TUNABLE_KINDS or engine.name != "tvm":
+        if not engine.tunable:
             if trials:
                 log.warning(f"{engine.device.name} ({engine.name}) not tuned: --tune tunes TVM's engine on CPU "
                             "and CUDA devices")
@@ -353,7 +353,7 @@ def infer(
                                           precision))
     net = get_network(network) if isinstance(network, str) else network
     _check_request(net, batch, inputs, profile_batches)
-    if tune_trials and not any(d.kind in TUNABLE_KINDS for d in chosen):
+    if tune_trials and not any(tunable(d) for d in chosen):
         raise TuningError(f"--tune works on CPU and CUDA devices, and {', '.join(d.name for d in chosen)} "
                           f"has none")
     if not isinstance(table, ProfileTable):

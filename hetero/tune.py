@@ -31,6 +31,11 @@ from .models import Network
 log = logging.getLogger(__name__)
 
 TUNABLE_KINDS = ("cpu", "cuda")
+
+
+def tunable(device: Device) -> bool:
+    """Whether MetaSchedule can tune TVM's module for `device`."""
+    return device.kind in TUNABLE_KINDS
 _RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
@@ -105,7 +110,7 @@ def tune(network: Network, device: Device, tuning: Tuning, trials: int, trials_p
     import cloudpickle  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
-    if device.kind not in TUNABLE_KINDS:
+    if not tunable(device):
         raise TuningError(f"tuning works on CPU and CUDA devices; {device.name} is a {device.kind} device")
     target = device.target
     fused = tuning_tasks_module(network, device, tuning.batch)

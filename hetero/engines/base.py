@@ -104,6 +104,11 @@ class Engine(ABC):
         """What, besides the device, decides this engine's speed: its library's version and settings."""
 
     @property
+    def tunable(self) -> bool:
+        """Whether --tune's MetaSchedule records apply to this engine on its device."""
+        return False
+
+    @property
     def profile_key(self) -> str:
         """The table key of this engine's profiles: the device's identity and the engine's."""
         return profile_key(self.device, self.name, self.version)

@@ -25,7 +25,7 @@ from tvm import relax
 from ..compile import BUILD_ID, Compiled, compile_network, module_max_batch, module_weights
 from ..devices import Device
 from ..models import Network
-from ..tune import Tuning
+from ..tune import Tuning, tunable
 from . import base
 from .base import Engine, Timing, copy_threads
 
@@ -158,6 +158,10 @@ class TVMEngine(Engine):
     @property
     def version(self) -> str:
         return self._version
+
+    @property
+    def tunable(self) -> bool:
+        return tunable(self.device)
 
     def on_worker_start(self) -> None:
         """Give this device's worker thread its share of the cores.
