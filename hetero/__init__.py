@@ -4,6 +4,7 @@ The command lines are thin layers over this API:
 
     import hetero
     report = hetero.infer("resnet-18", "cpu,gpu0", batch=100)
+    hetero.stream("resnet-18", "cpu,gpu0", "images.npy", "logits.npy")  # any length, resumable
 """
 
 from ._tvm_import import import_tvm
@@ -14,6 +15,7 @@ from .devices import Device, available_devices, parse_devices
 from .errors import HeteroError
 from .inference import InferenceReport, infer
 from .models import FormUnavailableError, Network, from_torch, get_network, network_names
+from .stream import StreamReport, stream, stream_arrays
 
 __all__ = [
     "Device",
@@ -27,4 +29,7 @@ __all__ = [
     "infer",
     "network_names",
     "parse_devices",
+    "stream",
+    "stream_arrays",
+    "StreamReport",
 ]

@@ -98,8 +98,8 @@ def _run(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
             raise
         _error(one_line(exc))
         return RUN_ERROR
-    except KeyboardInterrupt:
-        _error("interrupted; profiles measured so far are kept in the table")
+    except KeyboardInterrupt as exc:
+        _error(str(exc) or "interrupted; profiles measured so far are kept in the table")
         return 130
     except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
         if "--debug" in args:
@@ -429,6 +429,7 @@ def _list_devices() -> str:
 
 def inference_main(argv: list[str]) -> int:
     from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH, infer
+    from .stream import streams
     from .models import network_names
     from .devices import DEFAULT_PRECISION, PRECISIONS
     from .partition import PARTITIONERS
@@ -463,6 +464,9 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--tune-batch", type=_positive_int, default=DEFAULT_TUNE_BATCH,
                         help=f"the batch tuned modules run (default {DEFAULT_TUNE_BATCH}); records of earlier "
                              "--tune runs at this batch are applied whenever they are faster")
+    parser.add_argument("--stream", action="store_true",
+                        help="stream --input into --output in chunks every device pulls, resumable, even when the input "
+                             "is short (longer inputs always stream)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--list-devices", action="store_true", help="print the devices found here and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -484,6 +488,10 @@ def inference_main(argv: list[str]) -> int:
         inputs = _load_inputs(args.input, input_path, args.network)
     output = None if args.output is None else _checked_path("--output", args.output, _check_output)
     table = _checked_path("--table", args.table, _check_table)
+    if args.stream and (inputs is None or output is None):
+        raise UsageError("--stream needs --input FILE.npy and --output FILE.npy")
+    if inputs is not None and output is not None and (args.stream or streams(len(inputs), output)):
+        return _stream_main(args, input_path, output, table)
     report = infer(
         args.network,
         args.device,
@@ -503,6 +511,26 @@ def inference_main(argv: list[str]) -> int:
     if output is not None:
         _save_outputs(output, report.outputs, args.output)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def format_stream_report(report) -> str:
+    """A stream as a table per device, then a summary."""
+    rows = [[d.device, d.engine, d.chunk, d.chunks, d.samples, f"{d.throughput:.1f}", d.error or ""]
+            for d in report.devices]
+    table = tabulate(rows, headers=["device", "engine", "chunk", "chunks", "samples", "img/s busy", "error"])
+    resumed = f" ({report.resumed} done by an earlier run)" if report.resumed else ""
+    return (f"{table}\n{report.network}, {report.samples} samples{resumed}: {report.computed} computed in "
+            f"{report.wall_s:.2f} s, {report.throughput:.1f} img/s")
+
+
+def _stream_main(args: argparse.Namespace, input_path: Path, output: Path, table: Path) -> int:
+    from .stream import stream
+
+    report = stream(args.network, args.device, input_path, output, table=table, profile_batches=args.profile_batches,
+                    budget_s=args.budget, progress=not args.no_progress and not args.json, precision=args.precision,
+                    engine=args.engine)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_stream_report(report))
     return 0
 
 

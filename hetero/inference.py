@@ -324,6 +324,50 @@ def choose_engines(options: list[list[tuple[Engine, Profile]]], batch: int,
     return [engine for engine, _ in chosen], [profile for _, profile in chosen]
 
 
+@dataclass
+class Ready:
+    """Engines loaded and profiled: per device, its engines with their profiles, ready to be chosen from."""
+
+    table: ProfileTable
+    options: list[list[tuple[Engine, Profile]]]
+    faults: list[Fault]
+    profiled: list[str]  # the devices profiled now
+
+
+def prepare_engines(
+    net: Network,
+    devices: str | Sequence[Device],
+    table: str | Path | ProfileTable = DEFAULT_TABLE,
+    profile_batches: Sequence[int] = SEED_BATCHES,
+    reprofile: bool = False,
+    budget_s: float = DEFAULT_BUDGET_S,
+    progress: bool = True,
+    load: Callable[[Network, Device], Engine] | None = None,
+    precision: str = DEFAULT_PRECISION,
+    engine: str | None = None,
+    tune_trials: int = 0,
+    tune_batch: int = DEFAULT_TUNE_BATCH,
+) -> Ready:
+    """What every run does before it computes: devices parsed (the CPU leaving accelerators their feeding
+    cores), each device's candidate engines loaded (tuned where asked) and profiled into the table, and
+    the devices and engines that cannot run left out as faults."""
+    chosen = reserve_cores(with_precision(parse_devices(devices) if isinstance(devices, str) else list(devices),
+                                          precision))
+    if tune_trials and not any(tunable(d) for d in chosen):
+        raise TuningError(f"--tune works on CPU and CUDA devices, and {', '.join(d.name for d in chosen)} "
+                          f"has none")
+    if not isinstance(table, ProfileTable):
+        table = ProfileTable.load(Path(table), create=True)
+    choice = parse_engine_choice(engine or default_engine_choice(), chosen)
+    options, faults = _load_engines(net, chosen, choice, load)
+    options = [_with_tunings(net, engines, table.path, tune_trials, tune_batch) for engines in options]
+    profiles, measured = ensure_profiles([e for engines in options for e in engines], table, profile_batches,
+                                         reprofile, budget_s, progress)
+    profiled = iter(profiles)
+    options = _runnable(net, [[(e, next(profiled)) for e in engines] for engines in options], faults)
+    return Ready(table, options, faults, measured)
+
+
 def infer(
     network: str | Network,
     devices: str | Sequence[Device] = "cpu",
@@ -349,23 +393,12 @@ def infer(
     each device's one engine instead. `tune_trials` first runs that many MetaSchedule trials for
     each CPU and CUDA device at `tune_batch`; records at that batch, from now or earlier, are used where faster.
     """
-    chosen = reserve_cores(with_precision(parse_devices(devices) if isinstance(devices, str) else list(devices),
-                                          precision))
     net = get_network(network) if isinstance(network, str) else network
     _check_request(net, batch, inputs, profile_batches)
-    if tune_trials and not any(tunable(d) for d in chosen):
-        raise TuningError(f"--tune works on CPU and CUDA devices, and {', '.join(d.name for d in chosen)} "
-                          f"has none")
-    if not isinstance(table, ProfileTable):
-        table = ProfileTable.load(Path(table), create=True)
-    choice = parse_engine_choice(engine or default_engine_choice(), chosen)
     inputs = net.random_input(batch) if inputs is None else inputs
-    options, faults = _load_engines(net, chosen, choice, load)
-    options = [_with_tunings(net, engines, table.path, tune_trials, tune_batch) for engines in options]
-    profiles, measured = ensure_profiles([e for engines in options for e in engines], table, profile_batches,
-                                         reprofile, budget_s, progress)
-    profiled = iter(profiles)
-    options = _runnable(net, [[(e, next(profiled)) for e in engines] for engines in options], faults)
+    ready = prepare_engines(net, devices, table, profile_batches, reprofile, budget_s, progress, load, precision,
+                            engine, tune_trials, tune_batch)
+    table, options, faults, measured = ready.table, ready.options, ready.faults, ready.profiled
     engines, profiles = choose_engines(options, len(inputs), partitioner)
 
     def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:

@@ -1,0 +1,367 @@
+"""Bulk inference: any number of samples, pulled in chunks by every device until none are left.
+
+A split of one batch plans each device's share once, so a device that slows down holds up the whole
+batch. A stream instead keeps one queue of samples that each device pulls from, a chunk at a time,
+each device's chunk sized from its profile to take about the same time (TARGET_CHUNK_S), the next
+chunk read from the input while the current one computes. Outputs land in input order in a
+memory-mapped file, so host memory stays flat however many samples there are.
+
+Nothing finished is lost: each chunk's outputs are flushed to ``<output>.partial`` before the chunk is
+recorded in ``<output>.progress.json``; after Ctrl-C, a crash or a kill, the same command computes
+only what was not recorded, and when every sample is done the partial file becomes the output and the
+record is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .devices import DEFAULT_PRECISION, Device
+from .engines import Engine
+from .errors import HeteroError, one_line
+from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, Fault, plan, prepare_engines, share_limits
+from .models import Network, get_network
+from .profile import SEED_BATCHES
+from .table import Profile, ProfileTable
+
+log = logging.getLogger(__name__)
+
+STREAM_FROM = 1024  # inputs longer than this are streamed; shorter ones run as one split, as in the paper
+TARGET_CHUNK_S = 0.25  # long enough for efficient calls, short enough that the last chunks end together
+MAX_CHUNK_BYTES = 256 << 20  # a chunk's inputs, read while the one before computes
+PARTIAL, PROGRESS = ".partial", ".progress.json"
+
+
+def streams(samples: int, output: Path) -> bool:
+    """Whether Inference.py streams an input of `samples` into `output`: a long one, or one whose earlier
+    run was interrupted (it resumes)."""
+    return samples > STREAM_FROM or output.with_name(output.name + PROGRESS).exists()
+
+
+class StreamInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stream: the finished chunks are kept, and the message says how to resume."""
+
+
+@dataclass
+class DeviceStream:
+    """What one device did in a stream."""
+
+    device: str
+    engine: str
+    chunk: int  # samples per chunk
+    samples: int = 0
+    chunks: int = 0
+    busy_s: float = 0.0  # computing, copies included
+    error: str | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.busy_s if self.busy_s else 0.0
+
+
+@dataclass
+class StreamReport:
+    network: str
+    samples: int  # in the whole input
+    resumed: int  # already done by an earlier, interrupted run
+    wall_s: float
+    devices: list[DeviceStream]
+    outputs: np.ndarray | None  # when no output file was given
+    profiled: list[str] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+
+    @property
+    def computed(self) -> int:
+        return self.samples - self.resumed
+
+    @property
+    def throughput(self) -> float:
+        return self.computed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "network": self.network, "samples": self.samples, "resumed": self.resumed, "computed": self.computed,
+            "wall_ms": self.wall_s * 1e3, "throughput_img_s": self.throughput, "profiled": self.profiled,
+            "devices": [vars(d) | {"img_s": d.throughput} for d in self.devices],
+            "faults": [vars(f) for f in self.faults],
+        }
+
+
+def chunk_size(profile: Profile, limit: int | None, sample_bytes: int, target_s: float = TARGET_CHUNK_S) -> int:
+    """The most samples the device runs in about `target_s` by its profile, within its call limit and
+    MAX_CHUNK_BYTES of inputs; at least 1."""
+    cap = max(1, min(limit or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES // max(sample_bytes, 1)))
+    costs = profile.cost_curve(cap)
+    return max(1, int(np.searchsorted(costs, target_s, side="right")) - 1)
+
+
+class Ledger:
+    """The samples done so far, kept beside the output so that a later run resumes where this one stopped."""
+
+    def __init__(self, path: Path | None, identity: dict, done: list[list[int]]):
+        self.path, self.identity, self.done = path, identity, done
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path | None, identity: dict) -> Ledger:
+        if path is None or not path.exists():
+            return cls(path, identity, [])
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise HeteroError(f"{path}: cannot read the record of an earlier run ({one_line(exc)}); "
+                              f"remove it to start again") from None
+        if saved.get("identity") != identity:
+            raise HeteroError(f"{path}: an earlier run into this output had another network or input; remove it "
+                              f"and {path.name.removesuffix(PROGRESS)}{PARTIAL} to start again, or pick another output")
+        return cls(path, identity, saved["done"])
+
+    def count(self) -> int:
+        return sum(end - start for start, end in self.done)
+
+    def pending(self, samples: int) -> list[tuple[int, int]]:
+        """The ranges of samples not done yet, in order."""
+        ranges, first = [], 0
+        for start, end in sorted(self.done):
+            if start > first:
+                ranges.append((first, start))
+            first = max(first, end)
+        return ranges + ([(first, samples)] if first < samples else [])
+
+    def record(self, start: int, end: int) -> None:
+        with self._lock:
+            merged = []
+            for first, last in sorted(self.done + [[start, end]]):
+                if merged and first <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], last)
+                else:
+                    merged.append([first, last])
+            self.done = merged
+            if self.path is not None:
+                staged = self.path.with_name(self.path.name + ".tmp")
+                staged.write_text(json.dumps({"identity": self.identity, "done": merged}))
+                os.replace(staged, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            with suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+class WorkQueue:
+    """The ranges of samples still to compute; each device takes the next `size` samples of the first range.
+
+    A range taken is in flight until it is done or given back (its device failed); a device that finds
+    nothing to take waits while others have ranges in flight, since a failure may give one back.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self._ranges = list(ranges)
+        self._in_flight = 0
+        self._changed = threading.Condition()
+        self._stopped = False
+
+    def take(self, size: int, wait: bool = True) -> tuple[int, int] | None:
+        with self._changed:
+            while wait and not self._ranges and self._in_flight and not self._stopped:
+                self._changed.wait()
+            if self._stopped or not self._ranges:
+                return None
+            start, end = self._ranges[0]
+            taken = (start, min(end, start + size))
+            if taken[1] == end:
+                self._ranges.pop(0)
+            else:
+                self._ranges[0] = (taken[1], end)
+            self._in_flight += 1
+            return taken
+
+    def done(self) -> None:
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    def give_back(self, taken: tuple[int, int]) -> None:
+        with self._changed:
+            self._ranges.insert(0, taken)
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        """Hand out nothing more (Ctrl-C): each device finishes the chunk it computes."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+
+def _identity(network: Network, inputs: np.ndarray, source: Path | None) -> dict:
+    """What an output file's samples depend on: the network and the input (a file's path, size and time, or
+    an array's bytes)."""
+    if source is not None:
+        stat = source.stat()
+        what = {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    else:
+        what = {"sha256": hashlib.sha256(np.ascontiguousarray(inputs).data).hexdigest()}
+    return {"network": network.key, "input": what, "shape": list(inputs.shape), "dtype": str(inputs.dtype)}
+
+
+def _outputs(network: Network, samples: int, output: Path | None, resuming: bool) -> np.ndarray:
+    shape = (samples, *network.output_shape)
+    if output is None:
+        return np.empty(shape, network.dtype)
+    partial = output.with_name(output.name + PARTIAL)
+    if resuming and partial.exists():
+        return np.lib.format.open_memmap(partial, mode="r+")
+    return np.lib.format.open_memmap(partial, mode="w+", dtype=network.dtype, shape=shape)
+
+
+def _stream_devices(engines: Sequence[Engine], profiles: Sequence[Profile], samples: int,
+                    sample_bytes: int) -> list[tuple[Engine, int]]:
+    """The devices that take part, each with its chunk size: those a split of many chunks would give
+    work, so that a device that slows the others more than it adds (its slowdown in company) stays out."""
+    limits = share_limits(profiles, [engine.device for engine in engines])
+    sizes = [chunk_size(profile, limit, sample_bytes) for profile, limit in zip(profiles, limits)]
+    shares, _, _ = plan(profiles, min(samples, 8 * sum(sizes)))
+    return [(engine, size) for engine, size, share in zip(engines, sizes, shares) if share]
+
+
+def _fastest_per_device(options: list[list[tuple[Engine, Profile]]], sample_bytes: int) -> tuple[list, list]:
+    """Per device, the engine with the highest throughput at the chunk it would run."""
+    engines, profiles = [], []
+    for pairs in options:
+        def rate(pair: tuple[Engine, Profile]) -> float:
+            engine, profile = pair
+            size = chunk_size(profile, share_limits([profile], [engine.device])[0], sample_bytes)
+            return size / max(profile.predict(size), 1e-12)
+        engine, profile = max(pairs, key=rate)
+        engines.append(engine)
+        profiles.append(profile)
+    return engines, profiles
+
+
+def stream(
+    network: str | Network,
+    devices: str | Sequence[Device] = "cpu",
+    inputs: str | Path | np.ndarray = "",
+    output: str | Path | None = None,
+    table: str | Path | ProfileTable = DEFAULT_TABLE,
+    profile_batches: Sequence[int] = SEED_BATCHES,
+    budget_s: float = DEFAULT_BUDGET_S,
+    progress: bool = True,
+    load: Callable[[Network, Device], Engine] | None = None,
+    precision: str = DEFAULT_PRECISION,
+    engine: str | None = None,
+) -> StreamReport:
+    """Run every sample of `inputs` (an array, or a .npy file, memory-mapped) through `network` on all
+    `devices` at once, and write the outputs in input order to `output` (a .npy file) or return them.
+
+    With an output file an interrupted run resumes: the same call computes only the samples not done.
+    """
+    net = get_network(network) if isinstance(network, str) else network
+    source = Path(inputs) if isinstance(inputs, (str, Path)) else None
+    data = np.load(source, mmap_mode="r", allow_pickle=False) if source is not None else np.asarray(inputs)
+    if tuple(data.shape[1:]) != tuple(net.input_shape) or len(data) < 1:
+        raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
+                          f"(N, {', '.join(map(str, net.input_shape))})")
+    output = Path(output) if output is not None else None
+    ledger = Ledger.open(output.with_name(output.name + PROGRESS) if output else None, _identity(net, data, source))
+    resumed = ledger.count()
+    ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
+                            precision=precision, engine=engine)
+    sample_bytes = int(np.prod(net.input_shape)) * np.dtype(net.dtype).itemsize
+    engines, profiles = _fastest_per_device(ready.options, sample_bytes)
+    taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
+    outputs = _outputs(net, len(data), output, resuming=resumed > 0)
+    queue = WorkQueue(ledger.pending(len(data)))
+    stats = [DeviceStream(e.device.name, e.name, size) for e, size in taking]
+    for engine, size in taking:
+        engine.on_worker(engine.prepare, size).result()
+    bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name}", disable=not progress, leave=False)
+    start = time.perf_counter()
+
+    def read(taken: tuple[int, int]) -> np.ndarray:
+        return np.array(data[taken[0]:taken[1]], dtype=net.dtype)
+
+    def work(engine: Engine, size: int, stat: DeviceStream) -> None:
+        """Take a chunk, read the next while computing it, write its outputs, record it; until none is left."""
+        with ThreadPoolExecutor(1, f"hetero-{engine.device.name}-read") as reader:
+            current = queue.take(size)
+            staged = reader.submit(read, current) if current else None
+            while current is not None:
+                batch = staged.result()
+                following = queue.take(size, wait=False)
+                staged = reader.submit(read, following) if following else None
+                begun = time.perf_counter()
+                try:
+                    result, _ = engine.infer(batch)
+                except Exception as exc:  # out of memory, a lost device: the others take its samples
+                    stat.error = one_line(exc)
+                    queue.give_back(current)
+                    if following:
+                        queue.give_back(following)
+                    return
+                stat.busy_s += time.perf_counter() - begun
+                outputs[current[0]:current[1]] = result
+                if isinstance(outputs, np.memmap):
+                    outputs.flush()  # on disk before it is recorded as done
+                ledger.record(*current)
+                queue.done()
+                stat.samples += current[1] - current[0]
+                stat.chunks += 1
+                bar.update(current[1] - current[0])
+                bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in stats))
+                current = following
+                if current is None:
+                    current = queue.take(size)
+                    staged = reader.submit(read, current) if current else None
+
+    threads = [threading.Thread(target=work, args=(engine, size, stat), name=f"hetero-stream-{engine.device.name}")
+               for (engine, size), stat in zip(taking, stats)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.1)
+    except KeyboardInterrupt:
+        queue.stop()
+        for thread in threads:
+            thread.join()
+        raise StreamInterrupted(f"interrupted after {ledger.count()} of {len(data)} samples; they are kept, and the "
+                                f"same command computes the rest") from None
+    finally:
+        bar.close()
+    wall_s = time.perf_counter() - start
+    faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]
+    left = len(data) - ledger.count()
+    if left:
+        failures = "; ".join(f"{s.device} failed: {s.error}" for s in stats if s.error) or "no device could run"
+        raise HeteroError(f"{left} of {len(data)} samples could not run ({failures}); the {ledger.count()} done are "
+                          f"kept, and the same command computes the rest")
+    if output is None:
+        return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, ready.profiled, faults)
+    outputs.flush()
+    os.replace(output.with_name(output.name + PARTIAL), output)
+    ledger.remove()
+    return StreamReport(net.name, len(data), resumed, wall_s, stats, None, ready.profiled, faults)
+
+
+def stream_arrays(network: str | Network, devices: str | Sequence[Device], arrays: Iterable[np.ndarray],
+                  **options) -> Iterator[np.ndarray]:
+    """The outputs of each array of `arrays` in turn, each streamed over all `devices` (options as for
+    :func:`stream`): for inputs that arrive in pieces, such as a reader's batches."""
+    for inputs in arrays:
+        yield stream(network, devices, inputs, **options).outputs
