@@ -21,6 +21,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, choose_engines, ensure_
 from .models import get_network
 from .profile import SEED_BATCHES
 from .selection import AUTO, candidate_engines, parse_engine_choice
+from .stream import stream
 from .table import Profile, ProfileTable
 
 BASELINES = ("onnxruntime", "openvino", "torch", "torch-compile")  # what users run without hetero
@@ -146,6 +148,43 @@ def benchmark(
     return BenchmarkResult(net.name, batch, results, batch / next(timed), partition_s * 1e6)
 
 
+@dataclass
+class StreamResult:
+    network: str
+    samples: int
+    alone_img_s: dict[str, float]  # each device streaming the whole input by itself
+    stream_img_s: float  # every device at once
+
+    @property
+    def ideal_img_s(self) -> float:
+        return sum(self.alone_img_s.values())
+
+
+def benchmark_stream(network: str, devices: Sequence[Device], samples: int, table: ProfileTable,
+                     profile_batches: Sequence[int] = SEED_BATCHES, budget_s: float = DEFAULT_BUDGET_S,
+                     engine: str = AUTO) -> StreamResult:
+    """A stream of `samples` random samples from a .npy file into another: each device alone, then all."""
+    net = get_network(network)
+    devices = reserve_cores(devices)
+    options = dict(table=table, profile_batches=profile_batches, budget_s=budget_s, progress=False, engine=engine)
+    with tempfile.TemporaryDirectory(prefix="hetero-stream-") as folder:
+        source, target = Path(folder) / "inputs.npy", Path(folder) / "outputs.npy"
+        inputs = np.lib.format.open_memmap(source, mode="w+", dtype=net.dtype, shape=(samples, *net.input_shape))
+        for first in range(0, samples, 1024):  # written in pieces: the input may be larger than memory
+            inputs[first : first + 1024] = net.random_input(min(1024, samples - first), seed=first)
+        inputs.flush()
+        del inputs
+        alone = {device.name: stream(net, [device], source, target, **options).throughput for device in devices}
+        together = stream(net, devices, source, target, **options).throughput
+    return StreamResult(net.name, samples, alone, together)
+
+
+def format_stream(result: StreamResult) -> str:
+    devices = ", ".join(f"{name} {rate:.1f}" for name, rate in result.alone_img_s.items())
+    return (f"stream of {result.samples} samples: {result.stream_img_s:.1f} img/s; each device streaming alone "
+            f"(img/s): {devices}; stream/ideal {result.stream_img_s / result.ideal_img_s:.2f}")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
@@ -212,6 +251,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="comma-separated devices, e.g. cpu,gpu0")
     parser.add_argument("--batch", type=_batch_list, required=True, help="one or more batch sizes, comma-separated")
     parser.add_argument("--engine", default=AUTO, help="engines to measure (as Inference.py's --engine; default auto)")
+    parser.add_argument("--stream", type=_positive_int, metavar="SAMPLES",
+                        help="also stream this many samples from a file, each device alone and all together")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
@@ -237,6 +278,11 @@ def main(argv: list[str]) -> int:
             text = format_markdown(result)
             print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
             sections.append(f"### {network}, batch {batch}, `{args.device}`\n\n{text}\n")
+        if args.stream:
+            text = format_stream(benchmark_stream(network, devices, args.stream, table, args.profile_batches,
+                                                  args.budget, args.engine))
+            print(f"\n{network}, {text}", flush=True)
+            sections.append(f"### {network}, `{args.device}`, {text}\n")
     write_section(args.markdown, args.machine, f"{stamp}, commit {_commit()}: `{command}`\n\n" + "\n".join(sections))
     return 0
 

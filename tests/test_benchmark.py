@@ -1,6 +1,7 @@
 """The benchmark command: every device alone, then the split, written to a markdown file."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -38,13 +39,15 @@ def test_benchmark_prints_and_records_every_device_and_the_split(tmp_path):
 
     again = run_script(
         "-m hetero.benchmark", "--network", SMALL_NETWORK, "--device", "cpu", "--batch", "1",
-        "--profile-batches", "1,2", "--repeats", "1", "--warmup", "0", "--engine", "tvm",
+        "--profile-batches", "1,2", "--repeats", "1", "--warmup", "0", "--engine", "tvm", "--stream", "12",
         "--table", str(tmp_path / "t.json"), "--markdown", str(markdown), "--machine", "test-box",
     )
     assert again.returncode == 0, again.stderr
     text = markdown.read_text()
     assert text.count("## test-box") == 1, "a machine's section is replaced, not appended"
     assert f"### {SMALL_NETWORK}, batch 1, `cpu`" in text and "batch 2" not in text
+    assert re.search(r"stream of 12 samples: [\d.]+ img/s; each device streaming alone \(img/s\): cpu [\d.]+; "
+                     r"stream/ideal [\d.]+", text)
 
 
 def test_benchmark_times_the_split_planned_with_learned_slowdowns(tmp_path):
