@@ -539,9 +539,16 @@ def print_table_main(argv: list[str]) -> int:
 
     parser = _Parser(prog="print_table.py", description="Print a profile table.")
     parser.add_argument("table", type=Path, help="profile table (JSON)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="also draw img/s against batch size per device and engine (needs matplotlib)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    print(format_table(ProfileTable.load(args.table)))
+    table = ProfileTable.load(args.table)
+    print(format_table(table))
+    if args.plot is not None:
+        from .plot import plot_table
+
+        plot_table(table, args.plot)
     return 0
 
 

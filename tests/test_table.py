@@ -305,3 +305,19 @@ def test_the_repositorys_measured_tables_load(path):
     table = ProfileTable.load(path)
     assert table.profiles() and format_table(table)
     assert cli.print_table([str(path)]) == 0
+
+
+def test_print_table_plots_every_profile(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from hetero import cli
+
+    path = tmp_path / "t.json"
+    table = ProfileTable(path)
+    for engine in ("tvm", "onnxruntime"):
+        table.put(Profile(f"CPU X | llvm | fp32 | tvm 0.27 | engine {engine} 1", "net@0",
+                          [Measurement(b, [0.001 * b] * 3, [0.0] * 3, [0.0] * 3) for b in (1, 2, 4)]))
+    table.save()
+    assert cli.print_table([str(path), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.print_table([str(path), "--plot", str(tmp_path / "missing" / "p.png")]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: --plot ")
