@@ -40,9 +40,9 @@ def _lean_hetero() -> None:
     """Make ``hetero.models`` / ``hetero.gpu_schedule`` importable even
     where the package's own ``__init__`` cannot be (it pulls in psutil, tabulate, tqdm, ...)."""
     try:
-        import hetero  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+        import hetero  # noqa: F401
     except ImportError:
-        import types  # pylint: disable=import-outside-toplevel
+        import types
 
         package = types.ModuleType("hetero")
         package.__path__ = [str(ROOT / "hetero")]
@@ -67,7 +67,8 @@ VARIANTS = {  # name -> (pipeline, precision, gpu_pipeline keyword arguments)
     "hetero-fp16-i64": ("hetero", "fp16", {"narrow_index": False}),
 }
 VARIANT_ALIASES = {"default": "tvm-default", "fp32": "hetero-fp32", "fp32-nopipe": "hetero-fp32-nopipe",
-                   "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "tf32-mma": "hetero-tf32-mma", "fp16": "hetero-fp16", "fp16-mma": "hetero-fp16-mma",
+                   "tf32": "hetero-tf32", "tf32-sync": "hetero-tf32-sync", "tf32-mma": "hetero-tf32-mma",
+                   "fp16": "hetero-fp16", "fp16-mma": "hetero-fp16-mma",
                    "fp16-sync": "hetero-fp16-sync", "fp16-percall": "hetero-fp16-percall",
                    "fp32-i64": "hetero-fp32-i64", "tf32-i64": "hetero-tf32-i64", "fp16-i64": "hetero-fp16-i64"}
 
@@ -112,7 +113,7 @@ def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tupl
         path = os.path.join(out_dir, f"{network}-{variant}.so")
         executable.export_library(path)
         return path, time.perf_counter() - start, None
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return None, 0.0, _short_error()
 
 
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="default,fp32,tf32,fp16",
                         help="TVM variants, comma separated: default (TVM's pipeline), fp32, fp32-nopipe "
                              "(hetero's, without software pipelining), tf32, fp16, tf32-sync and fp16-sync "
-                             "(without cp.async tile loads), tf32-mma and fp16-mma (without the wgmma convs of sm_90), fp16-percall (weights cast and transposed on "
+                             "(without cp.async tile loads), tf32-mma and fp16-mma (without the wgmma convs of "
+                             "sm_90), fp16-percall (weights cast and transposed on "
                              "every call), fp32-i64, tf32-i64 and fp16-i64 (int64 index arithmetic)")
     parser.add_argument("--jobs", type=int, default=min(6, os.cpu_count() or 1),
                         help="parallel compile processes (1: compile in this process)")
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{k.tile.tk} K steps" if isinstance(k.tile, TensorCoreConfig) else f"K {k.tile.bk}")
                             shape = f"{k.m}x{k.n}x{k.k}" if k.m is not None else ""
                             print(f"  {k.name:<44} {k.rule:<18} {shape:<18} {tile}")
-                except Exception:  # pylint: disable=broad-except
+                except Exception:
                     print(f"  describe failed: {_short_error()}")
 
     results: list[Result] = []
@@ -330,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                         key = futures[future]
                         try:
                             compiled[key] = future.result()
-                        except Exception:  # pylint: disable=broad-except  (a worker died)
+                        except Exception:  # a worker died
                             compiled[key] = (None, 0.0, _short_error())
                         path, seconds, error = compiled[key]
                         print(f"  {key[0]} {key[1]}: " + (f"{seconds:.1f} s" if error is None else f"FAILED {error}"),
                               flush=True)
-            except Exception:  # pylint: disable=broad-except
+            except Exception:
                 print(f"  process pool failed ({_short_error()}); compiling in this process", flush=True)
         for key in jobs:
             if key not in compiled or (compiled[key][2] is not None and "BrokenProcessPool" in compiled[key][2]):
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                         import numpy as np
 
                         result.rel_err = float(np.abs(out - reference).max() / np.abs(reference).max())
-                except Exception:  # pylint: disable=broad-except
+                except Exception:
                     result.error = _short_error()
                 print(f"  {network} {variant}: "
                       + (f"{result.ms:.2f} ms/batch, rel err {_fmt(result.rel_err, '.1e')}" if result.ms

@@ -104,7 +104,7 @@ def c_layout(i, j):
     """(lane, register) of element (i, j) of a 16x16 float32 accumulator: TVM's own, which its fill and
     store intrinsics (INIT, STORE) assume.  Its module is imported by the time a schedule asks
     (``gpu_schedule`` imports it once, quickly); on its own the import takes seconds."""
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
 
     return shared_16x16_to_ldmatrix_32x8_layout(i, j)
 

@@ -30,12 +30,20 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from .cli import _Parser, _batch_list, _positive_int, _run
+from .cli import _batch_list, _Parser, _positive_int, _run
 from .devices import DEFAULT_PRECISION, PRECISIONS, Device, parse_devices, with_precision
 from .engines import Engine, load_engine
 from .execute import run_split
-from .inference import (DEFAULT_BUDGET_S, DEFAULT_TABLE, choose_engines, ensure_profiles, learn_company, plan,
-                        reserve_cores, share_limits)
+from .inference import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_TABLE,
+    choose_engines,
+    ensure_profiles,
+    learn_company,
+    plan,
+    reserve_cores,
+    share_limits,
+)
 from .models import get_network
 from .profile import SEED_BATCHES
 from .selection import AUTO, candidate_engines, parse_engine_choice

@@ -76,7 +76,7 @@ def _extent(sch: s_tir.Schedule, loop) -> int | None:
 def _vector_lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
     try:
         width = int(tvm.target.codegen.llvm_get_vector_width(target))
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         width = 128
     if width <= 0:
         width = 128
@@ -183,13 +183,13 @@ def _inline_all(sch: s_tir.Schedule, blocks: list) -> list:
                     remaining.remove(blk)
                     changed = True
                     continue
-                except Exception:  # pylint: disable=broad-except
+                except Exception:
                     pass
             try:
                 sch.reverse_compute_inline(blk)
                 remaining.remove(blk)
                 changed = True
-            except Exception:  # pylint: disable=broad-except
+            except Exception:
                 pass
     return remaining
 
@@ -207,7 +207,7 @@ def _can_inline_cheaply(sch: s_tir.Schedule, block) -> bool:
     buf = stmt.writes[0].source
     try:
         consumers = sch.get_consumers(block)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return False
     for cons in consumers:
         cstmt = sch.get(cons)
@@ -240,8 +240,8 @@ def _schedule_block_generic(sch: s_tir.Schedule, block, lanes: int, vectorize: b
     if kinds is None:
         # Mixed loops: only parallelise a leading spatial prefix we can prove.
         return
-    s_loops = [l for l, k in zip(loops, kinds) if k == "S"]
-    r_loops = [l for l, k in zip(loops, kinds) if k == "R"]
+    s_loops = [loop for loop, k in zip(loops, kinds) if k == "S"]
+    r_loops = [loop for loop, k in zip(loops, kinds) if k == "R"]
     if not s_loops:
         return
 
@@ -292,7 +292,7 @@ def _schedule_block_generic(sch: s_tir.Schedule, block, lanes: int, vectorize: b
         # vectorised inner loop).
         try:
             sch.decompose_reduction(block, r_loops[0])
-        except Exception:  # pylint: disable=broad-except
+        except Exception:
             pass
 
 
@@ -335,7 +335,7 @@ def parallel_only_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.
     sch = s_tir.Schedule(func)
     try:
         blocks = _root_blocks(sch)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return None
     done = False
     for blk in blocks:
@@ -345,7 +345,7 @@ def parallel_only_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.
             if loops and kinds and kinds[0] == "S":
                 sch.parallel(loops[0])
                 done = True
-        except Exception:  # pylint: disable=broad-except
+        except Exception:
             continue
     return sch if done else None
 
@@ -803,7 +803,7 @@ def _linear_coef(expr, var) -> int | None:
     """Coefficient of ``var`` in ``expr`` if ``expr`` is linear in it."""
     try:
         coefs = tvm.sym.detect_linear_equation(expr, [var])
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return None
     if len(coefs) != 2 or not isinstance(coefs[0], tirx.IntImm):
         return None
@@ -932,7 +932,7 @@ def window_rule(func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedul
                     sch.vectorize(ploops[-1])
                 elif factor:
                     sch.vectorize(sch.split(ploops[-1], factors=[None, factor])[1])
-        except Exception:  # pylint: disable=broad-except
+        except Exception:
             _schedule_block_generic(sch, prod, lanes)
     return sch
 
@@ -953,7 +953,7 @@ def schedule_prim_func(
     for rule in rules if rules is not None else DEFAULT_RULES:
         try:
             sch = rule(func, target)
-        except Exception as err:  # pylint: disable=broad-except
+        except Exception as err:
             logger.debug("rule %s failed: %s", getattr(rule, "__name__", rule), err)
             continue
         if sch is None:
@@ -964,7 +964,7 @@ def schedule_prim_func(
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleForCPU")
-class ScheduleForCPU:  # pylint: disable=too-few-public-methods
+class ScheduleForCPU:
     """Schedule every unscheduled PrimFunc of a module for a CPU target."""
 
     def __init__(self, target: tvm.target.Target | None = None, rules: list[Rule] | None = None):

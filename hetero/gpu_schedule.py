@@ -153,7 +153,7 @@ class _BroadcastTo4D(PyExprMutator):
     back to NCHW; with both operands 4-D it permutes the (tiny) bias instead.
     """
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name in _ARITH and len(call.args) == 2):
             return call
@@ -182,7 +182,7 @@ class _PermuteToReshape(PyExprMutator):
     (1, 1, 1, C): a copy kernel per bias per call, where a reshape costs nothing.
     """
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.permute_dims"):
             return call
@@ -222,7 +222,7 @@ class _ToFloat16(PyExprMutator):
                 return self.casts[index]
         return self.builder_.emit(relax.op.astype(expr, "float16"))
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         if not isinstance(call.op, tvm.ir.Op):
             return super().visit_call_(call)
         name = call.op.name
@@ -295,7 +295,7 @@ def tf32_rounded(value: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 def _tf32_rounding(x):
-    from tvm import te  # pylint: disable=import-outside-toplevel
+    from tvm import te
 
     return te.compute(x.shape, lambda *i: tf32_rounded(x(*i)), name="tf32_round")
 
@@ -323,7 +323,7 @@ class _RoundGemmOperands(PyExprMutator):
             remapped = self.get_var_remap(binding.var)
             self.set_var_remap(binding.var, self._emit_rounding(binding.var if remapped is None else remapped))
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not _is_tensor_core_gemm(call):
             return call
@@ -425,7 +425,7 @@ def _k_splits(call: relax.Call, num_sms: int) -> int:
 class _SplitK(PyExprMutator):
     """Split long-K matmuls (see :func:`split_k`)."""
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         splits = _k_splits(call, DEFAULT_NUM_SMS)
         if splits == 1:
@@ -750,9 +750,9 @@ def schedule_gemm_simt(func: tirx.PrimFunc, pick: Callable | None = None,
 # ------------------------------------------------------------------------------ tensor-core GEMM
 
 
-def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:  # pylint: disable=unused-argument
+def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
     """``inspect.stack()`` without the per-frame module search (``inspect.getmodule``)."""
-    frame = sys._getframe(1)  # pylint: disable=protected-access
+    frame = sys._getframe(1)
     stack = []
     while frame is not None:
         code = frame.f_code
@@ -777,12 +777,12 @@ def _tensor_core_intrinsics(mma: _mma.MmaType | None) -> dict[str, str]:
             original = inspect.stack
             inspect.stack = _fast_stack
             try:
-                import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+                import tvm.s_tir.tensor_intrin.cuda  # noqa: F401
             finally:
                 inspect.stack = original
     if mma is not None:
         return _mma.register(mma)
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     return get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn",
                                  in_dtype="float16", out_dtype="float32", trans_b=True)
@@ -1048,7 +1048,7 @@ class _Rule(ScheduleRule):
         self.fn = fn
         self.errors = errors
 
-    def apply(self, func, target, tunable):  # pylint: disable=missing-function-docstring
+    def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc):
             return None
         try:
@@ -1093,7 +1093,7 @@ def _tensorcore_tir_pipeline(warp_fragments: bool):
     common-subexpression elimination off (it hides the ``threadIdx.x * 4`` of fragment stores
     behind let variables, which ``LowerWarpMemory`` cannot read) and warp memory lowered to the
     last buffer."""
-    from tvm.s_tir.pipeline import default_s_tir_pipeline  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
 
     lower, finalize_host, finalize_device = default_s_tir_pipeline()
     config_changes = {"tirx.use_async_copy": True, **({"tirx.disable_cse_tir": True} if warp_fragments else {})}
@@ -1168,7 +1168,7 @@ def gpu_rules(target: tvm.target.Target, precision: str = "fp32", num_sms: int =
     that fails would fail the whole build.  ``trace(rule, config, extents)`` is told each GEMM
     tile picked (see :func:`describe_schedules`).
     """
-    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir import dlight as dl
 
     kind = _tensor_core_kind(target, precision)
     if tensor_cores is None:
@@ -1227,7 +1227,7 @@ class _NamedRule(ScheduleRule):
         self.name = name
         self.rule = rule
 
-    def apply(self, func, target, tunable):  # pylint: disable=missing-function-docstring
+    def apply(self, func, target, tunable):
         return self.rule.apply(func, target, tunable)
 
 
@@ -1243,7 +1243,7 @@ def _first_applying_rule(rules: Sequence[ScheduleRule], func: tirx.PrimFunc,
 
 
 @tvm.transform.module_pass(opt_level=0, name="hetero.ScheduleInParallel")
-class ScheduleInParallel:  # pylint: disable=too-few-public-methods
+class ScheduleInParallel:
     """dlight's ``ApplyDefaultSchedule`` with the PrimFuncs scheduled in ``workers`` threads.
 
     Checking that a tensor-core schedule lowers (``gpu_rules(verify=True)``) lowers its kernel on
@@ -1262,7 +1262,7 @@ class ScheduleInParallel:  # pylint: disable=too-few-public-methods
         scheduled = applied[1] if isinstance(applied[1], tirx.PrimFunc) else applied[1].mod["main"]
         return scheduled.with_attr("tirx.is_scheduled", True)
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=missing-function-docstring
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         todo = [(gv, func) for gv, func in mod.functions_items()
                 if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False)]
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
@@ -1359,7 +1359,7 @@ def _with_weights_prepared_once(mod: tvm.IRModule, precision: str, layout: str) 
 
 def _fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """What :func:`gpu_pipeline` runs between the Relax rewrites and scheduling."""
-    from tvm.relax.backend.cuda import pipeline as cuda  # pylint: disable=import-outside-toplevel
+    from tvm.relax.backend.cuda import pipeline as cuda
 
     return cuda.library_dispatch_passes(target) + [
         relax.transform.LegalizeOps(),
@@ -1441,7 +1441,7 @@ def gpu_pipeline(target: tvm.target.Target, precision: str = "fp32", *, layout: 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     precision = effective_precision(target, precision)
-    from tvm.relax.backend.cuda import pipeline as cuda  # pylint: disable=import-outside-toplevel
+    from tvm.relax.backend.cuda import pipeline as cuda
 
     @tvm.transform.module_pass(opt_level=0, name="hetero.GPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -19,8 +19,8 @@ import numpy as np
 import psutil
 
 from .devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
-from .errors import HeteroError, one_line
 from .engines import Engine, copy_threads, load_engine
+from .errors import HeteroError, one_line
 from .execute import ShareResult, run_split
 from .models import Network, get_network
 from .partition import CONCURRENCY_SLOWDOWN, PARTITIONERS, predicted_times, split_or_single
@@ -229,7 +229,8 @@ def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, p
         check_host_memory(net, batch)
     elif tuple(inputs.shape[1:]) != tuple(net.input_shape) or len(inputs) < 1:
         raise HeteroError(
-            f"inputs of shape {tuple(inputs.shape)} do not fit {net.name}, which takes (N, {', '.join(map(str, net.input_shape))})"
+            f"inputs of shape {tuple(inputs.shape)} do not fit {net.name}, which takes "
+            f"(N, {', '.join(map(str, net.input_shape))})"
         )
     elif not (np.issubdtype(inputs.dtype, np.integer) or np.issubdtype(inputs.dtype, np.floating)):
         raise HeteroError(f"inputs of dtype {inputs.dtype} are not real numbers")

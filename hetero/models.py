@@ -323,7 +323,7 @@ class _Built:
     output_shape: tuple[int, ...]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(name: str) -> _Built:
     """The Relax module of a registered network and its weight recipe (no weight values yet)."""
     entry = _REGISTRY[name]
@@ -349,7 +349,7 @@ def get_network(name_or_path: str | os.PathLike[str]) -> Network:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registered(name: str) -> Network:
     built = _build(name)
     params = built.graph.init_weights(np.random.default_rng(_seed(name)))

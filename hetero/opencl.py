@@ -225,7 +225,7 @@ def _without_runtime_warnings() -> Iterator[None]:
 def _initialise_runtime() -> None:
     """TVM's OpenCL runtime looks for its devices on the first query of any tvm.opencl(i)."""
     with _without_runtime_warnings():
-        tvm.opencl(0).exist  # pylint: disable=expression-not-assigned
+        _ = tvm.opencl(0).exist
 
 
 def _tvm_devices() -> list[CLDevice]:

@@ -17,8 +17,8 @@ import tvm
 from tqdm import tqdm
 
 from .devices import Device
-from .errors import one_line
 from .engines import Engine
+from .errors import one_line
 from .models import Network
 from .table import Measurement, Profile
 

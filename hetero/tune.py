@@ -80,14 +80,14 @@ def tuning_tasks_module(network: Network, device: Device, batch: int) -> tvm.IRM
     the raw module it extracts no task at all, silently)."""
     module = static_module(network, batch)
     if device.kind == "cuda":
-        from .compile import TRANSFORM_PARAMS  # pylint: disable=import-outside-toplevel
-        from .gpu_schedule import fused_module  # pylint: disable=import-outside-toplevel
+        from .compile import TRANSFORM_PARAMS
+        from .gpu_schedule import fused_module
 
         # the kernels that prepare the weights run once per engine: not worth a trial
         fused = fused_module(module, device.target, device.precision)
         per_call = tvm.IRModule({gv: f for gv, f in fused.functions_items() if gv.name_hint != TRANSFORM_PARAMS})
         return relax.transform.DeadCodeElimination(["main"])(per_call)
-    from .cpu_schedule import fusion_passes  # pylint: disable=import-outside-toplevel
+    from .cpu_schedule import fusion_passes
 
     with device.target:
         return tvm.transform.Sequential(fusion_passes(device.target))(module)
@@ -96,7 +96,7 @@ def tuning_tasks_module(network: Network, device: Device, batch: int) -> tvm.IRM
 def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
     """MetaSchedule's default build without its `import tvm.s_tir.tensor_intrin`, which costs each
     fresh builder process about 16 s and which CPU fp32 schedules do not use."""
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     return tvm.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
@@ -107,8 +107,8 @@ def tune(network: Network, device: Device, tuning: Tuning, trials: int, trials_p
     Every task gets one round of `trials_per_round` before the budget is shared out, so fewer trials
     than tasks x rounds still measure one round of each. Records are written when tuning ends.
     """
-    import cloudpickle  # pylint: disable=import-outside-toplevel
-    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+    import cloudpickle
+    from tvm.s_tir import meta_schedule as ms
 
     if not tunable(device):
         raise TuningError(f"tuning works on CPU and CUDA devices; {device.name} is a {device.kind} device")

@@ -7,11 +7,10 @@ import pytest
 
 import hetero
 from hetero.benchmark import benchmark
+from hetero.engines import installed_engines
 from hetero.engines.tvm import profile_key
 from hetero.inference import plan
 from hetero.table import ProfileTable
-
-from hetero.engines import installed_engines
 
 from .conftest import SMALL_NETWORK, run_script
 

@@ -60,7 +60,7 @@ FP32_TOLERANCE = 1e-4  # max |out - ref| / max |ref|
 FP16_TOLERANCE = 1e-2  # the fp16 mode's stated bound (measured ~1e-3 on these networks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_network() -> tuple[tvm.IRModule, tuple[np.ndarray, ...]]:
     """Every layer kind the registered CNNs use, on a 3x32x32 input, symbolic batch."""
     n = tvm.tirx.Var("n", "int64")
@@ -442,7 +442,7 @@ def _nearest_tf32(values: np.ndarray) -> np.ndarray:
 def test_tf32_rounding_gives_the_nearest_tf32():
     """tf32_rounded gives the TF32 number nearest each float32 (ties away from zero), which the
     tensor cores then read exactly; truncation, what they do alone, would not."""
-    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+    from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def rounded(x: T.Buffer((4096,), "float32"), y: T.Buffer((4096,), "float32")):

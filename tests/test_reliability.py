@@ -22,9 +22,9 @@ import hetero
 from hetero import cli
 from hetero.compile import CompileError, compile_network
 from hetero.devices import Device
-from hetero.errors import HeteroError
 from hetero.engines import load_engine
 from hetero.engines.tvm import TVMEngine, profile_key
+from hetero.errors import HeteroError
 from hetero.execute import ExecutionError, run_split
 from hetero.inference import Fault, infer, plan, share_limits
 from hetero.profile import profile_engine
@@ -209,7 +209,8 @@ def test_failed_profiling_size_is_recorded_and_larger_shares_run_in_chunks(tmp_p
     assert profile.max_batch() == 2
     assert profile.predict(5) == pytest.approx(2 * profile.predict(2) + profile.predict(1))
     table = _table(tmp_path, profile)
-    assert ProfileTable.load(table.path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key) == profile, "the reason is kept in the table"
+    stored = ProfileTable.load(table.path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key)
+    assert stored == profile, "the reason is kept in the table"
     assert oom in format_table(ProfileTable.load(table.path))
 
     engine.sizes.clear()

@@ -9,7 +9,8 @@ import tvm
 
 import hetero
 from hetero.compile import compile_network
-from hetero.engines import load_engine, tvm as tvm_engine
+from hetero.engines import load_engine
+from hetero.engines import tvm as tvm_engine
 from hetero.engines.tvm import TVMEngine, profile_key
 from hetero.execute import ShareResult, run_split
 from hetero.inference import infer, learn_company, plan

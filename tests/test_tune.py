@@ -14,9 +14,9 @@ from tvm import relax, s_tir
 
 import hetero
 from hetero import tune
+from hetero.cpu_schedule import fusion_passes
 from hetero.engines import load_engine
 from hetero.engines.tvm import TVMEngine
-from hetero.cpu_schedule import fusion_passes
 from hetero.inference import infer
 from hetero.table import ProfileTable
 from hetero.tune import Tuning, TuningError, tuning_for

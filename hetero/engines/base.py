@@ -113,7 +113,7 @@ class Engine(ABC):
         """The table key of this engine's profiles: the device's identity and the engine's."""
         return profile_key(self.device, self.name, self.version)
 
-    def on_worker_start(self) -> None:
+    def on_worker_start(self) -> None:  # noqa: B027 -- a hook engines may fill, not one they must
         """Runs once on the worker thread before any call (thread pools are sized here)."""
 
     def compute(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
