@@ -237,3 +237,16 @@ def test_onnx_errors(tmp_path: Path) -> None:
     _tiny_onnx(fixed, batch_dim=1, reshape=(1, -1))  # batch size baked into a Reshape
     with pytest.raises(ValueError, match="cannot make the batch dimension symbolic"):
         get_network(str(fixed))
+
+
+def test_keys_follow_code_not_comments(tmp_path):
+    """Module cache and profile keys change when hetero's schedules change, not when a comment does."""
+    from hetero.compile import code_digest
+
+    source = tmp_path / "rule.py"
+    source.write_text('"""A rule."""\n\ndef tile(n):\n    """Tiles of 16."""\n    return n // 16  # rows\n')
+    before = code_digest([source])
+    source.write_text('"""A rule, reworded."""\n\ndef tile(n):\n    """Tiles of sixteen."""\n    return n // 16  # r\n')
+    assert code_digest([source]) == before
+    source.write_text('"""A rule."""\n\ndef tile(n):\n    """Tiles of 16."""\n    return n // 32  # rows\n')
+    assert code_digest([source]) != before

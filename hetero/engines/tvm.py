@@ -7,7 +7,6 @@ TVM releases the GIL inside its calls, so one Python thread per device keeps eve
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ..compile import BUILD_ID, Compiled, compile_network, module_max_batch, module_weights
+from ..compile import BUILD_ID, Compiled, code_digest, compile_network, module_max_batch, module_weights
 from ..devices import Device
 from ..models import Network
 from ..tune import Tuning, tunable
@@ -102,7 +101,7 @@ class BatchBuffer:
 
 # How the engine stages inputs and calls its module is part of what a profile measures, as much as the
 # schedules are: profiles are keyed by this file's digest too (compiled modules are not).
-ENGINE_ID = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
+ENGINE_ID = code_digest([Path(__file__)])[:8]
 VERSION = f"hetero {BUILD_ID}-{ENGINE_ID}"
 
 
