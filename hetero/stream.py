@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .devices import DEFAULT_PRECISION, Device
 from .engines import Engine
 from .errors import HeteroError, one_line
+from .images import ImageFolder
 from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, Fault, plan, prepare_engines, share_limits
 from .models import Network, get_network
 from .profile import SEED_BATCHES
@@ -207,10 +208,21 @@ class WorkQueue:
             self._changed.notify_all()
 
 
-def _identity(network: Network, inputs: np.ndarray, source: Path | None) -> dict:
-    """What an output file's samples depend on: the network and the input (a file's path, size and time, or
-    an array's bytes)."""
-    if source is not None:
+def _open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network) -> np.ndarray | ImageFolder:
+    """The samples: an array as it is, a .npy file memory-mapped, a folder of images decoded as read."""
+    if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
+        return ImageFolder(Path(inputs), network.input_shape)
+    if isinstance(inputs, (str, Path)):
+        return np.load(inputs, mmap_mode="r", allow_pickle=False)
+    return inputs if isinstance(inputs, ImageFolder) else np.asarray(inputs)
+
+
+def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path | None) -> dict:
+    """What an output file's samples depend on: the network and the input (a file's path, size and time,
+    a folder's images, or an array's bytes)."""
+    if isinstance(inputs, ImageFolder):
+        what = inputs.identity()
+    elif source is not None:
         stat = source.stat()
         what = {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     else:
@@ -255,7 +267,7 @@ def _fastest_per_device(options: list[list[tuple[Engine, Profile]]], sample_byte
 def stream(
     network: str | Network,
     devices: str | Sequence[Device] = "cpu",
-    inputs: str | Path | np.ndarray = "",
+    inputs: str | Path | np.ndarray | ImageFolder = "",
     output: str | Path | None = None,
     table: str | Path | ProfileTable = DEFAULT_TABLE,
     profile_batches: Sequence[int] = SEED_BATCHES,
@@ -265,14 +277,15 @@ def stream(
     precision: str = DEFAULT_PRECISION,
     engine: str | None = None,
 ) -> StreamReport:
-    """Run every sample of `inputs` (an array, or a .npy file, memory-mapped) through `network` on all
+    """Run every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of JPEG and PNG images,
+    decoded as they are read: hetero.images) through `network` on all
     `devices` at once, and write the outputs in input order to `output` (a .npy file) or return them.
 
     With an output file an interrupted run resumes: the same call computes only the samples not done.
     """
     net = get_network(network) if isinstance(network, str) else network
     source = Path(inputs) if isinstance(inputs, (str, Path)) else None
-    data = np.load(source, mmap_mode="r", allow_pickle=False) if source is not None else np.asarray(inputs)
+    data = _open_inputs(inputs, net)
     if tuple(data.shape[1:]) != tuple(net.input_shape) or len(data) < 1:
         raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
                           f"(N, {', '.join(map(str, net.input_shape))})")
@@ -301,7 +314,13 @@ def stream(
             current = queue.take(size)
             staged = reader.submit(read, current) if current else None
             while current is not None:
-                batch = staged.result()
+                try:
+                    batch = staged.result()
+                except HeteroError as exc:  # an image that does not decode: the input is bad, not the device
+                    unreadable.append(str(exc))
+                    queue.give_back(current)
+                    queue.stop()
+                    return
                 following = queue.take(size, wait=False)
                 staged = reader.submit(read, following) if following else None
                 begun = time.perf_counter()
@@ -328,6 +347,7 @@ def stream(
                     current = queue.take(size)
                     staged = reader.submit(read, current) if current else None
 
+    unreadable: list[str] = []
     threads = [threading.Thread(target=work, args=(engine, size, stat), name=f"hetero-stream-{engine.device.name}")
                for (engine, size), stat in zip(taking, stats)]
     try:
@@ -345,6 +365,8 @@ def stream(
     finally:
         bar.close()
     wall_s = time.perf_counter() - start
+    if unreadable:
+        raise HeteroError(f"{unreadable[0]}; the {ledger.count()} samples done are kept")
     faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]
     left = len(data) - ledger.count()
     if left:
