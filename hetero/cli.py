@@ -364,6 +364,17 @@ def _not_npy(path: Path, head: bytes, expected: str) -> str:
     return f"not a .npy file (it does not start with numpy's header), expected {SAVE_HINT}"
 
 
+def _image_folder(path: Path, network: str, refuse: Callable[[str], UsageError]):  # noqa: ANN202 - an ImageFolder
+    """A folder given as --input: its JPEG and PNG images, decoded as the stream reads them."""
+    from .images import ImageFolder
+    from .models import get_network
+
+    try:
+        return ImageFolder(path, get_network(network).input_shape)
+    except HeteroError as exc:
+        raise refuse(str(exc).removeprefix(f"{path}: ")) from None
+
+
 def _load_inputs(shown: str, path: Path, network: str) -> np.ndarray:
     """The --input file memory-mapped (not read: a dataset larger than memory is copied share by share, chunk by
     chunk), after sniffing what it is so that anything else is refused in words: its magic bytes, then the .npy
@@ -381,7 +392,7 @@ def _load_inputs(shown: str, path: Path, network: str) -> np.ndarray:
     except OSError as exc:
         raise refuse(_reason(exc)) from None
     if stat.S_ISDIR(info.st_mode):
-        raise refuse(f"is a directory, expected a {expected}")
+        return _image_folder(path, network, refuse)
     if not stat.S_ISREG(info.st_mode):
         raise refuse(f"not a regular file, expected a {expected}")
     if info.st_size == 0:
@@ -428,19 +439,21 @@ def _list_devices() -> str:
 
 
 def inference_main(argv: list[str]) -> int:
-    from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH, infer
-    from .stream import streams
-    from .models import network_names
     from .devices import DEFAULT_PRECISION, PRECISIONS
+    from .images import ImageFolder
+    from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH, infer
+    from .models import network_names
     from .partition import PARTITIONERS
     from .profile import SEED_BATCHES
+    from .stream import streams
 
     parser = _Parser(prog="Inference.py", description="Split one inference batch across devices.")
     parser.add_argument("--network", help=f"one of {', '.join(network_names())}, or a path to an .onnx model")
     parser.add_argument("--device", default="cpu", help="comma-separated: cpu, igpu, gpu0, gpu1, ... (default cpu)")
     parser.add_argument("--batch", type=_positive_int, help="number of samples (random, deterministic)")
     # paths kept as typed, so that errors show them as the user wrote them ("out/", not "out")
-    parser.add_argument("--input", help=".npy file of inputs (N, C, H, W) instead of random samples")
+    parser.add_argument("--input",
+                        help=".npy file of inputs (N, C, H, W), or a folder of JPEG/PNG images, instead of random samples")
     parser.add_argument("--output", help="write the outputs, in input order, to this .npy file (exactly this name)")
     parser.add_argument("--table", default=str(DEFAULT_TABLE), help=f"profile table (default {DEFAULT_TABLE})")
     parser.add_argument("--partitioner", choices=sorted(PARTITIONERS), default="exact")
@@ -490,7 +503,10 @@ def inference_main(argv: list[str]) -> int:
     table = _checked_path("--table", args.table, _check_table)
     if args.stream and (inputs is None or output is None):
         raise UsageError("--stream needs --input FILE.npy and --output FILE.npy")
-    if inputs is not None and output is not None and (args.stream or streams(len(inputs), output)):
+    if isinstance(inputs, ImageFolder) and output is None:
+        raise UsageError(f"--input {args.input}: a folder of images streams into --output FILE.npy; give one")
+    if inputs is not None and output is not None and (
+            args.stream or isinstance(inputs, ImageFolder) or streams(len(inputs), output)):
         return _stream_main(args, input_path, output, table)
     report = infer(
         args.network,

@@ -248,7 +248,7 @@ def test_input_text_file(tmp_path, capsys):
     "name, make, expected",
     [
         ("missing.npy", None, "no such file"),
-        ("folder", lambda p: p.mkdir(), "is a directory"),
+        ("folder", lambda p: p.mkdir(), "no .jpg, .jpeg or .png images in it"),
         ("empty.npy", lambda p: p.write_bytes(b""), "the file is empty"),
         ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True),
          "array of Python objects"),
