@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from .cli import _batch_list, _Parser, _positive_int, _run
+from .cli import Parser, batch_list, positive_int, run_command
 from .devices import DEFAULT_PRECISION, PRECISIONS, Device, parse_devices, with_precision
 from .engines import Engine, load_engine
 from .execute import run_split
@@ -254,17 +254,17 @@ How these figures came about: benchmarks/HISTORY.md.
 
 
 def main(argv: list[str]) -> int:
-    parser = _Parser(prog="python -m hetero.benchmark", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m hetero.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", required=True, help="one or more networks, comma-separated")
     parser.add_argument("--device", default="cpu", help="comma-separated devices, e.g. cpu,gpu0")
-    parser.add_argument("--batch", type=_batch_list, required=True, help="one or more batch sizes, comma-separated")
+    parser.add_argument("--batch", type=batch_list, required=True, help="one or more batch sizes, comma-separated")
     parser.add_argument("--engine", default=AUTO, help="engines to measure (as Inference.py's --engine; default auto)")
-    parser.add_argument("--stream", type=_positive_int, metavar="SAMPLES",
+    parser.add_argument("--stream", type=positive_int, metavar="SAMPLES",
                         help="also stream this many samples from a file, each device alone and all together")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES))
+    parser.add_argument("--profile-batches", type=batch_list, default=list(SEED_BATCHES))
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help=f"the CUDA GPUs' arithmetic (default {DEFAULT_PRECISION}): fp32, tf32 or fp16")
@@ -296,4 +296,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_run(main, None))
+    sys.exit(run_command(main, None))

@@ -33,14 +33,14 @@ class UsageError(HeteroError):
     """Arguments that cannot be acted on."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line instead of a usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -50,8 +50,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _batch_list(text: str) -> list[int]:
-    return [_positive_int(part) for part in text.split(",")]
+def batch_list(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",")]
 
 
 def _seconds(text: str) -> float:
@@ -83,7 +83,7 @@ def _error(message: str) -> None:
     print(f"error: {text}", file=sys.stderr)
 
 
-def _run(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+def run_command(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _show_notes()
     try:
@@ -447,10 +447,10 @@ def inference_main(argv: list[str]) -> int:
     from .profile import SEED_BATCHES
     from .stream import streams
 
-    parser = _Parser(prog="Inference.py", description="Split one inference batch across devices.")
+    parser = Parser(prog="Inference.py", description="Split one inference batch across devices.")
     parser.add_argument("--network", help=f"one of {', '.join(network_names())}, or a path to an .onnx model")
     parser.add_argument("--device", default="cpu", help="comma-separated: cpu, igpu, gpu0, gpu1, ... (default cpu)")
-    parser.add_argument("--batch", type=_positive_int, help="number of samples (random, deterministic)")
+    parser.add_argument("--batch", type=positive_int, help="number of samples (random, deterministic)")
     # paths kept as typed, so that errors show them as the user wrote them ("out/", not "out")
     parser.add_argument("--input",
                         help=".npy file of inputs (N, C, H, W), or a folder of JPEG/PNG images, instead of random samples")
@@ -467,14 +467,14 @@ def inference_main(argv: list[str]) -> int:
                              "tf32 and fp16 run them on tensor cores (outputs within 2e-2 and 1e-2 relative "
                              "of fp32; tf32 only from sm_80 on, fp32 before), fp32 exactly on CUDA cores; "
                              "other devices always fp32")
-    parser.add_argument("--profile-batches", type=_batch_list, default=list(SEED_BATCHES),
+    parser.add_argument("--profile-batches", type=batch_list, default=list(SEED_BATCHES),
                         help="batch sizes to profile, e.g. 1,2,4 (default: the seed's 20 sizes up to 129)")
     parser.add_argument("--reprofile", action="store_true", help="measure again even if the table has a profile")
     parser.add_argument("--budget", type=_seconds, default=DEFAULT_BUDGET_S,
                         help=f"profiling seconds per device before the batch stops growing (default {DEFAULT_BUDGET_S:g})")
-    parser.add_argument("--tune", type=_positive_int, metavar="TRIALS",
+    parser.add_argument("--tune", type=positive_int, metavar="TRIALS",
                         help="first run this many MetaSchedule trials for each CPU and CUDA device at --tune-batch")
-    parser.add_argument("--tune-batch", type=_positive_int, default=DEFAULT_TUNE_BATCH,
+    parser.add_argument("--tune-batch", type=positive_int, default=DEFAULT_TUNE_BATCH,
                         help=f"the batch tuned modules run (default {DEFAULT_TUNE_BATCH}); records of earlier "
                              "--tune runs at this batch are applied whenever they are faster")
     parser.add_argument("--stream", action="store_true",
@@ -553,7 +553,7 @@ def _stream_main(args: argparse.Namespace, input_path: Path, output: Path, table
 def print_table_main(argv: list[str]) -> int:
     from .table import ProfileTable, format_table
 
-    parser = _Parser(prog="print_table.py", description="Print a profile table.")
+    parser = Parser(prog="print_table.py", description="Print a profile table.")
     parser.add_argument("table", type=Path, help="profile table (JSON)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw img/s against batch size per device and engine (needs matplotlib)")
@@ -574,12 +574,12 @@ def measure_io_main(argv: list[str]) -> int:
     from .models import get_network
     from .profile import measure_transfers
 
-    parser = _Parser(prog="measure_io.py", description="Time host-to-device and device-to-host copies per batch.")
+    parser = Parser(prog="measure_io.py", description="Time host-to-device and device-to-host copies per batch.")
     parser.add_argument("--network", required=True)
     parser.add_argument("--device", required=True, help="one device: cpu, igpu, gpu0, ...")
-    parser.add_argument("--batch", type=_positive_int, required=True, help="first batch size")
-    parser.add_argument("--max_batch", type=_positive_int, help="last batch size (default: --batch)")
-    parser.add_argument("--inc", type=_positive_int, default=1, help="batch size step (default 1)")
+    parser.add_argument("--batch", type=positive_int, required=True, help="first batch size")
+    parser.add_argument("--max_batch", type=positive_int, help="last batch size (default: --batch)")
+    parser.add_argument("--inc", type=positive_int, default=1, help="batch size step (default 1)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
@@ -606,12 +606,12 @@ def measure_io_main(argv: list[str]) -> int:
 
 
 def inference(argv: Sequence[str] | None = None) -> int:
-    return _run(inference_main, argv)
+    return run_command(inference_main, argv)
 
 
 def print_table(argv: Sequence[str] | None = None) -> int:
-    return _run(print_table_main, argv)
+    return run_command(print_table_main, argv)
 
 
 def measure_io(argv: Sequence[str] | None = None) -> int:
-    return _run(measure_io_main, argv)
+    return run_command(measure_io_main, argv)
