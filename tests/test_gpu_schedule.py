@@ -17,7 +17,6 @@ from tvm import relax
 from tvm.ir.expr import TensorLoad
 
 from hetero import _mma
-from hetero._layers import Graph
 from hetero.compile import module_weights
 from hetero.devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
 from hetero.gpu_schedule import (
@@ -41,6 +40,7 @@ from hetero.gpu_schedule import (
     tf32_rounded,
     tir_pipeline,
 )
+from hetero.layers.relax import RelaxGraph
 from hetero.models import get_network
 from hetero.wgmma import conv_kernel, match_conv, pick_block_n, with_wgmma
 
@@ -66,7 +66,7 @@ def _tiny_network() -> tuple[tvm.IRModule, tuple[np.ndarray, ...]]:
     n = tvm.tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType((n, 3, 32, 32), "float32"))
     bb = relax.BlockBuilder()
-    g = Graph(bb)
+    g = RelaxGraph(bb)
     with bb.function("main", attrs={"num_input": 1}):
         with bb.dataflow():
             y = g.conv(x, 16, 3, 2, 1)  # 3x3 stride 2, BN folded, ReLU: 16x16x16
