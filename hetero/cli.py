@@ -438,6 +438,12 @@ def _list_devices() -> str:
     return "\n".join([device.describe() for device in available_devices()] + OpenCLBackend.notes())
 
 
+def _list_cluster_devices(address: str) -> str:
+    from .cluster import list_devices
+
+    return list_devices(address)
+
+
 def inference_main(argv: list[str]) -> int:
     from .devices import DEFAULT_PRECISION, PRECISIONS
     from .images import ImageFolder
@@ -449,7 +455,8 @@ def inference_main(argv: list[str]) -> int:
 
     parser = Parser(prog="Inference.py", description="Split one inference batch across devices.")
     parser.add_argument("--network", help=f"one of {', '.join(network_names())}, or a path to an .onnx model")
-    parser.add_argument("--device", default="cpu", help="comma-separated: cpu, igpu, gpu0, gpu1, ... (default cpu)")
+    parser.add_argument("--device", help="comma-separated: cpu, igpu, gpu0, gpu1, ... (default cpu; with --ray, every "
+                        "device of every node, or names such as node1/gpu0 for one node's)")
     parser.add_argument("--batch", type=positive_int, help="number of samples (random, deterministic)")
     # paths kept as typed, so that errors show them as the user wrote them ("out/", not "out")
     parser.add_argument("--input",
@@ -482,12 +489,16 @@ def inference_main(argv: list[str]) -> int:
                              "is short (longer inputs always stream)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--list-devices", action="store_true", help="print the devices found here and exit")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="stream --input into --output over every node of the Ray cluster at ADDRESS (HOST:PORT, "
+                             "or auto: $RAY_ADDRESS, the cluster started on this machine, else a new one that "
+                             "listens on 127.0.0.1 only); with --list-devices, list each node's devices")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
 
     if args.list_devices:
-        print(_list_devices())
+        print(_list_cluster_devices(args.ray) if args.ray else _list_devices())
         return 0
     if args.network is None:
         raise UsageError("--network is required")
@@ -503,14 +514,16 @@ def inference_main(argv: list[str]) -> int:
     table = _checked_path("--table", args.table, _check_table)
     if args.stream and (inputs is None or output is None):
         raise UsageError("--stream needs --input FILE.npy and --output FILE.npy")
+    if args.ray and (inputs is None or output is None):
+        raise UsageError("--ray streams --input FILE.npy into --output FILE.npy; give both")
     if isinstance(inputs, ImageFolder) and output is None:
         raise UsageError(f"--input {args.input}: a folder of images streams into --output FILE.npy; give one")
     if inputs is not None and output is not None and (
-            args.stream or isinstance(inputs, ImageFolder) or streams(len(inputs), output)):
+            args.stream or args.ray or isinstance(inputs, ImageFolder) or streams(len(inputs), output)):
         return _stream_main(args, input_path, output, table)
     report = infer(
         args.network,
-        args.device,
+        args.device or "cpu",
         batch=args.batch,
         inputs=inputs,
         table=table,
@@ -543,9 +556,10 @@ def format_stream_report(report) -> str:
 def _stream_main(args: argparse.Namespace, input_path: Path, output: Path, table: Path) -> int:
     from .stream import stream
 
-    report = stream(args.network, args.device, input_path, output, table=table, profile_batches=args.profile_batches,
+    devices = args.device or ("all" if args.ray else "cpu")
+    report = stream(args.network, devices, input_path, output, table=table, profile_batches=args.profile_batches,
                     budget_s=args.budget, progress=not args.no_progress and not args.json, precision=args.precision,
-                    engine=args.engine)
+                    engine=args.engine, ray=args.ray)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_stream_report(report))
     return 0
 

@@ -276,13 +276,20 @@ def stream(
     load: Callable[[Network, Device], Engine] | None = None,
     precision: str = DEFAULT_PRECISION,
     engine: str | None = None,
+    ray: str | None = None,
 ) -> StreamReport:
     """Run every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of JPEG and PNG images,
     decoded as they are read: hetero.images) through `network` on all
     `devices` at once, and write the outputs in input order to `output` (a .npy file) or return them.
 
     With an output file an interrupted run resumes: the same call computes only the samples not done.
+    With `ray` (a Ray cluster's address, or "auto"), every node's `devices` take part: hetero.cluster.
     """
+    if ray is not None:
+        from .cluster import stream as cluster_stream
+
+        return cluster_stream(network, devices, inputs, output, table, profile_batches, budget_s, progress, load,
+                              precision, engine, address=ray)
     net = get_network(network) if isinstance(network, str) else network
     source = Path(inputs) if isinstance(inputs, (str, Path)) else None
     data = _open_inputs(inputs, net)
