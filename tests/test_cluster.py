@@ -88,7 +88,7 @@ def test_the_cluster_listens_on_loopback_only(local_cluster):
     me = psutil.Process()
     tree = {me.pid} | {child.pid for child in me.children(recursive=True)}
     assert hetero_cluster.listening_beyond_loopback(tree) == []
-    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"} if ray.is_initialized() else True
+    assert {node.node_ip_address for node in local_cluster.list_all_nodes()} == {"127.0.0.1"}
 
 
 def test_a_stream_over_two_nodes_equals_one_machine_sample_by_sample(tmp_path, tiny, local_cluster):
