@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from .node import (
     network_message,
     source_digest,
     start_workers,
+    stop_workers,
 )
 
 log = logging.getLogger(__name__)
@@ -223,9 +223,7 @@ def stream(
             return _run(ray, net, spec, data, output, ledger, resumed, table, nodes, workers, engine_text,
                         precision, profile_batches, budget_s, progress, load, chunk_s)
         finally:
-            for worker in workers.values():
-                with suppress(Exception):
-                    ray.kill(worker)
+            stop_workers(ray, workers)
 
 
 def _setup_nodes(ray: Any, net: Network, spec: str, nodes: Sequence[Node], workers: dict[str, Any], table: ProfileTable,

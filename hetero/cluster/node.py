@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,18 @@ class NodeWorker:
             os.environ["OMP_NUM_THREADS"] = str(cpus)
         self.devices: list[Device] = []
         self.engines: dict[str, tuple[Engine, int | None]] = {}
-        self._folder = tempfile.TemporaryDirectory(prefix="hetero-node-")
+        self._folder: tempfile.TemporaryDirectory | None = None  # made by the first setup that writes files
+
+    def _files(self) -> Path:
+        """The folder for this worker's files on its node, removed by :meth:`close`."""
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="hetero-node-")
+        return Path(self._folder.name)
+
+    def close(self) -> None:
+        """Remove what this worker wrote on its node (its profile table, model files) before it is killed."""
+        if self._folder is not None:
+            self._folder.cleanup()
 
     def info(self) -> dict:
         import hetero
@@ -178,7 +190,7 @@ class NodeWorker:
         if net.digest != digest:
             raise HeteroError(f"{net.name} has digest {net.digest} on {self.node} and {digest} on the driver: "
                               f"another hetero or TVM there builds it differently")
-        table = ProfileTable(Path(self._folder.name) / "profile_table.json")
+        table = ProfileTable(self._files() / "profile_table.json")
         for profile in profiles:
             table.put(profile)
         notes = _Notes()
@@ -208,7 +220,7 @@ class NodeWorker:
             return get_network(rest[0])
         if kind == "onnx":
             name, raw = rest
-            path = Path(self._folder.name) / f"{name}.onnx"
+            path = self._files() / f"{name}.onnx"
             path.write_bytes(raw)
             return get_network(str(path))
         return rest[0]
@@ -284,6 +296,17 @@ def failure(exc: BaseException) -> str:
     return one_line(cause if isinstance(cause, BaseException) else exc)
 
 
+def stop_workers(ray: Any, workers: dict[str, Any]) -> None:
+    """Each node's worker asked to remove its files, then killed; a node that is gone or does not answer
+    within a few seconds is only killed."""
+    closing = [worker.close.remote() for worker in workers.values()]
+    with suppress(Exception):
+        ray.wait(closing, num_returns=len(closing), timeout=10)
+    for worker in workers.values():
+        with suppress(Exception):
+            ray.kill(worker)
+
+
 def list_devices(address: str) -> str:
     """Each node's devices, as --list-devices prints this machine's."""
     with connected(address) as (ray, joined):
@@ -292,8 +315,7 @@ def list_devices(address: str) -> str:
         try:
             listed = gather(ray, {name: w.list_devices.remote() for name, w in workers.items()}, START_TIMEOUT_S)
         finally:
-            for worker in workers.values():
-                ray.kill(worker)
+            stop_workers(ray, workers)
     blocks = []
     for node in nodes:
         answer = listed[node.name]
