@@ -27,6 +27,7 @@ forms other than Relax.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -165,7 +166,8 @@ class _TorchOrigin(_Origin):
         self._lock = threading.Lock()
 
     def torch_module(self, net: Network):  # noqa: ANN201
-        return self.module.eval()
+        # a copy: engines move it to their device, precision and memory format, which must not touch the user's
+        return copy.deepcopy(self.module).eval()
 
     def onnx_model(self, net: Network):  # noqa: ANN201
         _require("onnx", "ONNX", net.name, "'hetero[onnx]'")
@@ -251,7 +253,7 @@ class Network:
         """The network as a ``torch.nn.Module`` in eval mode, ``forward(x) -> logits``.
 
         A registered network's is a new module on every call, holding a copy of ``params``; a
-        network made by :func:`from_torch` returns that module itself.  An .onnx file has none.
+        network made by :func:`from_torch` returns a copy of that module.  An .onnx file has none.
 
         Raises FormUnavailableError when the network has no PyTorch form or torch is not installed.
         """
@@ -720,7 +722,7 @@ def from_torch(module: Any, sample_shape: Sequence[int], name: str = "torch_mode
     eval mode and exported with ``torch.export`` with a dynamic batch dimension, then imported
     into Relax with its parameters as the weights (``params``; buffers such as BatchNorm
     statistics become constants of the module) and the batch a symbolic ``n``.  Its
-    ``torch_module()`` is ``module`` itself; its ``onnx_model()`` is exported by ``torch.onnx``.
+    ``torch_module()`` is a copy of ``module``; its ``onnx_model()`` is exported by ``torch.onnx``.
 
     Raises TorchConversionError when the module cannot be exported or imported, or its output's
     batch dimension cannot be made symbolic (e.g. a hard-coded batch size in a reshape).

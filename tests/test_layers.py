@@ -181,7 +181,9 @@ def test_from_torch_same_on_relax_torch_onnxruntime() -> None:
     assert isinstance(net, Network) and net.name == "small-cnn" and net.dtype == "float32"
     assert net.input_shape == (3, 16, 16) and net.output_shape == (10,)
     assert net.forms == ("relax", "onnx", "torch")
-    assert net.torch_module() is module and not module.training
+    copied = net.torch_module()
+    assert copied is not module and not copied.training, "engines change their module; the user's stays as it is"
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), module.state_dict().values()))
 
     main = net.module["main"]
     relax.analysis.well_formed(net.module)
