@@ -164,11 +164,11 @@ def test_an_unforeseen_exception_is_one_line_too():
     def main(argv):
         raise RuntimeError("something nobody planned for\nwith details")
 
-    rc, out, err = _call(lambda argv: cli._run(main, argv), [])
+    rc, out, err = _call(lambda argv: cli.run_command(main, argv), [])
     _assert_one_error_line(rc, out, err)
     assert err == "error: unexpected RuntimeError: something nobody planned for (--debug shows where)\n"
     with pytest.raises(RuntimeError):
-        cli._run(main, ["--debug"])
+        cli.run_command(main, ["--debug"])
 
 
 def test_inference_arguments(files, monkeypatch):
