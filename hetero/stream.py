@@ -230,7 +230,7 @@ def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path |
     return {"network": network.key, "input": what, "shape": list(inputs.shape), "dtype": str(inputs.dtype)}
 
 
-def _outputs(network: Network, samples: int, output: Path | None, resuming: bool) -> np.ndarray:
+def open_outputs(network: Network, samples: int, output: Path | None, resuming: bool) -> np.ndarray:
     shape = (samples, *network.output_shape)
     if output is None:
         return np.empty(shape, network.dtype)
@@ -238,6 +238,47 @@ def _outputs(network: Network, samples: int, output: Path | None, resuming: bool
     if resuming and partial.exists():
         return np.lib.format.open_memmap(partial, mode="r+")
     return np.lib.format.open_memmap(partial, mode="w+", dtype=network.dtype, shape=shape)
+
+
+def run_device_threads(threads: Sequence[threading.Thread], queue: WorkQueue, ledger: Ledger, samples: int,
+                       bar: tqdm) -> float:
+    """Run each device's thread until the queue is empty, and the seconds that took. Ctrl-C hands out no
+    more chunks, lets each device finish the one it computes, and raises StreamInterrupted."""
+    start = time.perf_counter()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.1)
+    except KeyboardInterrupt:
+        queue.stop()
+        for thread in threads:
+            thread.join()
+        raise StreamInterrupted(f"interrupted after {ledger.count()} of {samples} samples; they are kept, and the "
+                                f"same command computes the rest") from None
+    finally:
+        bar.close()
+    return time.perf_counter() - start
+
+
+def finish_stream(unreadable: list[str], stats: Sequence[DeviceStream], ledger: Ledger, samples: int,
+                  output: Path | None, outputs: np.ndarray) -> np.ndarray | None:
+    """After the devices stopped: HeteroError if an input did not read or samples are left (those done are
+    kept); else the outputs, or, with an output file, None once the partial file has become it."""
+    if unreadable:
+        raise HeteroError(f"{unreadable[0]}; the {ledger.count()} samples done are kept")
+    left = samples - ledger.count()
+    if left:
+        failures = "; ".join(f"{s.device} failed: {s.error}" for s in stats if s.error) or "no device could run"
+        raise HeteroError(f"{left} of {samples} samples could not run ({failures}); the {ledger.count()} done are "
+                          f"kept, and the same command computes the rest")
+    if output is None:
+        return outputs
+    outputs.flush()
+    os.replace(output.with_name(output.name + PARTIAL), output)
+    ledger.remove()
+    return None
 
 
 def _stream_devices(engines: Sequence[Engine], profiles: Sequence[Profile], samples: int,
@@ -304,13 +345,12 @@ def stream(
     sample_bytes = int(np.prod(net.input_shape)) * np.dtype(net.dtype).itemsize
     engines, profiles = _fastest_per_device(ready.options, sample_bytes)
     taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
-    outputs = _outputs(net, len(data), output, resuming=resumed > 0)
+    outputs = open_outputs(net, len(data), output, resuming=resumed > 0)
     queue = WorkQueue(ledger.pending(len(data)))
     stats = [DeviceStream(e.device.name, e.name, size) for e, size in taking]
     for engine, size in taking:
         engine.on_worker(engine.prepare, size).result()
     bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name}", disable=not progress, leave=False)
-    start = time.perf_counter()
 
     def read(taken: tuple[int, int]) -> np.ndarray:
         return np.array(data[taken[0]:taken[1]], dtype=net.dtype)
@@ -357,35 +397,10 @@ def stream(
     unreadable: list[str] = []
     threads = [threading.Thread(target=work, args=(engine, size, stat), name=f"hetero-stream-{engine.device.name}")
                for (engine, size), stat in zip(taking, stats)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.1)
-    except KeyboardInterrupt:
-        queue.stop()
-        for thread in threads:
-            thread.join()
-        raise StreamInterrupted(f"interrupted after {ledger.count()} of {len(data)} samples; they are kept, and the "
-                                f"same command computes the rest") from None
-    finally:
-        bar.close()
-    wall_s = time.perf_counter() - start
-    if unreadable:
-        raise HeteroError(f"{unreadable[0]}; the {ledger.count()} samples done are kept")
+    wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
     faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]
-    left = len(data) - ledger.count()
-    if left:
-        failures = "; ".join(f"{s.device} failed: {s.error}" for s in stats if s.error) or "no device could run"
-        raise HeteroError(f"{left} of {len(data)} samples could not run ({failures}); the {ledger.count()} done are "
-                          f"kept, and the same command computes the rest")
-    if output is None:
-        return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, ready.profiled, faults)
-    outputs.flush()
-    os.replace(output.with_name(output.name + PARTIAL), output)
-    ledger.remove()
-    return StreamReport(net.name, len(data), resumed, wall_s, stats, None, ready.profiled, faults)
+    outputs = finish_stream(unreadable, stats, ledger, len(data), output, outputs)
+    return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, ready.profiled, faults)
 
 
 def stream_arrays(network: str | Network, devices: str | Sequence[Device], arrays: Iterable[np.ndarray],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,18 +32,18 @@ from ..profile import SEED_BATCHES
 from ..selection import AUTO, default_engine_choice
 from ..stream import (
     MAX_CHUNK_BYTES,
-    PARTIAL,
     PROGRESS,
     TARGET_CHUNK_S,
     DeviceStream,
     Ledger,
-    StreamInterrupted,
     StreamReport,
     WorkQueue,
     _identity,
     _open_inputs,
-    _outputs,
     chunk_size,
+    finish_stream,
+    open_outputs,
+    run_device_threads,
 )
 from ..table import ENGINE_FIELD, KEY_FIELDS, Profile, ProfileTable
 from .connect import HETERO_DIR, connected
@@ -346,7 +345,7 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
         slot.stat.chunk = slot.size
         if isinstance(warmed[slot.stat.device], BaseException):
             slot.lost = failure(warmed[slot.stat.device])
-    outputs = _outputs(net, len(data), output, resuming=resumed > 0)
+    outputs = open_outputs(net, len(data), output, resuming=resumed > 0)
     queue = WorkQueue(ledger.pending(len(data)))
     bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name} on {len(answers)} nodes",
                disable=not progress, leave=False)
@@ -354,7 +353,6 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
     unreadable: list[str] = []
     cap_samples = {s.stat.device: max(1, _chunk_bytes_cap(nodes, devices_on, s.node) // sample_bytes) for s in slots}
     answer_s = {s.stat.device: max(ANSWER_TIMEOUT_S, 50 * s.profile.predict(max(s.size, 1))) for s in slots}
-    start = time.perf_counter()
 
     def read(taken: tuple[int, int]) -> np.ndarray:
         """The chunk's inputs: a view of the input where it is already in the network's dtype and in one piece
@@ -435,35 +433,10 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
 
     threads = [threading.Thread(target=work, args=(slot,), name=f"hetero-cluster-{slot.stat.device}")
                for slot in slots if slot.lost is None]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.1)
-    except KeyboardInterrupt:
-        queue.stop()
-        for thread in threads:
-            thread.join()
-        raise StreamInterrupted(f"interrupted after {ledger.count()} of {len(data)} samples; they are kept, and the "
-                                f"same command computes the rest") from None
-    finally:
-        bar.close()
-    wall_s = time.perf_counter() - start
-    if unreadable:
-        raise HeteroError(f"{unreadable[0]}; the {ledger.count()} samples done are kept")
+    wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
     for slot in slots:
         if slot.lost is not None:
             slot.stat.error = slot.lost
             faults.append(Fault(slot.stat.device, "run", slot.lost, slot.moved))
-    left = len(data) - ledger.count()
-    if left:
-        failures = "; ".join(f"{s.device} failed: {s.error}" for s in stats if s.error) or "no device could run"
-        raise HeteroError(f"{left} of {len(data)} samples could not run ({failures}); the {ledger.count()} done are "
-                          f"kept, and the same command computes the rest")
-    if output is None:
-        return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, profiled, faults)
-    outputs.flush()
-    os.replace(output.with_name(output.name + PARTIAL), output)
-    ledger.remove()
-    return StreamReport(net.name, len(data), resumed, wall_s, stats, None, profiled, faults)
+    outputs = finish_stream(unreadable, stats, ledger, len(data), output, outputs)
+    return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, profiled, faults)
