@@ -117,8 +117,8 @@ class Ledger:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path | None, identity: dict) -> Ledger:
-        if path is None or not path.exists():
+    def open(cls, path: Path, identity: dict) -> Ledger:
+        if not path.exists():
             return cls(path, identity, [])
         try:
             saved = json.loads(path.read_text())
@@ -230,6 +230,16 @@ def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path |
     return {"network": network.key, "input": what, "shape": list(inputs.shape), "dtype": str(inputs.dtype)}
 
 
+def open_ledger(network: Network, inputs: np.ndarray | ImageFolder, source: Path | None,
+                output: Path | None) -> Ledger:
+    """The record of the samples done for `output` (that of an earlier, interrupted run into it), or an
+    empty one kept in memory when the outputs are returned rather than written: the input is then not
+    digested, since nothing is resumed."""
+    if output is None:
+        return Ledger(None, {}, [])
+    return Ledger.open(output.with_name(output.name + PROGRESS), _identity(network, inputs, source))
+
+
 def open_outputs(network: Network, samples: int, output: Path | None, resuming: bool) -> np.ndarray:
     shape = (samples, *network.output_shape)
     if output is None:
@@ -338,7 +348,7 @@ def stream(
         raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
                           f"(N, {', '.join(map(str, net.input_shape))})")
     output = Path(output) if output is not None else None
-    ledger = Ledger.open(output.with_name(output.name + PROGRESS) if output else None, _identity(net, data, source))
+    ledger = open_ledger(net, data, source, output)
     resumed = ledger.count()
     ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
                             precision=precision, engine=engine)

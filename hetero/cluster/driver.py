@@ -32,16 +32,15 @@ from ..profile import SEED_BATCHES
 from ..selection import AUTO, default_engine_choice
 from ..stream import (
     MAX_CHUNK_BYTES,
-    PROGRESS,
     TARGET_CHUNK_S,
     DeviceStream,
     Ledger,
     StreamReport,
     WorkQueue,
-    _identity,
     _open_inputs,
     chunk_size,
     finish_stream,
+    open_ledger,
     open_outputs,
     run_device_threads,
 )
@@ -210,7 +209,7 @@ def stream(
         raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
                           f"(N, {', '.join(map(str, net.input_shape))})")
     output = Path(output) if output is not None else None
-    ledger = Ledger.open(output.with_name(output.name + PROGRESS) if output else None, _identity(net, data, source))
+    ledger = open_ledger(net, data, source, output)
     resumed = ledger.count()
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)
