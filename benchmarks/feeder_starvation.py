@@ -9,22 +9,22 @@ prints the slowdowns.
 
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 from hetero import get_network, parse_devices
 from hetero.engines import copy_threads, load_engine
+from hetero.timer import Timed, Timer
 
 
 def gpu_times_while(gpu, gpu_batch, busy=None, runs=20) -> float:
     """Median seconds of a GPU run, optionally while `busy` (a future of CPU work) is still running."""
+    timer = Timer(lambda: gpu.infer(gpu_batch))
+    if busy is None:
+        return timer.timeit(runs, warmup=0).median
     times = []
-    while len(times) < runs if busy is None else not busy.done():
-        start = time.perf_counter()
-        gpu.infer(gpu_batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    while not busy.done():
+        times.append(timer.once())
+    return Timed("gpu0 in company", tuple(times)).median
 
 
 def main(network_name: str = "resnet-50") -> None:

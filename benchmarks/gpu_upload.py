@@ -12,24 +12,13 @@ and GB/s.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import tvm
 
 from hetero.engines import copy_threads
 from hetero.engines.tvm import BatchBuffer, ParallelCopy, staging_device
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from hetero.timer import Timer
 
 
 def main() -> None:
@@ -60,7 +49,7 @@ def main() -> None:
 
         cells = []
         for fn in [pageable] + [lambda copy=copiers[n]: staged(copy) for n in counts]:
-            seconds = _median_seconds(fn, args.repeats)
+            seconds = Timer(fn).timeit(args.repeats).median
             cells.append(f"{seconds * 1e3:.2f} ({images.nbytes / 1e9 / seconds:.1f})")
         np.testing.assert_array_equal(on_device.view(batch).numpy(), images)
         print(f"{batch} | {images.nbytes / 1e6:.1f} | " + " | ".join(cells))

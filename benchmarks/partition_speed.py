@@ -5,13 +5,11 @@ Run from the repository root: python -m benchmarks.partition_speed
 
 from __future__ import annotations
 
-import statistics
-import timeit
-
 import numpy as np
 
 from hetero.partition import PARTITIONERS, makespan, split_or_single
 from hetero.table import Measurement, Profile
+from hetero.timer import Timed, Timer
 
 BATCH = 1000
 PROFILED = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
@@ -48,11 +46,12 @@ def main() -> None:
     runs = dict(PARTITIONERS)
     runs["exact, or the best device alone (what Inference.py runs)"] = lambda c, b: split_or_single(c, b, "exact")
     for name, partition in runs.items():
+        timer = Timer(lambda: partition(costs, BATCH), name)
         number = 1 if name == "greedy" else 20
-        times = timeit.repeat(lambda: partition(costs, BATCH), number=number, repeat=50)
+        seconds = Timed(name, tuple(timer.once(number) for _ in range(50))).median
         shares = partition(costs, BATCH)
         print(
-            f"{name:>6}: {statistics.median(times) / number * 1e6:8.1f} us per call, "
+            f"{name:>6}: {seconds * 1e6:8.1f} us per call, "
             f"makespan {makespan(costs, shares) * 1e3:.2f} ms, shares {shares}"
         )
 

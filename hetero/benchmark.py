@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from .profile import SEED_BATCHES
 from .selection import AUTO, candidate_engines, parse_engine_choice
 from .stream import stream
 from .table import Profile, ProfileTable
+from .timer import Timer, interleave
 
 BASELINES = ("onnxruntime", "openvino", "torch", "torch-compile")  # what users run without hetero
 
@@ -89,18 +89,6 @@ class BenchmarkResult:
     def best_single_img_s(self) -> float:
         """The best a user gets from one device with its best engine."""
         return max(max(d.engine_img_s.values()) for d in self.devices)
-
-
-def interleaved_medians(runs: Sequence[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
-    """Median wall seconds of each run, timed in rounds that alternate the runs so drift hits all alike."""
-    times: list[list[float]] = [[] for _ in runs]
-    for round_index in range(warmup + repeats):
-        for run, kept in zip(runs, times):
-            start = time.perf_counter()
-            run()
-            if round_index >= warmup:
-                kept.append(time.perf_counter() - start)
-    return [statistics.median(kept) for kept in times]
 
 
 def _alone(engine: Engine, profile: Profile, inputs: np.ndarray) -> Callable[[], object]:
@@ -147,7 +135,7 @@ def benchmark(
             walls.append(result.wall_s)
 
     alone = [_alone(e, p, inputs) for device_pairs in pairs for e, p in device_pairs]
-    timed = iter(interleaved_medians(alone + [split], repeats, warmup))
+    timed = iter(t.median for t in interleave([Timer(run) for run in alone + [split]], repeats, warmup))
     results = [
         DeviceResult(engine.device, {e.name: batch / next(timed) for e, _ in device_pairs}, engine.name, share,
                      predicted_s, statistics.median(walls[warmup:]))

@@ -8,7 +8,6 @@ flattened, larger batches are predicted from the last ones instead of measured. 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from .engines import Engine
 from .errors import one_line
 from .models import Network
 from .table import Measurement, Profile
+from .timer import Timer, interleave
 
 SEED_BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 MIN_REPEATS = 3
@@ -141,17 +141,8 @@ def measure_transfers(network: Network, device: Device, batches: Sequence[int], 
         host_in = network.random_input(batch)
         host_out = np.ones((batch, *network.output_shape), dtype=network.dtype)
         out_on_device = tvm.runtime.tensor(host_out, dev)
-        h2d, d2h = [], []
-        for _ in range(repeats + 1):  # the first round warms up allocators and drivers
-            t0 = time.perf_counter()
-            tvm.runtime.tensor(host_in, dev)
-            dev.sync()
-            t1 = time.perf_counter()
-            out_on_device.numpy()
-            t2 = time.perf_counter()
-            h2d.append(t1 - t0)
-            d2h.append(t2 - t1)
-        rows.append(
-            Transfer(batch, host_in.nbytes, host_out.nbytes, float(np.median(h2d[1:])), float(np.median(d2h[1:])))
-        )
+        upload = Timer(lambda: tvm.runtime.tensor(host_in, dev), "h2d", sync=dev.sync)
+        download = Timer(out_on_device.numpy, "d2h")
+        h2d, d2h = interleave([upload, download], repeats, warmup=1)  # the warm-up round wakes allocators and drivers
+        rows.append(Transfer(batch, host_in.nbytes, host_out.nbytes, h2d.median, d2h.median))
     return rows

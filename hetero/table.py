@@ -22,10 +22,10 @@ import numpy as np
 from tabulate import tabulate
 
 from .errors import HeteroError
+from .timer import noisy
 
 FORMAT = "hetero-profile-table"
 VERSION = 1
-NOISY_IQR = 0.1  # exec times whose interquartile range passes 10% of the median are flagged
 
 # A table may be edited by hand, and the planner trusts it: a measurement outside what hardware can do is
 # refused when the table is loaded rather than planned with (batch 10**12 in a nanosecond printed as 1e21 img/s).
@@ -84,8 +84,7 @@ class Measurement:
     @property
     def noisy(self) -> bool:
         """Whether the repeats disagree enough that predictions from this size are doubtful."""
-        q1, q3 = np.percentile(self.exec_s, [25, 75])
-        return bool((q3 - q1) / self.exec_median > NOISY_IQR)
+        return noisy(self.exec_s)
 
 
 @dataclass
