@@ -1,4 +1,4 @@
-"""Default cpu_generic pipeline vs hetero.cpu_schedule.cpu_pipeline, img/s.
+"""Default cpu_generic pipeline vs hetero.schedules.cpu.pipeline.cpu_pipeline, img/s.
 
 For work on hetero's CPU schedules: single layers and whole networks, TVM's default pipeline against
 hetero's. How hetero stands against the frameworks users run (PyTorch eager and torch.compile, ONNX
@@ -30,8 +30,12 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # hetero imports TVM, which must start after TVM_NUM_THREADS is set
+    from hetero.timer import Timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,19 +99,20 @@ def wait_quiet(max_wait: float, probe: float = 2.0) -> bool:
 
 
 @dataclass
-class Timing:
-    times: list[float] = field(default_factory=list)
+class VariantRun:
+    """One variant timed: its calls, its build, and how busy other processes kept the machine meanwhile."""
+
+    timed: Timed
     compile_s: float = 0.0
     foreign: float = 0.0  # share of the CPUs other processes used meanwhile
 
     @property
     def median(self) -> float:
-        s = sorted(self.times)
-        return s[len(s) // 2]
+        return self.timed.median
 
     @property
     def best(self) -> float:
-        return min(self.times)
+        return min(self.timed.seconds)
 
 
 def _layer_module(C, K, H, k, stride, groups):
@@ -137,7 +142,7 @@ CLOCK = time.perf_counter
 WAIT_QUIET = 0.0  # seconds to wait for a quiet machine before each measurement
 
 
-def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) -> tuple[Timing, object]:
+def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) -> tuple[VariantRun, object]:
     """Build ``mod`` (TVM's default pipeline where ``pipeline`` is None) and time it at ``batch``."""
     from tvm import relax
 
@@ -149,7 +154,7 @@ def _time_module(mod, params, sample_shape, batch, pipeline, repeats, target) ->
     return timing, out
 
 
-def _time_executable(executable, params, sample_shape, batch, repeats) -> tuple[Timing, object]:
+def _time_executable(executable, params, sample_shape, batch, repeats) -> tuple[VariantRun, object]:
     """Median-ready timings of ``repeats`` calls at ``batch`` after a warm-up, and the output.  The
     weights go through the module's ``main_transform_params`` first, as an engine's do."""
     import numpy as np
@@ -157,21 +162,17 @@ def _time_executable(executable, params, sample_shape, batch, repeats) -> tuple[
     from tvm import relax
 
     from hetero.compile import module_weights
+    from hetero.timer import Timer
 
     vm = relax.VirtualMachine(executable, tvm.cpu())
     x = np.random.default_rng(1).standard_normal((batch, *sample_shape)).astype("float32")
     args = [tvm.runtime.tensor(x)] + module_weights(vm, [tvm.runtime.tensor(np.asarray(p)) for p in params])
     out = vm["main"](*args).numpy()  # warm-up
-    timing = Timing()
     if WAIT_QUIET:
         wait_quiet(WAIT_QUIET)
     with ForeignLoad() as load:
-        for _ in range(repeats):
-            t1 = CLOCK()
-            vm["main"](*args)
-            timing.times.append(CLOCK() - t1)
-    timing.foreign = load.share
-    return timing, out
+        timed = Timer(lambda: vm["main"](*args), clock=CLOCK).timeit(repeats, warmup=0)
+    return VariantRun(timed, foreign=load.share), out
 
 
 def _compile_cached(network: str) -> float:
@@ -199,7 +200,7 @@ def _compile_all(networks: list[str], jobs: int) -> dict[str, float]:
 BUSY = 0.10  # flag a number when other processes used more than this share of the CPUs
 
 
-def _fmt(batch: int, t: Timing | None) -> str:
+def _fmt(batch: int, t: VariantRun | None) -> str:
     if t is None:
         return f"{'-':>18s}"
     mark = "*" if t.foreign > BUSY else " "
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tvm  # noqa: F401
 
-    from hetero.cpu_schedule import cpu_pipeline
     from hetero.devices import cpu_target
+    from hetero.schedules.cpu.pipeline import cpu_pipeline
 
     target = cpu_target()
     pipeline = cpu_pipeline(target)

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 
 def _lean_hetero() -> None:
-    """Make ``hetero.models`` / ``hetero.gpu_schedule`` importable even
+    """Make ``hetero.models`` / ``hetero.schedules.cuda`` importable even
     where the package's own ``__init__`` cannot be (it pulls in psutil, tabulate, tqdm, ...)."""
     try:
         import hetero  # noqa: F401
@@ -83,7 +83,7 @@ def cuda_target(arch: str):
 
     import tvm
 
-    from hetero.wgmma import with_wgmma
+    from hetero.schedules.cuda.wgmma import with_wgmma
 
     host = tvm.target.Target({"kind": "llvm", "mtriple": f"{platform.machine()}-linux-gnu",
                               "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -99,8 +99,8 @@ def compile_variant(network: str, variant: str, arch: str, out_dir: str) -> tupl
     try:
         from tvm import relax
 
-        from hetero.gpu_schedule import gpu_pipeline, tir_pipeline
         from hetero.models import get_network
+        from hetero.schedules.cuda.pipeline import gpu_pipeline, tir_pipeline
 
         target = cuda_target(arch)
         net = get_network(network)
@@ -168,8 +168,8 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int 
     from tvm import relax
 
     from hetero.compile import module_weights
-    from hetero.gpu_schedule import recorded_max_batch
     from hetero.models import get_network
+    from hetero.schedules.cuda.indices import recorded_max_batch
 
     net = get_network(network)
     dev = tvm.cuda(0)
@@ -297,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPU 0: {tvm.cuda(0).device_name}")
 
     if args.describe:
-        from hetero.gpu_schedule import TensorCoreConfig, describe_schedules
         from hetero.models import get_network
+        from hetero.schedules.cuda.pipeline import describe_schedules
+        from hetero.schedules.cuda.tiles import TensorCoreConfig
 
         target = cuda_target(arch)
         for network in networks:

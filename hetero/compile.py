@@ -26,8 +26,7 @@ from .tune import Tuning, static_module
 
 # hetero's own schedules (and the tensor intrinsics and kernels they use) decide what a compile produces and how
 # fast it runs, so a digest of their code is part of the module cache key and of every profile's key.
-_SCHEDULE_SOURCES = sorted([*Path(__file__).parent.glob("*_schedule.py"),
-                            *(Path(__file__).with_name(name) for name in ("_mma.py", "wgmma.py", "nan.py"))])
+_SCHEDULE_SOURCES = sorted([*Path(__file__).with_name("schedules").rglob("*.py"), Path(__file__).with_name("nan.py")])
 
 
 def code_digest(paths: list[Path]) -> str:
@@ -65,7 +64,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HETERO_CACHE") or Path.home() / ".cache" / "hetero")
 
 
-def _pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pass:
+def relax_pipeline(device: Device, tuning: Tuning | None = None) -> tvm.transform.Pass:
     """The device's schedules (below), then NaN made to propagate through every max and min."""
     return tvm.transform.Sequential([_scheduling_pipeline(device, tuning), propagate_nan])
 
@@ -76,11 +75,11 @@ def _scheduling_pipeline(device: Device, tuning: Tuning | None = None) -> tvm.tr
     records first where there are some."""
     kind = device.target.kind.name
     if kind == "llvm":
-        from .cpu_schedule import cpu_pipeline
+        from .schedules.cpu.pipeline import cpu_pipeline
 
         return cpu_pipeline(device.target, records=str(tuning.records) if tuning else None)
     if kind == "cuda":
-        from .gpu_schedule import gpu_pipeline
+        from .schedules.cuda.pipeline import gpu_pipeline
 
         return gpu_pipeline(device.target, device.precision, records=str(tuning.records) if tuning else None)
     return relax.get_default_pipeline(device.target)
@@ -100,19 +99,20 @@ def module_weights(vm: relax.VirtualMachine, weights: list) -> list:
 
 def module_max_batch(vm: relax.VirtualMachine, device: Device) -> int | None:
     """The largest batch one call of `vm`'s main takes, or None for no limit: a CUDA module indexes
-    in int32 up to a batch it records (hetero.gpu_schedule.narrow_batch_indices)."""
+    in int32 up to a batch it records (hetero.schedules.cuda.indices.narrow_batch_indices)."""
     if device.target.kind.name != "cuda":
         return None
-    from .gpu_schedule import recorded_max_batch
+    from .schedules.cuda.indices import recorded_max_batch
 
     return recorded_max_batch(vm)
 
 
-def _tir_pipeline(device: Device) -> str:
+def tir_pipeline(device: Device) -> str:
+    """The TIR lowering (``tir_pipeline`` of ``relax.build``) the kernels of :func:`relax_pipeline` need."""
     if device.target.kind.name == "cuda":
-        from .gpu_schedule import tir_pipeline
+        from .schedules.cuda.pipeline import tir_pipeline as cuda_tir_pipeline
 
-        return tir_pipeline(device.precision, device.target)
+        return cuda_tir_pipeline(device.precision, device.target)
     return "default"
 
 
@@ -138,8 +138,8 @@ def compile_network(network: Network, device: Device, use_cache: bool = True, tu
     start = time.perf_counter()
     try:
         module = static_module(network, tuning.batch) if tuning else network.module
-        executable = relax.build(module, device.target, relax_pipeline=_pipeline(device, tuning),
-                                 tir_pipeline=_tir_pipeline(device))
+        executable = relax.build(module, device.target, relax_pipeline=relax_pipeline(device, tuning),
+                                 tir_pipeline=tir_pipeline(device))
     except Exception as exc:  # TVM raises many types; the user needs the first line only
         raise CompileError(f"compiling {network.name} for {device.name} failed: {one_line(exc)}") from exc
     seconds = time.perf_counter() - start

@@ -99,7 +99,7 @@ class CUDABackend:
         found = []
         index = 0
         while tvm.cuda(index).exist:
-            from .wgmma import with_wgmma  # TVMScript: only with a GPU
+            from .schedules.cuda.wgmma import with_wgmma
 
             dev = tvm.cuda(index)
             target = with_wgmma(tvm.target.Target(tvm.target.Target.from_device(dev), cpu_target()))
@@ -206,7 +206,7 @@ def with_precision(devices: list[Device], precision: str) -> list[Device]:
         raise DeviceError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
     if not any(d.kind == "cuda" for d in devices):
         return list(devices)
-    from .gpu_schedule import effective_precision
+    from .schedules.cuda.pipeline import effective_precision
 
     return [dataclasses.replace(d, precision=effective_precision(d.target, precision)) if d.kind == "cuda" else d
             for d in devices]

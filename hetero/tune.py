@@ -81,13 +81,13 @@ def tuning_tasks_module(network: Network, device: Device, batch: int) -> tvm.IRM
     module = static_module(network, batch)
     if device.kind == "cuda":
         from .compile import TRANSFORM_PARAMS
-        from .gpu_schedule import fused_module
+        from .schedules.cuda.pipeline import fused_module
 
         # the kernels that prepare the weights run once per engine: not worth a trial
         fused = fused_module(module, device.target, device.precision)
         per_call = tvm.IRModule({gv: f for gv, f in fused.functions_items() if gv.name_hint != TRANSFORM_PARAMS})
         return relax.transform.DeadCodeElimination(["main"])(per_call)
-    from .cpu_schedule import fusion_passes
+    from .schedules.cpu.pipeline import fusion_passes
 
     with device.target:
         return tvm.transform.Sequential(fusion_passes(device.target))(module)

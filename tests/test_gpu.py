@@ -7,8 +7,8 @@ import hetero
 from hetero.devices import with_precision
 from hetero.engines import load_engine
 from hetero.engines.tvm import PIPELINE_CHUNKS, PIPELINE_MIN_CHUNK
-from hetero.gpu_schedule import describe_schedules
 from hetero.inference import infer
+from hetero.schedules.cuda.pipeline import describe_schedules
 
 from .conftest import SMALL_NETWORK
 
@@ -39,7 +39,7 @@ def test_a_gpu_call_runs_in_chunks_with_the_outputs_of_separate_calls():
     network = hetero.get_network(SMALL_NETWORK)
     engine = load_engine(network, GPUS[0])
     inputs = network.random_input(PIPELINE_CHUNKS * PIPELINE_MIN_CHUNK + 6, seed=4)
-    assert len(engine._chunks(len(inputs))) == PIPELINE_CHUNKS  # each of the two device buffers is reused
+    assert len(engine.chunks(len(inputs))) == PIPELINE_CHUNKS  # each of the two device buffers is reused
     assert engine._stream, "a CUDA engine computes on a stream of its own"
     chunked, _ = engine.infer(inputs)
     separate = np.concatenate([engine.infer(inputs[first : first + 10])[0] for first in range(0, len(inputs), 10)])

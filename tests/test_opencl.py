@@ -15,7 +15,7 @@ from tvm import relax
 
 import hetero
 from hetero import opencl
-from hetero.compile import _pipeline
+from hetero.compile import relax_pipeline
 from hetero.devices import OPENCL_RUNTIME_MISSING, DeviceError, OpenCLBackend
 from hetero.engines import load_engine
 from hetero.inference import infer
@@ -158,7 +158,7 @@ def test_generated_opencl_builds_on_each_device_as_tvm_runtime_builds_it():
     network = hetero.get_network(SMALL_NETWORK)
     by_name = {name: d for name, _, d in opencl.name_devices(opencl.tvm_numbering(PLATFORM_DEVICES))}
     for device in OPENCL_DEVICES:
-        executable = relax.build(network.module, device.target, relax_pipeline=_pipeline(device))
+        executable = relax.build(network.module, device.target, relax_pipeline=relax_pipeline(device))
         # TVM's runtime splits the source at these markers and builds one program per kernel.
         pieces = [piece.split("\n", 1) for piece in _opencl_source(executable.mod).split("// Function: ")[1:]]
         assert len(pieces) > 10

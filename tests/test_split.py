@@ -160,7 +160,7 @@ def test_an_accelerators_call_runs_in_chunks_with_the_same_outputs_in_order():
         # an accelerator computes on a buffer apart from where its inputs are staged: host memory stands in
         engine._on_device = [tvm_engine.BatchBuffer(tvm.cpu(), tuple(network.input_shape), network.dtype)
                              for _ in range(2)]
-        assert engine._chunks(len(inputs)) == [34, 33]
+        assert engine.chunks(len(inputs)) == [34, 33]
         chunked, timing = engine.infer(inputs)
     finally:
         engine.close()

@@ -14,10 +14,10 @@ from tvm import relax, s_tir
 
 import hetero
 from hetero import tune
-from hetero.cpu_schedule import fusion_passes
 from hetero.engines import load_engine
 from hetero.engines.tvm import TVMEngine
 from hetero.inference import infer
+from hetero.schedules.cpu.pipeline import fusion_passes
 from hetero.table import ProfileTable
 from hetero.tune import Tuning, TuningError, tuning_for
 
@@ -100,9 +100,9 @@ def test_records_that_cannot_be_used_leave_the_run_untuned(tuned, tmp_path, capl
 def test_cuda_tasks_are_the_kernels_each_call_runs():
     from tvm.s_tir import meta_schedule as ms
 
-    from hetero.gpu_schedule import fused_module
+    from hetero.schedules.cuda.pipeline import fused_module
 
-    from .test_gpu_schedule import CUDA_TARGET
+    from .test_schedules_cuda import CUDA_TARGET
 
     network = hetero.get_network("squeezenet_v1.1")
     gpu = hetero.Device("gpu0", "cuda", 0, "a CUDA GPU", CUDA_TARGET)

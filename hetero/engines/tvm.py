@@ -200,7 +200,7 @@ class TVMEngine(Engine):
         self._call_module(batch, main)
         return statistics.median(self._call_module(batch, main)[1].total_s for _ in range(repeats))
 
-    def _chunks(self, samples: int) -> list[int]:
+    def chunks(self, samples: int) -> list[int]:
         """The sizes a call of `samples` is pipelined in: an accelerator's, so that staging each
         chunk's inputs on the host overlaps the device computing the chunk before; the CPU's, whole."""
         if self._on_device is None:
@@ -225,7 +225,7 @@ class TVMEngine(Engine):
             seconds, mark = now - mark, now
             return seconds
 
-        for index, size in enumerate(chunks or self._chunks(len(batch))):
+        for index, size in enumerate(chunks or self.chunks(len(batch))):
             staged = self._staging.fill(batch[first : first + size], self._copy)
             first += size
             if self._on_device is None:
@@ -268,7 +268,7 @@ class TVMEngine(Engine):
         touch of fresh host memory. A failure here is left for the run itself to meet and report."""
         try:
             chunks = {(id(module[0]), chunk): module for size in sorted(self.call_sizes(samples, limit))
-                      for _, call, module in self._plan_calls(size) for chunk in self._chunks(call)}
+                      for _, call, module in self._plan_calls(size) for chunk in self.chunks(call)}
             for buffer in [self._staging, *(self._on_device or [])]:
                 buffer.view(max(chunk for _, chunk in chunks))
             for (main, chunk), module in chunks.items():

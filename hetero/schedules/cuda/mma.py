@@ -1,5 +1,5 @@
-"""Tensor-core intrinsics on ``mma.sync`` for :mod:`hetero.gpu_schedule`: TF32 (``m16n8k8``) and
-float16 (``m16n8k16``), both accumulating in float32.
+"""Tensor-core intrinsics on ``mma.sync`` for the tensor-core GEMM: TF32 (``m16n8k8``) and float16
+(``m16n8k16``), both accumulating in float32.
 
 TVM 0.27's CUDA codegen has no ``precision::tf32`` wmma fragment; its legacy ``ptx_mma`` takes
 ``tf32`` operands.  Its own float16 ``mma`` intrinsics unroll the two n8 halves of a 16x16 tile
@@ -20,25 +20,31 @@ local memory.  For the same reason the loop over the two n8 halves of an mma sta
 where a bounded loop variable, unlike a constant, lets the simplifier place the registers; nvcc
 unrolls it.)  TF32 operands reach the tensor cores as float32 bits, which they read as TF32 by
 dropping the low 13 mantissa bits; hetero rounds them to TF32 before that, where they are
-computed (``gpu_schedule.round_to_tf32``).  The accumulator uses TVM's 16x16 float32 ``mma``
-layout, so TVM's fill and store intrinsics serve as they are.
+computed (:func:`.rewrites.tf32.round_to_tf32`).
+
+The accumulator has TVM's 16x16 float32 ``mma`` layout, and its fill and store are TVM's
+``mma_fill_16x16_f32`` and ``mma_store_16x16_f32_shared_dyn_simple_``, defined here again under
+hetero's names: TVM's live in ``tvm.s_tir.tensor_intrin.cuda``, whose import parses a few hundred
+TVMScript intrinsics (~20 s on a small machine), and this path needs none of the others.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+from tvm.tirx import IntImm
+
+from ..base.tvmscript import PARSE_LOCK
 
 lift = convert
 
 WARP = 32
 C_REGS = 8  # registers per lane of a 16x16 float32 accumulator (TVM's mma layout)
-INIT = "mma_fill_16x16_f32"  # TVM's, registered by tvm.s_tir.tensor_intrin.cuda
-STORE = "mma_store_16x16_f32_shared_dyn_simple_"  # idem
+INIT = "hetero_mma_fill_16x16_f32"  # TVM's mma_fill_16x16_f32
+STORE = "hetero_mma_store_16x16_f32_shared_dyn"  # TVM's mma_store_16x16_f32_shared_dyn_simple_
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,16 @@ FLOAT16 = MmaType("float16", "fp16", 2)
 
 
 def c_layout(i, j):
-    """(lane, register) of element (i, j) of a 16x16 float32 accumulator: TVM's own, which its fill and
-    store intrinsics (INIT, STORE) assume.  Its module is imported by the time a schedule asks
-    (``gpu_schedule`` imports it once, quickly); on its own the import takes seconds."""
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
+    """(lane, register) of element (i, j) of a 16x16 float32 accumulator: TVM's
+    ``shared_16x16_to_ldmatrix_32x8_layout``, which TVM's fill and store intrinsics (INIT, STORE)
+    assume."""
+    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + (j % 2)
 
-    return shared_16x16_to_ldmatrix_32x8_layout(i, j)
+
+def c_element(lane, register):
+    """Row and column of a 16x16 accumulator that ``register`` of ``lane`` holds: the inverse of
+    :func:`c_layout` (TVM's ``ldmatrix_32x8_to_shared_16x16_layout``)."""
+    return 8 * (register % 4 // 2) + (lane // 4), 8 * (register // 4) + (lane % 4) * 2 + (register % 2)
 
 
 def _load_intrin(mma: MmaType, layout, row_address):
@@ -191,10 +201,87 @@ def _compute_intrin(mma: MmaType):
     return mma_desc, mma_impl
 
 
+def _fill_intrin():
+    """TVM's ``get_mma_fill_intrin("float32", 8)``, statement for statement: the tensorized kernel
+    holds its implementation's names (``C_warp``, ``tx``), which the generated code keeps."""
+    zero = IntImm("int32", 0).astype("float32")
+
+    @T.prim_func(s_tir=True)
+    def mma_fill_desc(a: T.handle) -> None:
+        C_warp = T.match_buffer(a, [WARP, C_REGS], dtype="float32", scope="warp")
+
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C_warp[0:WARP, 0:C_REGS])
+            for i0, i1 in T.grid(16, 16):
+                with T.sblock("C_warp"):
+                    i, j = T.axis.remap("SS", [i0, i1])
+                    thread_id, local_id = T.meta_var(c_layout(i, j))
+                    T.reads()
+                    T.writes(C_warp[thread_id, local_id])
+                    C_warp[thread_id, local_id] = zero
+
+    @T.prim_func(s_tir=True)
+    def mma_fill_impl(a: T.handle) -> None:
+        C_warp = T.match_buffer(a, [WARP, C_REGS], dtype="float32", scope="warp", offset_factor=1)
+
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C_warp[0:WARP, 0:C_REGS])
+
+            for tx in T.thread_binding(0, WARP, "threadIdx.x"):  # noqa: B007 -- binds the warp's lanes
+                T.evaluate(T.cuda.mma_fill_legacy(C_REGS, C_warp.data, C_warp.elem_offset, dtype="float32"))
+
+    return mma_fill_desc, mma_fill_impl
+
+
+def _store_intrin():
+    """TVM's ``get_mma_store_intrin("float32", 8, "shared.dyn", False)``, statement for statement:
+    each lane stores its 8 registers to their places in a 16x16 shared tile."""
+
+    @T.prim_func(s_tir=True)
+    def mma_store_desc(a: T.handle, c: T.handle) -> None:
+        C_warp = T.match_buffer(a, [WARP, C_REGS], dtype="float32", scope="warp")
+        C = T.match_buffer(c, [16, 16], dtype="float32", scope="shared.dyn")
+
+        with T.sblock("root"):
+            T.reads(C_warp[0:WARP, 0:C_REGS])
+            T.writes(C[0:16, 0:16])
+            for i0, i1 in T.grid(16, 16):
+                with T.sblock("C_warp"):
+                    v0, v1 = T.axis.remap("SS", [i0, i1])
+                    thread_id, local_id = T.meta_var(c_layout(v0, v1))
+                    T.reads(C_warp[thread_id, local_id])
+                    T.writes(C[v0, v1])
+                    C[v0, v1] = C_warp[thread_id, local_id]
+
+    @T.prim_func(s_tir=True)
+    def mma_store_impl(a: T.handle, c: T.handle) -> None:
+        s0 = T.int32()
+        s1 = T.int32()
+
+        C_warp = T.match_buffer(a, [WARP, C_REGS], dtype="float32", scope="warp", offset_factor=1)
+        C = T.match_buffer(c, [16, 16], dtype="float32", scope="shared.dyn", offset_factor=1, strides=[s0, s1])
+
+        with T.sblock("root"):
+            T.reads(C_warp[0:WARP, 0:C_REGS])
+            T.writes(C[0:16, 0:16])
+
+            for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                for local_id in T.serial(C_REGS):
+                    row, col = T.meta_var(c_element(tx, local_id))
+                    C[row, col] = C_warp[tx, local_id]
+
+    return mma_store_desc, mma_store_impl
+
+
 def register(mma: MmaType) -> dict[str, str]:
-    """Register ``mma``'s intrinsics (once) and name the group."""
+    """Register ``mma``'s intrinsics and the accumulator's (each once) and name the group."""
     names = mma.names()
-    with _REGISTER_LOCK:  # engines of several GPUs compile in parallel threads
+    with PARSE_LOCK:  # engines of several GPUs compile in parallel threads, and kernels schedule in threads
+        if not _registered:
+            TensorIntrin.register(INIT, *_fill_intrin())
+            TensorIntrin.register(STORE, *_store_intrin())
         if mma not in _registered:
             TensorIntrin.register(names["load_a"], *_load_intrin(mma, mma.a_layout, mma.a_row_address))
             TensorIntrin.register(names["load_b"], *_load_intrin(mma, mma.b_layout, mma.b_row_address))
@@ -204,4 +291,3 @@ def register(mma: MmaType) -> dict[str, str]:
 
 
 _registered: set[MmaType] = set()
-_REGISTER_LOCK = threading.Lock()

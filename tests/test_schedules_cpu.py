@@ -1,4 +1,4 @@
-"""hetero.cpu_schedule: scheduled CPU kernels agree with TVM's unscheduled default
+"""hetero.schedules.cpu: scheduled CPU kernels agree with TVM's unscheduled default
 pipeline, and are actually scheduled (parallel loops, the intended rule)."""
 
 from __future__ import annotations
@@ -11,20 +11,13 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from hetero.compile import module_weights
-from hetero.cpu_schedule import (
-    CONV_OPTIONS,
-    DEFAULT_RULES,
-    ScheduleForCPU,
-    _columns_tile,
-    _find_conv,
-    _located,
-    _static_shape,
-    cpu_pipeline,
-    generic_rule,
-    parallel_only_rule,
-    schedule_prim_func,
-)
 from hetero.devices import cpu_target
+from hetero.schedules.base.analysis import static_shape
+from hetero.schedules.base.rule import Rule, ScheduleKernels
+from hetero.schedules.cpu import RULES, Conv2D, Dense, Generic, ParallelOnly, Window
+from hetero.schedules.cpu.common import located
+from hetero.schedules.cpu.conv2d import find_conv
+from hetero.schedules.cpu.pipeline import cpu_pipeline
 
 TARGET = cpu_target()
 BATCHES = (1, 3)
@@ -71,33 +64,33 @@ def conv(bb, g, x, cin, cout, k, stride=1, pad=0, groups=1, relu=True, kw=None):
 GRAPHS = {
     # name: (sample shape, body, {expected rule for functions whose name contains key})
     "conv3x3_pad": ((8, 10, 10), lambda bb, g, x: conv(bb, g, x, 8, 32, 3, pad=1),
-                    {"conv2d": "conv2d_rule"}),
+                    {"conv2d": "conv2d"}),
     "conv3x3_stride2_odd": ((8, 11, 11), lambda bb, g, x: conv(bb, g, x, 8, 32, 3, 2, 1),
-                            {"conv2d": "conv2d_rule"}),
+                            {"conv2d": "conv2d"}),
     "conv1x1_residual": ((16, 7, 7), lambda bb, g, x: bb.emit(relax.op.nn.relu(bb.emit(
-        relax.op.add(conv(bb, g, x, 16, 16, 1, relu=False), x)))), {"conv2d": "conv2d_rule"}),
+        relax.op.add(conv(bb, g, x, 16, 16, 1, relu=False), x)))), {"conv2d": "conv2d"}),
     "conv7x7_stem": ((3, 20, 20), lambda bb, g, x: conv(bb, g, x, 3, 16, 7, 2, 3),
-                     {"conv2d": "conv2d_rule"}),
+                     {"conv2d": "conv2d"}),
     "conv1x7_7x1": ((8, 9, 9), lambda bb, g, x: conv(
         bb, g, conv(bb, g, x, 8, 16, 1, pad=(0, 3), kw=7), 16, 16, 7, pad=(3, 0), kw=1),
-        {"conv2d": "conv2d_rule"}),
+        {"conv2d": "conv2d"}),
     "conv1x1_small_weights": ((8, 16, 16), lambda bb, g, x: conv(bb, g, x, 8, 32, 1),
-                              {"conv2d": "conv2d_rule"}),
+                              {"conv2d": "conv2d"}),
     "conv5x5_dilated": ((4, 14, 14), lambda bb, g, x: bb.emit(relax.op.nn.conv2d(
-        x, g.weight(16, 4, 5, 5), padding=4, dilation=2)), {"conv2d": "conv2d_rule"}),
+        x, g.weight(16, 4, 5, 5), padding=4, dilation=2)), {"conv2d": "conv2d"}),
     "conv_odd_channels": ((5, 9, 9), lambda bb, g, x: conv(bb, g, x, 5, 6, 3, pad=1), {}),
     "grouped": ((8, 9, 9), lambda bb, g, x: conv(bb, g, x, 8, 16, 3, pad=1, groups=2), {}),
     "depthwise_s1": ((16, 12, 12), lambda bb, g, x: conv(bb, g, x, 16, 16, 3, 1, 1, groups=16),
-                     {"conv2d": "window_rule"}),
+                     {"conv2d": "window"}),
     "depthwise_s2": ((16, 12, 12), lambda bb, g, x: conv(bb, g, x, 16, 16, 3, 2, 1, groups=16),
-                     {"conv2d": "window_rule"}),
+                     {"conv2d": "window"}),
     "pools": ((8, 13, 13), lambda bb, g, x: bb.emit(relax.op.nn.adaptive_avg_pool2d(
         bb.emit(relax.op.nn.avg_pool2d(
             bb.emit(relax.op.nn.max_pool2d(x, 3, 2, 1)), 3, 1, 1, count_include_pad=True)), 1)),
-        {"max_pool2d": "window_rule", "avg_pool2d": "window_rule"}),
+        {"max_pool2d": "window", "avg_pool2d": "window"}),
     "dense": ((256,), lambda bb, g, x: bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(
         bb.emit(relax.op.matmul(x, g.weight(256, 40))), g.weight(40))))),
-        {"matmul": "dense_rule"}),
+        {"matmul": "dense"}),
     "concat_flatten_softmax": ((4, 6, 6), lambda bb, g, x: bb.emit(relax.op.nn.softmax(
         bb.emit(relax.op.reshape(bb.emit(relax.op.concat(
             [conv(bb, g, x, 4, 8, 3, pad=1), conv(bb, g, x, 4, 4, 1)], axis=1)), (g.n, -1))))), {}),
@@ -116,7 +109,7 @@ def built():
     for name, (shape, body, _) in GRAPHS.items():
         mod, values, shape = _build(shape, body)
         default = relax.build(mod, TARGET)
-        sched = ScheduleForCPU(TARGET)
+        sched = ScheduleKernels(RULES, TARGET)
         with TARGET:
             legal = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(TARGET) + cpu_generic.legalize_passes(TARGET)
@@ -147,13 +140,12 @@ def test_matches_default_pipeline(built, name):
      {"columns_max_cin": 0}],
     ids=str,
 )
-def test_conv_option_variants_match(monkeypatch, options):
-    """The non-default conv2d_rule variants are correct too."""
-    for key, value in options.items():
-        monkeypatch.setitem(CONV_OPTIONS, key, value)
+def test_conv_option_variants_match(options):
+    """The non-default variants of the conv2d rule are correct too."""
+    rules = [Conv2D(**options) if isinstance(rule, Conv2D) else rule for rule in RULES]
     for name in ("conv1x1_small_weights", "conv7x7_stem", "conv3x3_stride2_odd"):
         mod, values, shape = _build(*GRAPHS[name][:2])
-        ex = relax.build(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET))
+        ex = relax.build(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET, rules=rules))
         default = relax.build(mod, TARGET)
         x = np.random.default_rng(1).standard_normal((2, *shape)).astype("float32")
         ref = _run(default, [x, *values])
@@ -162,7 +154,7 @@ def test_conv_option_variants_match(monkeypatch, options):
 
 
 def test_conv_weights_are_packed_once_outside_main():
-    """With the weights marked as parameters (``num_input``), conv2d_rule's weight packing moves
+    """With the weights marked as parameters (``num_input``), the conv2d rule's weight packing moves
     into ``main_transform_params``, which an engine runs once: ``main`` takes packed weights."""
     mod, values, shape = _build(*GRAPHS["conv1x1_small_weights"][:2])
     mod["main"] = mod["main"].with_attr("num_input", 1)
@@ -192,16 +184,16 @@ def _legalized(name: str) -> tvm.IRModule:
     ("conv3x3_stride2_odd", 32, False),
     ("conv1x1_residual", 32, False),  # 7 columns: no whole vector
 ])
-def test_column_tiles_only_for_unstrided_1x1_convs_over_few_channels(monkeypatch, name, max_cin, picked):
-    monkeypatch.setitem(CONV_OPTIONS, "columns_max_cin", max_cin)
+def test_column_tiles_only_for_unstrided_1x1_convs_over_few_channels(name, max_cin, picked):
+    rule = Conv2D(columns_max_cin=max_cin)
     funcs = [f for gv, f in _legalized(name).functions_items()
              if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint]
     assert funcs
     for func in funcs:
-        sch, _, (conv, w_load, d_load) = _located(func, _find_conv)
+        sch, _, (conv, w_load, d_load) = located(func, find_conv)
         stmt = sch.get(conv)
-        _, channels, _, columns = _static_shape(stmt.writes[0].source)
-        tile = _columns_tile(stmt, w_load, d_load, channels, columns, 16, CONV_OPTIONS)
+        _, channels, _, columns = static_shape(stmt.writes[0].source)
+        tile = rule.columns_tile(stmt, w_load, d_load, channels, columns, 16)
         assert (tile is not None) is picked
 
 
@@ -256,18 +248,24 @@ def test_rule_failure_falls_back():
             cpu_generic.library_dispatch_passes(TARGET) + cpu_generic.legalize_passes(TARGET)
         )(mod)
 
-    def broken(func, target):
-        raise RuntimeError("boom")
+    class Broken(Rule):
+        name = "broken"
 
-    for gv, func in legal.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        new, rule = schedule_prim_func(func, TARGET, [broken, parallel_only_rule])
-        assert rule == "parallel_only_rule", gv.name_hint
+        def schedule(self, func, target):
+            raise RuntimeError("boom")  # what TVM raises for a schedule that does not fit
+
+    funcs = [(gv, func) for gv, func in legal.functions_items() if isinstance(func, tirx.PrimFunc)]
+    assert funcs
+    for gv, func in funcs:
+        fallback = ScheduleKernels([Broken(), ParallelOnly()], TARGET)
+        new = fallback(tvm.IRModule({gv: func}))[gv.name_hint]
+        assert fallback.applied == {gv.name_hint: "parallel-only"}, gv.name_hint
         assert _parallel_loops(new) > 0
-        new, rule = schedule_prim_func(func, TARGET, [broken])
-        assert rule is None and new.same_as(func)
-    assert generic_rule in DEFAULT_RULES and DEFAULT_RULES[-1] is parallel_only_rule
+        assert new.attrs.get("tirx.is_scheduled", False)
+        none = ScheduleKernels([Broken()], TARGET)
+        new = none(tvm.IRModule({gv: func}))[gv.name_hint]
+        assert none.applied == {gv.name_hint: None} and new.same_as(func)
+    assert [type(rule) for rule in RULES] == [Conv2D, Dense, Window, Generic, ParallelOnly]
 
 
 def test_relax_build_accepts_pass_and_noalias_fix():

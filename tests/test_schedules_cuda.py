@@ -1,13 +1,15 @@
-"""hetero.gpu_schedule: the Relax rewrites are checked numerically on the CPU (they are target
+"""hetero.schedules.cuda: the Relax rewrites are checked numerically on the CPU (they are target
 independent); the CUDA schedules are checked by building for an sm_90 target (no GPU needed) and
 by looking at which rule, tile and instructions each kernel got."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,33 +18,31 @@ import tvm_ffi
 from tvm import relax
 from tvm.ir.expr import TensorLoad
 
-from hetero import _mma
 from hetero.compile import module_weights
 from hetero.devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
-from hetero.gpu_schedule import (
-    MAX_BATCH_FUNCTION,
-    SPLIT_K_MIN_K,
-    ScheduleInParallel,
-    SimtConfig,
-    TensorCoreConfig,
-    _copies_async,
-    _with_weights_prepared_once,
+from hetero.layers.relax import RelaxGraph
+from hetero.models import get_network
+from hetero.schedules.base.rule import ScheduleKernels
+from hetero.schedules.cuda import mma
+from hetero.schedules.cuda.indices import MAX_BATCH_FUNCTION, narrow_batch_indices, recorded_max_batch
+from hetero.schedules.cuda.pipeline import (
     describe_schedules,
     effective_precision,
     fused_module,
     gpu_pipeline,
     gpu_rules,
-    narrow_batch_indices,
-    pick_simt_config,
-    pick_tensorcore_config,
-    prepare_module,
-    recorded_max_batch,
-    tf32_rounded,
     tir_pipeline,
 )
-from hetero.layers.relax import RelaxGraph
-from hetero.models import get_network
-from hetero.wgmma import conv_kernel, match_conv, pick_block_n, with_wgmma
+from hetero.schedules.cuda.rewrites import prepare_module, with_weights_prepared_once
+from hetero.schedules.cuda.rewrites.split_k import SPLIT_K_MIN_K
+from hetero.schedules.cuda.rewrites.tf32 import tf32_rounded
+from hetero.schedules.cuda.tensorcore_gemm import copies_async
+from hetero.schedules.cuda.tiles import SimtConfig, TensorCoreConfig, pick_simt_config, pick_tensorcore_config
+from hetero.schedules.cuda.wgmma import with_wgmma
+from hetero.schedules.cuda.wgmma.kernel import conv_kernel, pick_block_n
+from hetero.schedules.cuda.wgmma.match import match_conv
+
+from .conftest import ROOT
 
 
 def _cuda_target(arch: str) -> tvm.target.Target:
@@ -129,7 +129,7 @@ def test_fp16_rewrite_stays_within_the_stated_error(tiny_reference):
 
 def test_weights_prepared_once_give_the_same_outputs(tiny_reference):
     mod, params, batch, ref = tiny_reference
-    lifted = _with_weights_prepared_once(mod, "fp16", "NHWC")
+    lifted = with_weights_prepared_once(mod, "fp16", "NHWC")
     lifted_out = lifted["main_transform_params"].script()
     assert "permute_dims" in lifted_out and "astype" in lifted_out  # weight transposes and casts
     assert lifted["main"].params[1].ty.dtype == "float16"  # main takes the weights already cast
@@ -238,6 +238,53 @@ def test_the_tir_lowering_follows_the_targets_tensor_cores():
     assert tir_pipeline("tf32", TURING_TARGET) == tir_pipeline("fp32", CUDA_TARGET) == "default"
 
 
+_MMA_PATH = """
+import sys
+
+import tvm
+from tvm import relax
+from tvm.tirx.compilation_pipeline import get_tir_pipeline
+
+from hetero.schedules.cuda.pipeline import describe_schedules
+
+
+def known(name):
+    try:
+        get_tir_pipeline(name)
+    except ValueError:
+        return False
+    return True
+
+
+assert not known("hetero-mma") and not known("hetero-wmma"), "registered on import"
+n = tvm.tirx.Var("n", "int64")
+x = relax.Var("x", relax.TensorType((n, 512), "float32"))
+w = relax.Var("w", relax.TensorType((512, 64), "float32"))
+builder = relax.BlockBuilder()
+with builder.function("main", [x, w], attrs={"num_input": 1}):
+    with builder.dataflow():
+        out = builder.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
+    builder.emit_func_output(out)
+target = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_threads_per_block": 1024,
+                            "max_shared_memory_per_block": 49152, "thread_warp_size": 32}, "llvm")
+for precision in ("tf32", "fp16"):
+    rules = {k.rule for k in describe_schedules(builder.get(), target, precision)}
+    assert "tensorcore-gemm" in rules, (precision, rules)
+assert known("hetero-mma"), "the lowering its kernels were checked with"
+assert "tvm.s_tir.tensor_intrin.cuda" not in sys.modules, "TVM's CUDA intrinsics imported"
+"""
+
+
+def test_mma_kernels_need_no_import_of_tvms_cuda_intrinsics_and_register_their_lowering_when_asked():
+    """Importing the CUDA pipeline registers nothing with TVM; scheduling and checking TF32 and
+    float16 GEMMs on mma.sync registers the TIR lowering they need and never imports TVM's module of
+    CUDA intrinsics (whose TVMScript takes ~20 s to parse).  In a fresh interpreter: other tests
+    import that module."""
+    result = subprocess.run([sys.executable, "-c", _MMA_PATH], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_tf32_is_fp32_on_gpus_without_tf32_tensor_cores():
     assert effective_precision(CUDA_TARGET, "tf32") == "tf32"
     assert effective_precision(TURING_TARGET, "tf32") == "fp32"  # no rounding that buys no speed
@@ -260,17 +307,16 @@ def test_depthwise_convs_reduce_in_registers():
     assert set(by_rule) == {"small-reduction", "simt-gemm"}
 
 
-def test_scheduling_in_threads_gives_what_dlight_gives_one_by_one():
-    from tvm.s_tir import dlight as dl
-
+def test_scheduling_in_threads_gives_what_scheduling_one_by_one_gives():
     rules = gpu_rules(CUDA_TARGET, "tf32")
+    one_by_one, in_threads = ScheduleKernels(rules, CUDA_TARGET, workers=1), ScheduleKernels(rules, CUDA_TARGET, workers=4)
     with CUDA_TARGET:
-        one_by_one = dl.ApplyDefaultSchedule(*rules)(fused_module(_tiny_network()[0], CUDA_TARGET, "tf32"))
-        in_threads = ScheduleInParallel(rules, CUDA_TARGET, workers=4)(
-            fused_module(_tiny_network()[0], CUDA_TARGET, "tf32"))
-    funcs = [f for _, f in in_threads.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        sequential = one_by_one(fused_module(_tiny_network()[0], CUDA_TARGET, "tf32"))
+        threaded = in_threads(fused_module(_tiny_network()[0], CUDA_TARGET, "tf32"))
+    funcs = [f for _, f in threaded.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert funcs and all(f.attrs.get("tirx.is_scheduled", False) for f in funcs)
-    assert tvm_ffi.structural_equal(in_threads, one_by_one)
+    assert tvm_ffi.structural_equal(threaded, sequential)
+    assert in_threads.applied == one_by_one.applied and "tensorcore-gemm" in in_threads.applied.values()
 
 
 def _cuda_source(executable) -> str:
@@ -399,36 +445,57 @@ def test_cuda_build(network, precision, target):
     ((True, True), 64, True),
 ])
 def test_async_copies_only_where_they_apply(k_major, k, expected):
-    assert _copies_async(list(k_major), tvm.tirx.IntImm("int64", k), bk=32, vector=4) is expected
+    assert copies_async(list(k_major), tvm.tirx.IntImm("int64", k), bk=32, vector=4) is expected
 
 
-@pytest.mark.parametrize("mma", [_mma.TF32, _mma.FLOAT16], ids=["tf32", "fp16"])
+@pytest.mark.parametrize("fragment", [mma.TF32, mma.FLOAT16], ids=["tf32", "fp16"])
 @pytest.mark.parametrize("operand", ["a", "b"])
-def test_ldmatrix_fills_each_register_with_its_fragment_elements(mma, operand):
+def test_ldmatrix_fills_each_register_with_its_fragment_elements(fragment, operand):
     """ldmatrix.x4.b16: matrix q is read from the rows lanes 8q..8q+7 point at, and lane L receives
     the 32 bits (L // 4, L % 4) of it in register q: one float or two halves.  Those must be the
     elements the PTX m16n8k8.tf32 / m16n8k16.f16 layout puts in lane L's register q, for every
     lane and register, once each."""
-    layout, row_address = getattr(mma, f"{operand}_layout"), getattr(mma, f"{operand}_row_address")
-    per = mma.per_register
+    layout, row_address = getattr(fragment, f"{operand}_layout"), getattr(fragment, f"{operand}_row_address")
+    per = fragment.per_register
     seen = set()
-    for register in range(mma.regs // per):
-        for lane in range(_mma.WARP):
+    for register in range(fragment.regs // per):
+        for lane in range(mma.WARP):
             row, first_col = row_address(8 * register + lane // 4)
             for e in range(per):
                 element = (row, first_col + (lane % 4) * per + e)
                 assert layout(*element) == (lane, register * per + e)
                 seen.add(element)
-    assert seen == {(r, c) for r in range(16) for c in range(mma.k)}
+    assert seen == {(r, c) for r in range(16) for c in range(fragment.k)}
 
 
 def test_float16_operand_layout_is_tvms():
     """TVM's own float16 mma intrinsics lay out the A operand the same way (an independent check
-    of the PTX layout transcribed in hetero._mma)."""
+    of the PTX layout transcribed in hetero.schedules.cuda.mma)."""
     from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
 
-    assert all(_mma.FLOAT16.a_layout(i, k) == shared_16x16_to_ldmatrix_32x8_layout(i, k)
+    assert all(mma.FLOAT16.a_layout(i, k) == shared_16x16_to_ldmatrix_32x8_layout(i, k)
                for i in range(16) for k in range(16))
+
+
+def test_accumulator_layout_fill_and_store_are_tvms():
+    """The accumulator's layout, fill and store are TVM's (its mma_fill_16x16_f32 and
+    mma_store_16x16_f32_shared_dyn_simple_), defined again so that mma.sync kernels do not import
+    TVM's module of CUDA intrinsics: descriptions and implementations the same, names included."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.cuda import (
+        ldmatrix_32x8_to_shared_16x16_layout,
+        shared_16x16_to_ldmatrix_32x8_layout,
+    )
+
+    assert all(mma.c_layout(i, j) == shared_16x16_to_ldmatrix_32x8_layout(i, j) for i in range(16) for j in range(16))
+    assert all(mma.c_element(*mma.c_layout(i, j)) == (i, j) == ldmatrix_32x8_to_shared_16x16_layout(*mma.c_layout(i, j))
+               for i in range(16) for j in range(16))
+    names = mma.register(mma.TF32)
+    for ours, theirs in ((names["init"], "mma_fill_16x16_f32"), (names["store"], "mma_store_16x16_f32_shared_dyn_simple_")):
+        own, tvms = TensorIntrin.get(ours), TensorIntrin.get(theirs)
+        assert ours != theirs
+        assert tvm_ffi.structural_equal(own.desc, tvms.desc) and tvm_ffi.structural_equal(own.impl, tvms.impl)
+        assert own.impl.script() == tvms.impl.script()
 
 
 def _nearest_tf32(values: np.ndarray) -> np.ndarray:
@@ -494,7 +561,7 @@ def test_tf32_rewrite_rounds_every_gemm_operand(tiny_reference):
     assert pooled  # the max pool's input is rounded (in the conv that computes it), not its output
     assert all(rounded_before(o) for o in operands)
 
-    lifted = _with_weights_prepared_once(mod, "tf32", "NHWC")
+    lifted = with_weights_prepared_once(mod, "tf32", "NHWC")
     assert "tf32_round" in lifted["main_transform_params"].script()
     vm = relax.VirtualMachine(relax.build(lifted, tvm.target.Target("llvm")), tvm.cpu())
     weights = module_weights(vm, [tvm.runtime.tensor(p) for p in params])
