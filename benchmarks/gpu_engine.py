@@ -23,7 +23,6 @@ import concurrent.futures as cf
 import functools
 import multiprocessing
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -138,28 +137,6 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def _time_calls(run, sync, budget_s: float, min_samples: int = 5, max_samples: int = 15) -> tuple[float, float]:
-    """Median and relative spread of seconds per call; run() is warmed up here."""
-    for _ in range(3):
-        run()
-    sync()
-    start = time.perf_counter()
-    run()
-    sync()
-    one = max(time.perf_counter() - start, 1e-5)
-    number = max(1, int(0.05 / one))  # ~50 ms per sample
-    samples = []
-    deadline = time.perf_counter() + budget_s
-    while len(samples) < max_samples and (len(samples) < min_samples or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        for _ in range(number):
-            run()
-        sync()
-        samples.append((time.perf_counter() - start) / number)
-    median = statistics.median(samples)
-    return median, (max(samples) - min(samples)) / median
-
-
 def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int = 0):
     """(output of the first call, median s, spread) for the exported library at ``path``; with
     ``kernels``, also print that many of its slowest kernels."""
@@ -170,6 +147,7 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int 
     from hetero.compile import module_weights
     from hetero.models import get_network
     from hetero.schedules.cuda.indices import recorded_max_batch
+    from hetero.timer import Timer
 
     net = get_network(network)
     dev = tvm.cuda(0)
@@ -182,7 +160,8 @@ def time_tvm(path: str, network: str, batch: int, budget_s: float, kernels: int 
     weights = module_weights(vm, [tvm.runtime.tensor(p, dev) for p in net.params])
     out = main(x, *weights).numpy().astype(np.float64)
     run = functools.partial(main, x, *weights)
-    seconds, spread = _time_calls(run, dev.sync, budget_s)
+    timed = Timer(run, sync=dev.sync).adaptive(budget_s)
+    seconds, spread = timed.median, timed.spread
     if kernels:
         print_kernel_times(vm, run, dev.sync, kernels)
     del run, vm, weights, x
