@@ -208,7 +208,7 @@ class WorkQueue:
             self._changed.notify_all()
 
 
-def _open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network) -> np.ndarray | ImageFolder:
+def open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network) -> np.ndarray | ImageFolder:
     """The samples: an array as it is, a .npy file memory-mapped, a folder of images decoded as read."""
     if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
         return ImageFolder(Path(inputs), network.input_shape)
@@ -343,7 +343,7 @@ def stream(
                               precision, engine, address=ray)
     net = get_network(network) if isinstance(network, str) else network
     source = Path(inputs) if isinstance(inputs, (str, Path)) else None
-    data = _open_inputs(inputs, net)
+    data = open_inputs(inputs, net)
     if tuple(data.shape[1:]) != tuple(net.input_shape) or len(data) < 1:
         raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
                           f"(N, {', '.join(map(str, net.input_shape))})")

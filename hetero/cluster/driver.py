@@ -37,9 +37,9 @@ from ..stream import (
     Ledger,
     StreamReport,
     WorkQueue,
-    _open_inputs,
     chunk_size,
     finish_stream,
+    open_inputs,
     open_ledger,
     open_outputs,
     run_device_threads,
@@ -150,6 +150,7 @@ class _Slot:
     limit: int | None
     link: Link
     stat: NodeDeviceStream
+    cap_samples: int  # the most samples one chunk holds (_chunk_bytes_cap)
     size: int = 1
     sized_at: tuple[float, float] = (0.0, 0.0)  # the link's estimate the size was made with
     lost: str | None = None
@@ -168,14 +169,14 @@ def _chunk_bytes_cap(nodes: Sequence[Node], devices_on: dict[str, int], node: No
     return max(cap, 1)
 
 
-def _resize(slot: _Slot, cap_samples: int, sample_bytes: int, io_bytes: int, chunk_s: float) -> None:
+def _resize(slot: _Slot, sample_bytes: int, io_bytes: int, chunk_s: float) -> None:
     """The device's chunk: about `chunk_s` of compute and moves (again when the link's estimate moved), whole
     calls of its limit where it takes more than one, so that its engine meets few new call sizes."""
     now = (slot.link.call_s, slot.link.byte_s)
     then = slot.sized_at
     if then != (0.0, 0.0) and all(abs(a - b) <= RESIZE_AFTER * max(b, 1e-12) for a, b in zip(now, then)):
         return
-    size = chunk_size(Moved(slot.profile, slot.limit, slot.link, io_bytes), cap_samples, sample_bytes, chunk_s)
+    size = chunk_size(Moved(slot.profile, slot.limit, slot.link, io_bytes), slot.cap_samples, sample_bytes, chunk_s)
     slot.size = size - size % slot.limit if slot.limit and size > slot.limit else size
     slot.sized_at = now
 
@@ -204,7 +205,7 @@ def stream(
     net = get_network(network) if isinstance(network, str) else network
     spec = devices if isinstance(devices, str) else ",".join(d.name for d in devices)
     source = Path(inputs) if isinstance(inputs, (str, Path)) else None
-    data = _open_inputs(inputs, net)
+    data = open_inputs(inputs, net)
     if tuple(data.shape[1:]) != tuple(net.input_shape) or len(data) < 1:
         raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
                           f"(N, {', '.join(map(str, net.input_shape))})")
@@ -315,6 +316,31 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
     profiled = [f"{name}/{device}" for name, answer in answers.items() for device in answer["profiled"]]
     sample_bytes = int(np.prod(net.input_shape)) * np.dtype(net.dtype).itemsize
     io_bytes = sample_bytes + int(np.prod(net.output_shape)) * np.dtype(net.dtype).itemsize
+    slots = _probed_slots(ray, answers, nodes, workers, sample_bytes, io_bytes, chunk_s, faults)
+    if not slots:
+        raise HeteroError(f"no device of the cluster can run {net.name}: "
+                          + "; ".join(f"{f.device}: {f.error}" for f in faults))
+    slots = _planned_and_warmed(ray, slots, len(data) - resumed, io_bytes)
+    outputs = open_outputs(net, len(data), output, resuming=resumed > 0)
+    queue = WorkQueue(ledger.pending(len(data)))
+    bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name} on {len(answers)} nodes",
+               disable=not progress, leave=False)
+    feeder = _Feeder(ray, net, data, queue, ledger, outputs, bar, slots, sample_bytes, io_bytes, chunk_s)
+    threads = [threading.Thread(target=feeder.serve, args=(slot,), name=f"hetero-cluster-{slot.stat.device}")
+               for slot in slots if slot.lost is None]
+    wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
+    for slot in slots:
+        if slot.lost is not None:
+            slot.stat.error = slot.lost
+            faults.append(Fault(slot.stat.device, "run", slot.lost, slot.moved))
+    outputs = finish_stream(feeder.unreadable, feeder.stats, ledger, len(data), output, outputs)
+    return StreamReport(net.name, len(data), resumed, wall_s, feeder.stats, outputs, profiled, faults)
+
+
+def _probed_slots(ray: Any, answers: dict[str, dict], nodes: Sequence[Node], workers: dict[str, Any],
+                  sample_bytes: int, io_bytes: int, chunk_s: float, faults: list[Fault]) -> list[_Slot]:
+    """A slot for every device of every node that answered its setup, with the node's link probed and a first
+    chunk size; a node that died since its setup adds its devices to `faults` instead."""
     by_name = {node.name: node for node in nodes}
     devices_on = {name: len(answer["devices"]) for name, answer in answers.items()}
     slots: list[_Slot] = []
@@ -329,13 +355,16 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
         for d in answer["devices"]:
             stat = NodeDeviceStream(f"{name}/{d['name']}", d["engine"], 1, node=name, ray_node=node.node_id,
                                     hardware=d["hardware"])
-            slot = _Slot(node, worker, d["name"], d["engine"], d["profile"], d["limit"], link, stat)
-            _resize(slot, max(1, cap // sample_bytes), sample_bytes, io_bytes, chunk_s)
+            slot = _Slot(node, worker, d["name"], d["engine"], d["profile"], d["limit"], link, stat,
+                         cap_samples=max(1, cap // sample_bytes))
+            _resize(slot, sample_bytes, io_bytes, chunk_s)
             slots.append(slot)
-    if not slots:
-        raise HeteroError(f"no device of the cluster can run {net.name}: "
-                          + "; ".join(f"{f.device}: {f.error}" for f in faults))
-    left = len(data) - resumed
+    return slots
+
+
+def _planned_and_warmed(ray: Any, slots: list[_Slot], left: int, io_bytes: int) -> list[_Slot]:
+    """The slots the plan gives samples to (a device whose moves cost more than it adds gets none), each warmed
+    at its chunk size on its node; one whose warm-up failed is marked lost."""
     moved = [Moved(s.profile, s.limit, s.link, io_bytes) for s in slots]
     shares, _, _ = plan(moved, min(left, 8 * sum(s.size for s in slots))) if left else ([1] * len(slots), 0, 0)
     slots = [s for s, share in zip(slots, shares) if share]
@@ -344,98 +373,102 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
         slot.stat.chunk = slot.size
         if isinstance(warmed[slot.stat.device], BaseException):
             slot.lost = failure(warmed[slot.stat.device])
-    outputs = open_outputs(net, len(data), output, resuming=resumed > 0)
-    queue = WorkQueue(ledger.pending(len(data)))
-    bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name} on {len(answers)} nodes",
-               disable=not progress, leave=False)
-    stats = [s.stat for s in slots]
-    unreadable: list[str] = []
-    cap_samples = {s.stat.device: max(1, _chunk_bytes_cap(nodes, devices_on, s.node) // sample_bytes) for s in slots}
-    answer_s = {s.stat.device: max(ANSWER_TIMEOUT_S, 50 * s.profile.predict(max(s.size, 1))) for s in slots}
+    return slots
 
-    def read(taken: tuple[int, int]) -> np.ndarray:
+
+class _Feeder:
+    """Feeds every slot chunks from the one queue, a thread per slot: one chunk computing and the next on its
+    way; a chunk that comes back is written and recorded, one whose node is lost goes back to the queue."""
+
+    def __init__(self, ray: Any, net: Network, data: Any, queue: WorkQueue, ledger: Ledger, outputs: np.ndarray,
+                 bar: tqdm, slots: Sequence[_Slot], sample_bytes: int, io_bytes: int, chunk_s: float):
+        self.ray, self.data, self.dtype = ray, data, np.dtype(net.dtype)
+        self.queue, self.ledger, self.outputs, self.bar = queue, ledger, outputs, bar
+        self.sample_bytes, self.io_bytes, self.chunk_s = sample_bytes, io_bytes, chunk_s
+        self.stats = [s.stat for s in slots]
+        self.answer_s = {s.stat.device: max(ANSWER_TIMEOUT_S, 50 * s.profile.predict(max(s.size, 1))) for s in slots}
+        self.unreadable: list[str] = []  # images that did not decode: the input is bad, not a device
+
+    def read(self, taken: tuple[int, int]) -> np.ndarray:
         """The chunk's inputs: a view of the input where it is already in the network's dtype and in one piece
         (Ray copies it into its object store; the driver's own memory holds none of it)."""
-        part = data[taken[0]:taken[1]]
-        if isinstance(part, np.ndarray) and part.dtype == np.dtype(net.dtype) and part.flags.c_contiguous:
+        part = self.data[taken[0]:taken[1]]
+        if isinstance(part, np.ndarray) and part.dtype == self.dtype and part.flags.c_contiguous:
             return np.asarray(part)
-        return np.ascontiguousarray(part, dtype=net.dtype)
+        return np.ascontiguousarray(part, dtype=self.dtype)
 
-    def send(slot: _Slot, taken: tuple[int, int]) -> tuple[tuple[int, int], Any, float]:
-        return taken, slot.worker.compute.remote(slot.device, read(taken)), time.perf_counter()
-
-    def work(slot: _Slot) -> None:
-        """Take chunks and send them, one computing and the next on its way, until none is left; a chunk that
-        comes back is written and recorded; one whose node is lost goes back to the queue."""
+    def serve(self, slot: _Slot) -> None:
         in_flight: list[tuple[tuple[int, int], Any, float]] = []
         last = time.perf_counter()
         try:
             while True:
-                while len(in_flight) < IN_FLIGHT and slot.lost is None:
-                    _resize(slot, cap_samples[slot.stat.device], sample_bytes, io_bytes, chunk_s)
-                    taken = queue.take(slot.size, wait=not in_flight)
-                    if taken is None:
-                        break
-                    try:
-                        in_flight.append(send(slot, taken))
-                    except HeteroError as exc:  # an image that does not decode: the input is bad, not the device
-                        queue.give_back(taken)
-                        unreadable.append(str(exc))
-                        queue.stop()
-                        break
-                    except Exception as exc:  # Ray refused the chunk (its object store full): the others take it
-                        queue.give_back(taken)
-                        slot.lost = f"sending a chunk to {slot.node.name} failed: {failure(exc)}"
-                        break
+                self._send_more(slot, in_flight)
                 if not in_flight:
                     return
-                taken, ref, sent = in_flight[0]
-                try:
-                    result, compute_s, remote_s = ray.get(ref, timeout=answer_s[slot.stat.device])
-                except ray.exceptions.GetTimeoutError:
-                    slot.lost = f"no answer in {answer_s[slot.stat.device]:.0f} s"
+                arrived = self._receive(slot, in_flight, last)
+                if arrived is None:
                     return
-                except ray.exceptions.RayTaskError as exc:  # its engine failed: the others take its samples
-                    slot.lost = failure(exc)
-                    return
-                except Exception as exc:  # the node died (RayActorError, lost objects): its chunks go to the others
-                    slot.lost = f"{slot.node.name} ({slot.node.address}) lost: {failure(exc)}"
-                    return
-                arrived = time.perf_counter()
-                samples = taken[1] - taken[0]
-                moves_s = max(arrived - sent - remote_s, 0.0)
-                slot.link.observe(samples * io_bytes, moves_s)
-                outputs[taken[0]:taken[1]] = result
-                del result
-                if isinstance(outputs, np.memmap):
-                    outputs.flush()  # on disk before it is recorded as done
-                ledger.record(*taken)
-                queue.done()
-                in_flight.pop(0)
-                stat = slot.stat
-                stat.samples += samples
-                stat.chunks += 1
-                stat.compute_s += compute_s
-                stat.moves_s += moves_s
-                stat.busy_s += arrived - max(sent, last)
                 last = arrived
-                bar.update(samples)
-                bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in stats))
         except Exception as exc:  # writing the outputs failed (a full disk): what this device holds goes back
             slot.lost = failure(exc)
         finally:
             for taken, _, _ in reversed(in_flight):
                 slot.moved += taken[1] - taken[0]
-                queue.give_back(taken)
+                self.queue.give_back(taken)
             if slot.lost is not None:
                 slot.stat.error = slot.lost
 
-    threads = [threading.Thread(target=work, args=(slot,), name=f"hetero-cluster-{slot.stat.device}")
-               for slot in slots if slot.lost is None]
-    wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
-    for slot in slots:
-        if slot.lost is not None:
-            slot.stat.error = slot.lost
-            faults.append(Fault(slot.stat.device, "run", slot.lost, slot.moved))
-    outputs = finish_stream(unreadable, stats, ledger, len(data), output, outputs)
-    return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, profiled, faults)
+    def _send_more(self, slot: _Slot, in_flight: list) -> None:
+        """Chunks taken and sent until IN_FLIGHT are on their way (waiting for one only when none is)."""
+        while len(in_flight) < IN_FLIGHT and slot.lost is None:
+            _resize(slot, self.sample_bytes, self.io_bytes, self.chunk_s)
+            taken = self.queue.take(slot.size, wait=not in_flight)
+            if taken is None:
+                return
+            try:
+                in_flight.append((taken, slot.worker.compute.remote(slot.device, self.read(taken)), time.perf_counter()))
+            except HeteroError as exc:  # an image that does not decode: the input is bad, not the device
+                self.queue.give_back(taken)
+                self.unreadable.append(str(exc))
+                self.queue.stop()
+                return
+            except Exception as exc:  # Ray refused the chunk (its object store full): the others take it
+                self.queue.give_back(taken)
+                slot.lost = f"sending a chunk to {slot.node.name} failed: {failure(exc)}"
+                return
+
+    def _receive(self, slot: _Slot, in_flight: list, last: float) -> float | None:
+        """The oldest chunk's outputs written and recorded, and when they arrived; None when the device is lost."""
+        taken, ref, sent = in_flight[0]
+        errors = self.ray.exceptions
+        try:
+            result, compute_s, remote_s = self.ray.get(ref, timeout=self.answer_s[slot.stat.device])
+        except errors.GetTimeoutError:
+            slot.lost = f"no answer in {self.answer_s[slot.stat.device]:.0f} s"
+            return None
+        except errors.RayTaskError as exc:  # its engine failed: the others take its samples
+            slot.lost = failure(exc)
+            return None
+        except Exception as exc:  # the node died (RayActorError, lost objects): its chunks go to the others
+            slot.lost = f"{slot.node.name} ({slot.node.address}) lost: {failure(exc)}"
+            return None
+        arrived = time.perf_counter()
+        samples = taken[1] - taken[0]
+        moves_s = max(arrived - sent - remote_s, 0.0)
+        slot.link.observe(samples * self.io_bytes, moves_s)
+        self.outputs[taken[0]:taken[1]] = result
+        del result
+        if isinstance(self.outputs, np.memmap):
+            self.outputs.flush()  # on disk before it is recorded as done
+        self.ledger.record(*taken)
+        self.queue.done()
+        in_flight.pop(0)
+        stat = slot.stat
+        stat.samples += samples
+        stat.chunks += 1
+        stat.compute_s += compute_s
+        stat.moves_s += moves_s
+        stat.busy_s += arrived - max(sent, last)
+        self.bar.update(samples)
+        self.bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in self.stats))
+        return arrived
