@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from tabulate import tabulate
 from ..cli import Parser, batch_list, positive_int, run_command
 from ..models import get_network
 from ..stream import stream as local_stream
+from ..timer import Timer
 from .connect import connected, loopback_only, ray_module
 from .driver import stream as cluster_stream
 
@@ -74,11 +74,10 @@ def main(argv: list[str]) -> int:
                 single = None
                 for count in args.nodes:
                     devices = ",".join(f"node{i}/cpu" for i in range(count))
-                    reports, setups = [], []
-                    for _ in range(args.repeats):
-                        begun = time.perf_counter()
-                        reports.append(cluster_stream(net, devices, inputs, **common, address=nodes.address))
-                        setups.append(time.perf_counter() - begun - reports[-1].wall_s)
+                    reports = []
+                    timed = Timer(lambda: reports.append(
+                        cluster_stream(net, devices, inputs, **common, address=nodes.address))).timeit(args.repeats, 0)
+                    setups = [seconds - report.wall_s for seconds, report in zip(timed.seconds, reports)]
                     rate = statistics.median(r.throughput for r in reports)
                     single = single or rate
                     moves = sum(d.moves_s for r in reports for d in r.devices)
