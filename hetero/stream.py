@@ -209,12 +209,18 @@ class WorkQueue:
 
 
 def open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network) -> np.ndarray | ImageFolder:
-    """The samples: an array as it is, a .npy file memory-mapped, a folder of images decoded as read."""
+    """The samples: an array as it is, a .npy file memory-mapped, a folder of images decoded as read; checked
+    against what `network` takes."""
     if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
-        return ImageFolder(Path(inputs), network.input_shape)
-    if isinstance(inputs, (str, Path)):
-        return np.load(inputs, mmap_mode="r", allow_pickle=False)
-    return inputs if isinstance(inputs, ImageFolder) else np.asarray(inputs)
+        data = ImageFolder(Path(inputs), network.input_shape)
+    elif isinstance(inputs, (str, Path)):
+        data = np.load(inputs, mmap_mode="r", allow_pickle=False)
+    else:
+        data = inputs if isinstance(inputs, ImageFolder) else np.asarray(inputs)
+    if tuple(data.shape[1:]) != tuple(network.input_shape) or len(data) < 1:
+        raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {network.name}, which takes "
+                          f"(N, {', '.join(map(str, network.input_shape))})")
+    return data
 
 
 def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path | None) -> dict:
@@ -230,14 +236,15 @@ def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path |
     return {"network": network.key, "input": what, "shape": list(inputs.shape), "dtype": str(inputs.dtype)}
 
 
-def open_ledger(network: Network, inputs: np.ndarray | ImageFolder, source: Path | None,
+def open_ledger(network: Network, data: np.ndarray | ImageFolder, inputs: str | Path | np.ndarray | ImageFolder,
                 output: Path | None) -> Ledger:
     """The record of the samples done for `output` (that of an earlier, interrupted run into it), or an
     empty one kept in memory when the outputs are returned rather than written: the input is then not
-    digested, since nothing is resumed."""
+    digested, since nothing is resumed.  `data` is what :func:`open_inputs` made of `inputs`."""
     if output is None:
         return Ledger(None, {}, [])
-    return Ledger.open(output.with_name(output.name + PROGRESS), _identity(network, inputs, source))
+    source = Path(inputs) if isinstance(inputs, (str, Path)) else None
+    return Ledger.open(output.with_name(output.name + PROGRESS), _identity(network, data, source))
 
 
 def open_outputs(network: Network, samples: int, output: Path | None, resuming: bool) -> np.ndarray:
@@ -342,13 +349,9 @@ def stream(
         return cluster_stream(network, devices, inputs, output, table, profile_batches, budget_s, progress, load,
                               precision, engine, address=ray)
     net = get_network(network) if isinstance(network, str) else network
-    source = Path(inputs) if isinstance(inputs, (str, Path)) else None
     data = open_inputs(inputs, net)
-    if tuple(data.shape[1:]) != tuple(net.input_shape) or len(data) < 1:
-        raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
-                          f"(N, {', '.join(map(str, net.input_shape))})")
     output = Path(output) if output is not None else None
-    ledger = open_ledger(net, data, source, output)
+    ledger = open_ledger(net, data, inputs, output)
     resumed = ledger.count()
     ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
                             precision=precision, engine=engine)

@@ -204,13 +204,9 @@ def stream(
     """
     net = get_network(network) if isinstance(network, str) else network
     spec = devices if isinstance(devices, str) else ",".join(d.name for d in devices)
-    source = Path(inputs) if isinstance(inputs, (str, Path)) else None
     data = open_inputs(inputs, net)
-    if tuple(data.shape[1:]) != tuple(net.input_shape) or len(data) < 1:
-        raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {net.name}, which takes "
-                          f"(N, {', '.join(map(str, net.input_shape))})")
     output = Path(output) if output is not None else None
-    ledger = open_ledger(net, data, source, output)
+    ledger = open_ledger(net, data, inputs, output)
     resumed = ledger.count()
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)
