@@ -8,6 +8,7 @@ flattened, larger batches are predicted from the last ones instead of measured. 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from .engines import Engine
 from .errors import one_line
 from .models import Network
 from .table import Measurement, Profile
-from .timer import Timer, interleave
+from .timer import SETTLE_S, Timer, interleave
 
 SEED_BATCHES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
 MIN_REPEATS = 3
@@ -88,6 +89,7 @@ def profile_engine(
     """
     sizes = sorted(set(batches))
     kept = {m.batch: m for m in earlier}
+    time.sleep(SETTLE_S)  # another engine may just have run on this device and left threads spinning
     measurements: list[Measurement] = []
     stopped = None
     bar = tqdm(sizes, desc=f"profiling {engine.network.name} on {engine.device.name} ({engine.name})", unit="size",
@@ -143,6 +145,8 @@ def measure_transfers(network: Network, device: Device, batches: Sequence[int], 
         out_on_device = tvm.runtime.tensor(host_out, dev)
         upload = Timer(lambda: tvm.runtime.tensor(host_in, dev), "h2d", sync=dev.sync)
         download = Timer(out_on_device.numpy, "d2h")
-        h2d, d2h = interleave([upload, download], repeats, warmup=1)  # the warm-up round wakes allocators and drivers
+        # one device's own copies, nothing left running between them: no pause; the warm-up round wakes
+        # allocators and drivers
+        h2d, d2h = interleave([upload, download], repeats, warmup=1, settle_s=0.0)
         rows.append(Transfer(batch, host_in.nbytes, host_out.nbytes, h2d.median, d2h.median))
     return rows

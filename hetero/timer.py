@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 NOISY_IQR = 0.1  # times whose interquartile range passes 10% of their median are flagged
+# ONNX Runtime's threads spin for tens of milliseconds after a call (its default): resnet-18 on TVM ran
+# 3x slower right after an ONNX Runtime call on this 2-core machine, 10% slower after a 50 ms pause, and
+# at its own speed after 200 ms. Runs compared side by side are kept this far apart.
+SETTLE_S = 0.2
 
 
 def noisy(seconds: Sequence[float]) -> bool:
@@ -87,12 +91,15 @@ class Timer:
         return Timed(self.label, tuple(times))
 
 
-def interleave(timers: Sequence[Timer], repeats: int, warmup: int = 1) -> list[Timed]:
+def interleave(timers: Sequence[Timer], repeats: int, warmup: int = 1, settle_s: float = SETTLE_S) -> list[Timed]:
     """Each timer's times, taken in rounds that alternate the timers so that drift (clocks, heat,
-    other processes) hits all alike: the way to compare two things measured in one run."""
+    other processes) hits all alike: the way to compare two things measured in one run.  Each run
+    starts `settle_s` after the one before, so that what one leaves running (spinning threads) is not
+    charged to the next."""
     times: list[list[float]] = [[] for _ in timers]
     for round_index in range(warmup + repeats):
         for timer, kept in zip(timers, times):
+            time.sleep(settle_s)
             seconds = timer.once()
             if round_index >= warmup:
                 kept.append(seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -46,3 +47,11 @@ def test_derived_figures():
     assert steady.spread == pytest.approx(0.02)
     assert noisy([1.0, 1.5, 1.0, 2.0])
     assert "ms median of 4" in str(steady)
+
+
+def test_interleave_lets_each_run_settle_before_it_starts(monkeypatch):
+    events = []
+    monkeypatch.setattr(time, "sleep", lambda seconds: events.append(("pause", seconds)))
+    timers = [Timer(lambda name=name: events.append(("run", name)), name) for name in "ab"]
+    interleave(timers, repeats=1, warmup=0, settle_s=0.2)
+    assert events == [("pause", 0.2), ("run", "a"), ("pause", 0.2), ("run", "b")]
