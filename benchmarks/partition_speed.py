@@ -9,7 +9,7 @@ import numpy as np
 
 from hetero.partition import PARTITIONERS, makespan, split_or_single
 from hetero.table import Measurement, Profile
-from hetero.timer import Timed, Timer
+from hetero.timer import Timer
 
 BATCH = 1000
 PROFILED = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)
@@ -46,9 +46,8 @@ def main() -> None:
     runs = dict(PARTITIONERS)
     runs["exact, or the best device alone (what Inference.py runs)"] = lambda c, b: split_or_single(c, b, "exact")
     for name, partition in runs.items():
-        timer = Timer(lambda: partition(costs, BATCH), name)
         number = 1 if name == "greedy" else 20
-        seconds = Timed(name, tuple(timer.once(number) for _ in range(50))).median
+        seconds = Timer(lambda: partition(costs, BATCH), name).timeit(50, warmup=0, number=number).median
         shares = partition(costs, BATCH)
         print(
             f"{name:>6}: {seconds * 1e6:8.1f} us per call, "

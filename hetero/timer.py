@@ -71,11 +71,11 @@ class Timer:
         self.sync()
         return (self.clock() - start) / number
 
-    def timeit(self, repeats: int, warmup: int = 1) -> Timed:
-        """``warmup`` untimed calls, then ``repeats`` timed one by one."""
+    def timeit(self, repeats: int, warmup: int = 1, number: int = 1) -> Timed:
+        """``warmup`` untimed calls, then ``repeats`` timed stretches of ``number`` calls each."""
         for _ in range(warmup):
             self.once()
-        return Timed(self.label, tuple(self.once() for _ in range(repeats)))
+        return Timed(self.label, tuple(self.once(number) for _ in range(repeats)))
 
     def adaptive(self, budget_s: float, min_repeats: int = 5, max_repeats: int = 15,
                  stretch_s: float = 0.05, warmup: int = 3) -> Timed:

@@ -55,3 +55,11 @@ def test_interleave_lets_each_run_settle_before_it_starts(monkeypatch):
     timers = [Timer(lambda name=name: events.append(("run", name)), name) for name in "ab"]
     interleave(timers, repeats=1, warmup=0, settle_s=0.2)
     assert events == [("pause", 0.2), ("run", "a"), ("pause", 0.2), ("run", "b")]
+
+
+def test_timeit_times_stretches_of_number_calls_and_reports_seconds_per_call():
+    calls = []
+    timer = Timer(lambda: calls.append(1), clock=_ticking_clock(1.0))
+    timed = timer.timeit(repeats=2, warmup=0, number=4)
+    assert len(calls) == 8
+    assert timed.seconds == (0.25, 0.25)  # one clock tick per stretch, shared by its 4 calls
