@@ -119,8 +119,7 @@ def check_host_memory(network: Network, batch: int, what: str = "batch") -> None
     Devices run large shares in chunks, but the whole batch lives in host memory; without this check an
     oversized batch ends in the kernel's out-of-memory killer rather than in an error line.
     """
-    sample = np.prod(network.input_shape) + np.prod(network.output_shape)
-    needed = int(batch * sample * np.dtype(network.dtype).itemsize)
+    needed = batch * (network.input_bytes + network.output_bytes)
     free = psutil.virtual_memory().available
     if needed > free:
         raise HeteroError(f"{what} {batch} needs {needed / 2**30:.1f} GiB of host memory for its inputs and "

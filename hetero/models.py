@@ -223,6 +223,16 @@ class Network:
         return f"{self.name}@{self.digest}"
 
     @property
+    def input_bytes(self) -> int:
+        """Bytes of one sample's input."""
+        return int(np.prod(self.input_shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of one sample's output."""
+        return int(np.prod(self.output_shape)) * np.dtype(self.dtype).itemsize
+
+    @property
     def forms(self) -> tuple[str, ...]:
         """The forms this network has: "relax" always, "onnx" and "torch" as its origin allows
         (whether their packages are installed is not checked)."""

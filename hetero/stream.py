@@ -355,7 +355,7 @@ def stream(
     resumed = ledger.count()
     ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
                             precision=precision, engine=engine)
-    sample_bytes = int(np.prod(net.input_shape)) * np.dtype(net.dtype).itemsize
+    sample_bytes = net.input_bytes
     engines, profiles = _fastest_per_device(ready.options, sample_bytes)
     taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
     outputs = open_outputs(net, len(data), output, resuming=resumed > 0)

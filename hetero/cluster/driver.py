@@ -310,8 +310,8 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
     for line in notes:
         log.warning(line)
     profiled = [f"{name}/{device}" for name, answer in answers.items() for device in answer["profiled"]]
-    sample_bytes = int(np.prod(net.input_shape)) * np.dtype(net.dtype).itemsize
-    io_bytes = sample_bytes + int(np.prod(net.output_shape)) * np.dtype(net.dtype).itemsize
+    sample_bytes = net.input_bytes
+    io_bytes = sample_bytes + net.output_bytes
     slots = _probed_slots(ray, answers, nodes, workers, sample_bytes, io_bytes, chunk_s, faults)
     if not slots:
         raise HeteroError(f"no device of the cluster can run {net.name}: "

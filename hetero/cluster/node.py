@@ -199,8 +199,7 @@ class NodeWorker:
             ready = prepare_engines(net, self.devices, table, profile_batches, budget_s=budget_s, progress=False,
                                     load=load, precision=precision,
                                     engine=_engine_text(engine, self.node, [d.name for d in self.devices]))
-            sample_bytes = int(np.prod(net.input_shape)) * np.dtype(net.dtype).itemsize
-            engines, chosen = _fastest_per_device(ready.options, sample_bytes)
+            engines, chosen = _fastest_per_device(ready.options, net.input_bytes)
             limits = share_limits(chosen, [e.device for e in engines])
         finally:
             logging.getLogger("hetero").removeHandler(notes)
