@@ -9,7 +9,8 @@ memory-mapped file, so host memory stays flat however many samples there are.
 Nothing finished is lost: each chunk's outputs are flushed to ``<output>.partial`` before the chunk is
 recorded in ``<output>.progress.json``; after Ctrl-C, a crash or a kill, the same command computes
 only what was not recorded, and when every sample is done the partial file becomes the output and the
-record is removed.
+record is removed. Before any work, the output is locked against other runs and the partial file's space
+reserved on disk (hetero.io).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .engines import Engine
 from .errors import HeteroError, one_line
 from .images import ImageFolder
 from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, Fault, plan, prepare_engines, share_limits
+from .io import PARTIAL, open_partial, output_lock
 from .models import Network, get_network
 from .profile import SEED_BATCHES
 from .table import Profile, ProfileTable
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 STREAM_FROM = 1024  # inputs longer than this are streamed; shorter ones run as one split, as in the paper
 TARGET_CHUNK_S = 0.25  # long enough for efficient calls, short enough that the last chunks end together
 MAX_CHUNK_BYTES = 256 << 20  # a chunk's inputs, read while the one before computes
-PARTIAL, PROGRESS = ".partial", ".progress.json"
+PROGRESS = ".progress.json"
 
 
 def streams(samples: int, output: Path) -> bool:
@@ -247,14 +249,27 @@ def open_ledger(network: Network, data: np.ndarray | ImageFolder, inputs: str | 
     return Ledger.open(output.with_name(output.name + PROGRESS), _identity(network, data, source))
 
 
-def open_outputs(network: Network, samples: int, output: Path | None, resuming: bool) -> np.ndarray:
-    shape = (samples, *network.output_shape)
+@contextmanager
+def open_outputs(network: Network, data: np.ndarray | ImageFolder, inputs: str | Path | np.ndarray | ImageFolder,
+                 output: Path | None) -> Iterator[tuple[Ledger, np.ndarray]]:
+    """The record of the samples done and the array the outputs go to, for as long as the stream runs. With
+    an output file, before any work: the output locked against other runs (a HeteroError naming the one
+    that holds it), the record of an earlier, interrupted run into it read (:func:`open_ledger`), and
+    "<output>.partial" memory-mapped with its whole size reserved on disk (a HeteroError where it has no
+    room). A run that ends with no sample done leaves no partial file. Without an output file: both in memory."""
+    shape = (len(data), *network.output_shape)
     if output is None:
-        return np.empty(shape, network.dtype)
-    partial = output.with_name(output.name + PARTIAL)
-    if resuming and partial.exists():
-        return np.lib.format.open_memmap(partial, mode="r+")
-    return np.lib.format.open_memmap(partial, mode="w+", dtype=network.dtype, shape=shape)
+        yield open_ledger(network, data, inputs, None), np.empty(shape, network.dtype)
+        return
+    with output_lock(output):
+        ledger = open_ledger(network, data, inputs, output)
+        outputs = open_partial(output, network.dtype, shape, ledger.path if ledger.count() else None)
+        try:
+            yield ledger, outputs
+        finally:
+            if not ledger.count():  # reserved space, and nothing in it that a later run could resume
+                with suppress(FileNotFoundError):
+                    output.with_name(output.name + PARTIAL).unlink()
 
 
 def run_device_threads(threads: Sequence[threading.Thread], queue: WorkQueue, ledger: Ledger, samples: int,
@@ -351,14 +366,22 @@ def stream(
     net = get_network(network) if isinstance(network, str) else network
     data = open_inputs(inputs, net)
     output = Path(output) if output is not None else None
-    ledger = open_ledger(net, data, inputs, output)
+    with open_outputs(net, data, inputs, output) as (ledger, outputs):
+        return _stream_into(net, devices, data, output, ledger, outputs, table, profile_batches, budget_s, progress,
+                            load, precision, engine)
+
+
+def _stream_into(net: Network, devices: str | Sequence[Device], data: np.ndarray | ImageFolder, output: Path | None,
+                 ledger: Ledger, outputs: np.ndarray, table: str | Path | ProfileTable, profile_batches: Sequence[int],
+                 budget_s: float, progress: bool, load: Callable[[Network, Device], Engine] | None, precision: str,
+                 engine: str | None) -> StreamReport:
+    """:func:`stream` on one machine, once its outputs are held (:func:`open_outputs`)."""
     resumed = ledger.count()
     ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
                             precision=precision, engine=engine)
     sample_bytes = net.input_bytes
     engines, profiles = _fastest_per_device(ready.options, sample_bytes)
     taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
-    outputs = open_outputs(net, len(data), output, resuming=resumed > 0)
     queue = WorkQueue(ledger.pending(len(data)))
     stats = [DeviceStream(e.device.name, e.name, size) for e, size in taking]
     for engine, size in taking:

@@ -7,7 +7,6 @@ overwriting each other, and a file that is not ours is refused rather than repla
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import numpy as np
 from tabulate import tabulate
 
 from .errors import HeteroError
+from .io import LOCK, lock_file
 from .timer import noisy
 
 FORMAT = "hetero-profile-table"
@@ -302,9 +302,8 @@ def _dumps(profiles: dict[Key, Profile]) -> str:
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on "<path>.lock" (flock: excludes other processes and other open tables)."""
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = lock_file(path.with_name(path.name + LOCK), wait=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock

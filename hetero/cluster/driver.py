@@ -40,7 +40,6 @@ from ..stream import (
     chunk_size,
     finish_stream,
     open_inputs,
-    open_ledger,
     open_outputs,
     run_device_threads,
 )
@@ -206,16 +205,14 @@ def stream(
     spec = devices if isinstance(devices, str) else ",".join(d.name for d in devices)
     data = open_inputs(inputs, net)
     output = Path(output) if output is not None else None
-    ledger = open_ledger(net, data, inputs, output)
-    resumed = ledger.count()
     if not isinstance(table, ProfileTable):
         table = ProfileTable.load(Path(table), create=True)
     engine_text = engine or default_engine_choice()
-    with connected(address) as (ray, joined):
+    with open_outputs(net, data, inputs, output) as (ledger, outputs), connected(address) as (ray, joined):
         nodes = cluster_nodes(ray)
         workers = start_workers(ray, nodes, joined)
         try:
-            return _run(ray, net, spec, data, output, ledger, resumed, table, nodes, workers, engine_text,
+            return _run(ray, net, spec, data, output, ledger, outputs, table, nodes, workers, engine_text,
                         precision, profile_batches, budget_s, progress, load, chunk_s)
         finally:
             stop_workers(ray, workers)
@@ -301,10 +298,11 @@ def _check_named(spec: str, nodes: Sequence[Node], found: dict[str, Any]) -> Non
             raise HeteroError(f"device {name!r} is on no node of the cluster ({have})")
 
 
-def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledger: Ledger, resumed: int,
+def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledger: Ledger, outputs: np.ndarray,
          table: ProfileTable, nodes: Sequence[Node], workers: dict[str, Any], engine_text: str, precision: str,
          profile_batches: Sequence[int], budget_s: float, progress: bool, load: Callable | None,
          chunk_s: float) -> StreamReport:
+    resumed = ledger.count()
     answers, faults, notes = _setup_nodes(ray, net, spec, nodes, workers, table, engine_text, precision,
                                           profile_batches, budget_s, load)
     for line in notes:
@@ -317,7 +315,6 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
         raise HeteroError(f"no device of the cluster can run {net.name}: "
                           + "; ".join(f"{f.device}: {f.error}" for f in faults))
     slots = _planned_and_warmed(ray, slots, len(data) - resumed, io_bytes)
-    outputs = open_outputs(net, len(data), output, resuming=resumed > 0)
     queue = WorkQueue(ledger.pending(len(data)))
     bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name} on {len(answers)} nodes",
                disable=not progress, leave=False)
