@@ -1,0 +1,280 @@
+"""The server (python -m hetero.serve) as its clients see it: one server for the module, started as the README
+says, on a tiny ONNX network on the CPU, spoken to by tritonclient's HTTP and gRPC clients unchanged and by
+httpx for the requests no client library would send."""
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hetero
+
+from .conftest import ROOT
+from .test_models import _tiny_onnx
+
+pytest.importorskip("onnx")
+httpx = pytest.importorskip("httpx")
+triton_http = pytest.importorskip("tritonclient.http")
+triton_grpc = pytest.importorskip("tritonclient.grpc")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402 -- after the skips
+from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+MAX_REQUEST_MB = 8
+STARTUP_S = 300  # importing TVM and compiling the network on a loaded 2-core machine
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http: str  # host:port
+    grpc: str
+    model: Path
+    table: Path
+    log: Path
+
+    expected: dict = field(default_factory=dict)  # outputs by the inputs' bytes
+
+    def output_of(self, x: np.ndarray) -> np.ndarray:
+        """What hetero.infer computes for `x`, against which every answer is compared."""
+        if x.tobytes() not in self.expected:
+            self.expected[x.tobytes()] = hetero.infer(str(self.model), "cpu", inputs=x, table=self.table,
+                                                      profile_batches=[1, 8, 64], progress=False).outputs
+        return self.expected[x.tobytes()]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    _tiny_onnx(folder / "tiny.onnx")
+    log = folder / "server.log"
+    # --latency-ms: a deadline no request misses on a busy CI machine; the timeout test names its own
+    command = [sys.executable, "-m", "hetero.serve", "--network", str(folder / "tiny.onnx"), "--device", "cpu",
+               "--http-port", "0", "--grpc-port", "0", "--table", str(folder / "table.json"),
+               "--profile-batches", "1,8,64", "--latency-ms", "5000", "--max-request-mb", str(MAX_REQUEST_MB)]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT,
+                                   env={**os.environ, "HETERO_ENGINE": "tvm"})
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], STARTUP_S)
+        line = process.stdout.readline() if ready else ""
+        ports = re.search(r"http://127\.0\.0\.1:(\d+), gRPC at 127\.0\.0\.1:(\d+)", line)
+        assert ports, f"the server did not start: {line!r}\n{log.read_text()}"
+        yield Server(process, f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}", folder / "tiny.onnx",
+                     folder / "table.json", log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+
+
+def _samples(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, 8, 8)).astype(np.float32)
+
+
+def _http_input(x: np.ndarray, binary: bool):
+    tensor = triton_http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    return tensor
+
+
+def _grpc_input(x: np.ndarray):
+    tensor = triton_grpc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def _json_request(x: np.ndarray, **changes) -> dict:
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist(), **changes}
+    return {"inputs": [tensor]}
+
+
+def test_health_and_metadata_answer_as_the_protocol_says(server):
+    http = triton_http.InferenceServerClient(server.http)
+    grpc = triton_grpc.InferenceServerClient(server.grpc)
+    for client in (http, grpc):
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+    expected = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 8, 8]}],
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 5]}]}
+    metadata = http.get_model_metadata("tiny")
+    assert {key: metadata[key] for key in expected} == expected and metadata["name"] == "tiny"
+    metadata = grpc.get_model_metadata("tiny", as_json=True)
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]] == [
+        ("input", "FP32", [-1, 3, 8, 8])]
+    assert "binary_tensor_data" in grpc.get_server_metadata().extensions
+    server_metadata = httpx.get(f"http://{server.http}/v2").json()
+    assert server_metadata["devices"]["cpu"]["in"] and server_metadata["devices_out"] == []
+    assert httpx.get(f"http://{server.http}/v2/models/other/ready").status_code == 404
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_http_inference_gives_the_outputs_of_infer(server, binary):
+    x = _samples(5)
+    client = triton_http.InferenceServerClient(server.http)
+    result = client.infer("tiny", [_http_input(x, binary)],
+                          outputs=[triton_http.InferRequestedOutput("output", binary_data=binary)], request_id="r1")
+    assert result.get_response()["id"] == "r1"
+    np.testing.assert_allclose(result.as_numpy("output"), server.output_of(x), rtol=1e-5, atol=1e-5)
+
+
+def test_grpc_inference_gives_the_outputs_of_infer_from_raw_and_typed_contents(server):
+    x = _samples(3, seed=1)
+    expected = server.output_of(x)
+    client = triton_grpc.InferenceServerClient(server.grpc)
+    np.testing.assert_allclose(client.infer("tiny", [_grpc_input(x)]).as_numpy("output"), expected,
+                               rtol=1e-5, atol=1e-5)
+    # typed contents, which tritonclient never sends: the protocol's own stub, from tritonclient's generated code
+    request = service_pb2.ModelInferRequest(model_name="tiny", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=list(x.shape),
+        contents=service_pb2.InferTensorContents(fp32_contents=x.ravel().tolist()))])
+    with triton_grpc.grpc.insecure_channel(server.grpc) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    outputs = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+
+
+def _good_request_answers(server) -> None:
+    """The server still computes a good request correctly."""
+    x = _samples(2, seed=2)
+    answer = httpx.post(f"http://{server.http}/v2/models/tiny/infer", json=_json_request(x), timeout=60)
+    assert answer.status_code == 200, answer.text
+    outputs = answer.json()["outputs"][0]
+    np.testing.assert_allclose(np.reshape(outputs["data"], outputs["shape"]), server.output_of(x), rtol=1e-5, atol=1e-5)
+
+
+def _binary_body(header: dict, data: bytes) -> tuple[bytes, dict]:
+    text = json.dumps(header).encode()
+    return text + data, {"Inference-Header-Content-Length": str(len(text))}
+
+
+x1 = _samples(1)
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"inputs": [', {}, "not JSON"),
+    "not an object": (b"[1, 2]", {}, "JSON object"),
+    "wrong input name": (json.dumps(_json_request(x1, name="x")).encode(), {}, "unknown input 'x'"),
+    "wrong shape": (json.dumps(_json_request(x1, shape=[1, 3, 8, 9])).encode(), {}, "has shape [1, 3, 8, 9]"),
+    "wrong datatype": (json.dumps(_json_request(x1, datatype="INT32")).encode(), {}, "datatype 'INT32'"),
+    "too few values": (json.dumps(_json_request(x1, data=[1.0, 2.0])).encode(), {}, "has 2 values"),
+    "values not numbers": (json.dumps(_json_request(x1, data=["a"] * 192)).encode(), {}, "must be numbers"),
+    "wrong byte count": _binary_body({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 8, 8],
+                                                  "parameters": {"binary_data_size": 100}}]}, bytes(100)) + ("has 100 bytes",),
+    "unclaimed bytes": _binary_body(_json_request(x1), bytes(8)) + ("no input's binary_data_size claims",),
+    "oversized": (bytes((MAX_REQUEST_MB << 20) + 1), {}, "more than the server's limit"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_request_gets_400_with_an_error_and_the_server_goes_on(server, case):
+    body, headers, message = BAD_REQUESTS[case]
+    answer = httpx.post(f"http://{server.http}/v2/models/tiny/infer", content=body, headers=headers, timeout=60)
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    _good_request_answers(server)
+
+
+def test_an_unknown_model_gets_404_and_not_found(server):
+    answer = httpx.post(f"http://{server.http}/v2/models/other/infer", json=_json_request(x1), timeout=60)
+    assert answer.status_code == 404 and "unknown model 'other'" in answer.json()["error"]
+    with pytest.raises(InferenceServerException) as refused:
+        triton_grpc.InferenceServerClient(server.grpc).infer("other", [_grpc_input(x1)])
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_a_bad_grpc_request_gets_invalid_argument_and_the_server_goes_on(server):
+    client = triton_grpc.InferenceServerClient(server.grpc)
+    tensor = triton_grpc.InferInput("input", [1, 3, 8, 9], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 3, 8, 9), np.float32))
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("tiny", [tensor])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "has shape [1, 3, 8, 9]" in refused.value.message()
+    np.testing.assert_allclose(client.infer("tiny", [_grpc_input(x1)]).as_numpy("output"), server.output_of(x1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_an_impossible_timeout_is_refused_at_once_with_429(server):
+    """1 µs is gone before the request reaches the batcher, whose admission predicts the deadline missed: it
+    refuses the request at once (429, RESOURCE_EXHAUSTED) rather than queueing it to expire (504)."""
+    answer = httpx.post(f"http://{server.http}/v2/models/tiny/infer",
+                        json={**_json_request(x1), "parameters": {"timeout": 1}}, timeout=60)
+    assert answer.status_code == 429 and int(answer.headers["Retry-After"]) >= 1, answer.text
+    assert "deadline" in answer.json()["error"]
+    with pytest.raises(InferenceServerException) as refused:
+        triton_http.InferenceServerClient(server.http).infer("tiny", [_http_input(x1, True)], timeout=1)
+    assert refused.value.status() == "429"
+    with pytest.raises(InferenceServerException) as refused:
+        triton_grpc.InferenceServerClient(server.grpc).infer("tiny", [_grpc_input(x1)], timeout=1)
+    assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+
+
+def _metrics(server) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"http://{server.http}/metrics").text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_requests_outcomes_and_batch_sizes(server):
+    client = triton_http.InferenceServerClient(server.http)
+    client.infer("tiny", [_http_input(_samples(4), True)])
+    triton_grpc.InferenceServerClient(server.grpc).infer("tiny", [_grpc_input(_samples(4))])
+    httpx.post(f"http://{server.http}/v2/models/tiny/infer", content=b"{")
+    metrics = _metrics(server)
+    assert metrics[("hetero_requests_total", (("outcome", "ok"), ("protocol", "http")))] >= 1
+    assert metrics[("hetero_requests_total", (("outcome", "ok"), ("protocol", "grpc")))] >= 1
+    assert metrics[("hetero_requests_total", (("outcome", "bad_request"), ("protocol", "http")))] >= 1
+    assert metrics[("hetero_batch_size_count", (("device", "cpu"),))] >= 2
+    assert metrics[("hetero_batch_size_sum", (("device", "cpu"),))] >= 8
+    assert metrics[("hetero_goodput_total", ())] >= 2 and metrics[("hetero_answered_total", ())] >= 2
+    assert metrics[("hetero_device_out", (("device", "cpu"),))] == 0
+    assert metrics[("hetero_requests_in_flight", ())] == 0
+
+
+def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(server):
+    """Runs last: it stops the module's server. A request whose body is still arriving when SIGTERM comes is
+    answered in full; meanwhile neither protocol takes a new request."""
+    x = _samples(16, seed=3)
+    body, headers = _binary_body({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                              "parameters": {"binary_data_size": x.nbytes}}],
+                                  "parameters": {"binary_data_output": True}}, x.tobytes())
+    half = len(body) // 2
+    resume = threading.Event()
+
+    def slowly():
+        yield body[:half]
+        resume.wait(60)
+        yield body[half:]
+
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"http://{server.http}/v2/models/tiny/infer", content=slowly(), headers=headers, timeout=60)))
+    sender.start()
+    try:
+        deadline = time.monotonic() + 30
+        while _metrics(server)[("hetero_requests_in_flight", ())] < 1:
+            assert time.monotonic() < deadline, "the request never reached the server"
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # uvicorn looks for the signal every 0.1 s
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://{server.http}/v2/health/live", timeout=5)
+        with pytest.raises(InferenceServerException):
+            triton_grpc.InferenceServerClient(server.grpc).infer("tiny", [_grpc_input(x1)], client_timeout=5)
+        assert server.process.poll() is None, "the server exited with a request in flight"
+    finally:
+        resume.set()
+        sender.join(60)
+    assert len(answers) == 1 and answers[0].status_code == 200, answers and answers[0].text
+    length = int(answers[0].headers["Inference-Header-Content-Length"])
+    outputs = np.frombuffer(answers[0].content[length:], "<f4").reshape(json.loads(answers[0].content[:length])[
+        "outputs"][0]["shape"])
+    np.testing.assert_allclose(outputs, server.output_of(x), rtol=1e-5, atol=1e-5)
+    assert server.process.wait(60) == 0, server.log.read_text()
