@@ -43,7 +43,7 @@ from .inference import (
     reserve_cores,
     share_limits,
 )
-from .models import get_network
+from .models import Network, get_network
 from .profile import SEED_BATCHES
 from .selection import AUTO, candidate_engines, parse_engine_choice
 from .stream import stream
@@ -144,41 +144,84 @@ def benchmark(
     return BenchmarkResult(net.name, batch, results, batch / next(timed), partition_s * 1e6)
 
 
+LOOP_BATCH = 256  # the batch of the plain loops a stream is compared with, as PyTorch's guides use
+ALONE_S = 5.0  # a device streams alone for about this long at most
+
+
 @dataclass
-class StreamResult:
-    network: str
+class StreamFigures:
+    """One device streaming a host array, beside its best engine run plainly and on resident inputs."""
+
+    device: Device
+    engine: str
     samples: int
-    alone_img_s: dict[str, float]  # each device streaming the whole input by itself
-    stream_img_s: float  # every device at once
+    stream_img_s: float  # hetero.stream, host array in, outputs returned
+    file_img_s: float  # hetero.stream from a .npy in the page cache into a .npy
+    loop_img_s: float  # the engine's plain loop over the same host array
+    resident_img_s: float | None  # the engine on inputs already on the device
 
-    @property
-    def ideal_img_s(self) -> float:
-        return sum(self.alone_img_s.values())
+    def line(self, network: str) -> str:
+        resident = (f"; resident {self.resident_img_s:.0f}; stream/resident {_ratio(self.stream_img_s, self.resident_img_s)}"
+                    f"; file/resident {_ratio(self.file_img_s, self.resident_img_s)}" if self.resident_img_s else "")
+        return (f"stream {self.device.name} {network} {self.device.precision}, {self.samples} samples: "
+                f"{self.stream_img_s:.0f} img/s; "
+                f"from a .npy {self.file_img_s:.0f}; loop ({self.engine}) {self.loop_img_s:.0f}{resident}; "
+                f"stream/loop {_ratio(self.stream_img_s, self.loop_img_s)}")
 
 
-def benchmark_stream(network: str, devices: Sequence[Device], samples: int, table: ProfileTable,
+def host_array(net: Network, samples: int) -> np.ndarray:
+    """`samples` inputs in host memory: random batches repeated (their values do not change the speed)."""
+    block = net.random_input(min(samples, LOOP_BATCH))
+    return np.concatenate([block] * (-(-samples // len(block))))[:samples]
+
+
+def benchmark_stream(net: Network, devices: Sequence[Device], samples: int, table: ProfileTable,
                      profile_batches: Sequence[int] = SEED_BATCHES, budget_s: float = DEFAULT_BUDGET_S,
-                     engine: str = AUTO) -> StreamResult:
-    """A stream of `samples` random samples from a .npy file into another: each device alone, then all."""
-    net = get_network(network)
-    devices = reserve_cores(devices)
-    options = dict(table=table, profile_batches=profile_batches, budget_s=budget_s, progress=False, engine=engine)
+                     engine: str = AUTO, repeats: int = 3) -> tuple[list[StreamFigures], float | None]:
+    """Per device: a stream from a host array and from a .npy file, against that device's engine in a plain
+    loop over the same array and on resident inputs (medians of `repeats`), over `samples` samples or,
+    for a device that would take longer, about ALONE_S of them; then, with several devices, the stream of
+    all `samples` over all of them (its img/s, else None)."""
+    options = dict(table=table, profile_batches=profile_batches, budget_s=budget_s, progress=False)
+    choice = parse_engine_choice(engine, devices)
+    inputs = host_array(net, samples)
+
+    def engines_of(on: Sequence[Device]) -> str:
+        return ",".join(f"{device.name}={choice[device.name]}" for device in on)
+
+    def streamed(on: Sequence[Device], source: np.ndarray | Path, target: Path | None = None) -> tuple[float, str]:
+        reports = [stream(net, on, source, target, engine=engines_of(on), **options) for _ in range(repeats)]
+        return statistics.median(r.throughput for r in reports), reports[-1].devices[0].engine
+
+    figures = []
     with tempfile.TemporaryDirectory(prefix="hetero-stream-") as folder:
-        source, target = Path(folder) / "inputs.npy", Path(folder) / "outputs.npy"
-        inputs = np.lib.format.open_memmap(source, mode="w+", dtype=net.dtype, shape=(samples, *net.input_shape))
-        for first in range(0, samples, 1024):  # written in pieces: the input may be larger than memory
-            inputs[first : first + 1024] = net.random_input(min(1024, samples - first), seed=first)
-        inputs.flush()
-        del inputs
-        alone = {device.name: stream(net, [device], source, target, **options).throughput for device in devices}
-        together = stream(net, devices, source, target, **options).throughput
-    return StreamResult(net.name, samples, alone, together)
+        for device in devices:
+            first = stream(net, [device], inputs[: min(samples, 4 * LOOP_BATCH)], engine=engines_of([device]),
+                           **options)  # warms, and sizes the run
+            alone = inputs[: max(min(samples, int(first.throughput * ALONE_S)), LOOP_BATCH)]
+            source = Path(folder) / "inputs.npy"
+            np.save(source, alone)  # written now, so it is in the page cache
+            stream_img_s, name = streamed([device], alone)
+            file_img_s, _ = streamed([device], source, Path(folder) / "outputs.npy")
+            chosen = load_engine(net, reserve_cores([device])[0], name)
+            loop_s = Timer(lambda: chosen.on_worker(chosen.plain_loop, alone, LOOP_BATCH).result()).timeit(repeats).median
+            resident = chosen.on_worker(chosen.resident_throughput, LOOP_BATCH).result()
+            figures.append(StreamFigures(device, name, len(alone), stream_img_s, file_img_s, len(alone) / loop_s,
+                                         resident))
+    together = streamed(devices, inputs)[0] if len(devices) > 1 else None
+    return figures, together
 
 
-def format_stream(result: StreamResult) -> str:
-    devices = ", ".join(f"{name} {rate:.1f}" for name, rate in result.alone_img_s.items())
-    return (f"stream of {result.samples} samples: {result.stream_img_s:.1f} img/s; each device streaming alone "
-            f"(img/s): {devices}; stream/ideal {result.stream_img_s / result.ideal_img_s:.2f}")
+def format_stream(network: str, devices: Sequence[Device], samples: int, figures: list[StreamFigures],
+                  together: float | None) -> str:
+    lines = [f"- {f.line(network)}" for f in figures]
+    if together is not None:
+        best = max(figures, key=lambda f: f.stream_img_s)
+        lines.append(f"- stream {','.join(d.name for d in devices)} {network}: {together:.0f} img/s; best device "
+                     f"alone ({best.device.name}) {best.stream_img_s:.0f}; together/best-alone "
+                     f"{_ratio(together, best.stream_img_s)}")
+    return (f"host array in, outputs returned (from a .npy: into a .npy); together: {samples} samples\n\n"
+            + "\n".join(lines))
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -245,10 +288,11 @@ def main(argv: list[str]) -> int:
     parser = Parser(prog="python -m hetero.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", required=True, help="one or more networks, comma-separated")
     parser.add_argument("--device", default="cpu", help="comma-separated devices, e.g. cpu,gpu0")
-    parser.add_argument("--batch", type=batch_list, required=True, help="one or more batch sizes, comma-separated")
+    parser.add_argument("--batch", type=batch_list, default=[], help="one or more batch sizes, comma-separated")
     parser.add_argument("--engine", default=AUTO, help="engines to measure (as Inference.py's --engine; default auto)")
     parser.add_argument("--stream", type=positive_int, metavar="SAMPLES",
-                        help="also stream this many samples from a file, each device alone and all together")
+                        help="stream this many samples: each device from a host array and from a .npy, beside its "
+                             "engine's plain loop and on resident inputs; then all devices together")
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
@@ -261,6 +305,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--machine", default=platform.node(), help="this machine's name in the page")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if not args.batch and not args.stream:
+        parser.error("give --batch, --stream or both")
 
     devices = with_precision(parse_devices(args.device), args.precision)
     table = ProfileTable.load(args.table, create=True)
@@ -275,10 +321,11 @@ def main(argv: list[str]) -> int:
             print(f"\n{network}, batch {batch}, devices {args.device}\n{text}", flush=True)
             sections.append(f"### {network}, batch {batch}, `{args.device}`\n\n{text}\n")
         if args.stream:
-            text = format_stream(benchmark_stream(network, devices, args.stream, table, args.profile_batches,
-                                                  args.budget, args.engine))
-            print(f"\n{network}, {text}", flush=True)
-            sections.append(f"### {network}, `{args.device}`, {text}\n")
+            figures, together = benchmark_stream(get_network(network), devices, args.stream, table,
+                                                 args.profile_batches, args.budget, args.engine, args.repeats)
+            text = format_stream(network, devices, args.stream, figures, together)
+            print(f"\n{network}, stream: {text}", flush=True)
+            sections.append(f"### {network}, stream, `{args.device}`\n\n{text}\n")
     write_section(args.markdown, args.machine, f"{stamp}, commit {_commit()}: `{command}`\n\n" + "\n".join(sections))
     return 0
 

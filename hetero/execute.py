@@ -17,7 +17,8 @@ import numpy as np
 
 from .devices import Device
 from .engines import Engine, Timing
-from .errors import HeteroError, one_line
+from .errors import HeteroError
+from .feed import DeviceStream, feed_batch
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,15 @@ class ShareResult:
 Replan = Callable[[list[int], int], tuple[list[int], list[float]]]
 
 
-def _run_share(engine: Engine, share: ShareResult, batch: np.ndarray, limit: int | None, begin: float) -> list:
-    """On the engine's worker: the share as consecutive calls of at most `limit` samples, up to the first failure.
-
-    Returns the outputs of the calls that succeeded; the share records how far it got and why it stopped.
-    """
-    step = limit or len(batch)
-    outputs, timings = [], []
-    for first in range(0, len(batch), step):
-        share.calls += 1
-        try:
-            out, timing = engine.compute(batch[first : first + step])
-        except Exception as exc:  # out of memory, a driver error: the caller moves the rest elsewhere
-            share.error = one_line(exc)
-            break
-        outputs.append(out)
-        timings.append(timing)
-        share.completed += len(out)
-    if timings:
-        share.timing = Timing.summed(timings)
+def _run_share(engine: Engine, share: ShareResult, batch: np.ndarray, limit: int | None, begin: float) -> np.ndarray:
+    """On the engine's worker: the share through the data path in calls of at most `limit` samples, up to the
+    first failure. Returns the outputs of the samples done, in order; the share records how far it got
+    and why it stopped."""
+    stats = DeviceStream(engine.device.name, engine.name, limit or len(batch))
+    outputs = feed_batch(engine, batch, min(limit or len(batch), len(batch)), stats)
+    share.calls = stats.chunks + (stats.error is not None)
+    share.completed, share.error = stats.samples, stats.error
+    share.timing = stats.timing if stats.chunks else None
     share.wall_s = time.perf_counter() - begin
     return outputs
 
@@ -116,8 +107,8 @@ def run_split(
         for future in done:
             i, share = running.pop(future)
             outputs = future.result()
-            if outputs:
-                pieces.append((share.start, np.concatenate(outputs, axis=0)))
+            if len(outputs):
+                pieces.append((share.start, outputs))
             if share.error is None:
                 continue
             working.discard(i)

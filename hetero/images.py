@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HeteroError, one_line
+from .errors import HeteroError, UnreadableInput, one_line
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -74,5 +74,5 @@ class ImageFolder:
                 left, top = (image.width - width) // 2, (image.height - height) // 2
                 pixels = np.asarray(image.crop((left, top, left + width, top + height)), np.float32)
         except (OSError, ValueError) as exc:  # not an image, truncated, an unknown mode
-            raise HeteroError(f"{path}: cannot decode the image ({one_line(exc)})") from None
+            raise UnreadableInput(f"{path}: cannot decode the image ({one_line(exc)})") from None
         return ((pixels / 255 - MEAN) / STD).transpose(2, 0, 1)

@@ -1,10 +1,12 @@
 """Bulk inference: any number of samples, pulled in chunks by every device until none are left.
 
 A split of one batch plans each device's share once, so a device that slows down holds up the whole
-batch. A stream instead keeps one queue of samples that each device pulls from, a chunk at a time,
-each device's chunk sized from its profile to take about the same time (TARGET_CHUNK_S), the next
-chunk read from the input while the current one computes. Outputs land in input order in a
-memory-mapped file, so host memory stays flat however many samples there are.
+batch. A stream instead keeps one queue of samples that each device pulls from through the data path
+(hetero.feed), a chunk at a time, each device's chunk sized to take about the same time
+(TARGET_CHUNK_S), first from its profile and then from its measured throughput, with as many chunks
+in flight as its engine overlaps. Inputs are read straight from the array or memory-mapped file into
+each engine's staging; outputs land in input order in a memory-mapped file, so host memory stays flat
+however many samples there are.
 
 Nothing finished is lost: each chunk's outputs are flushed to ``<output>.partial`` before the chunk is
 recorded in ``<output>.progress.json``; after Ctrl-C, a crash or a kill, the same command computes
@@ -22,7 +24,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from tqdm import tqdm
 
 from .devices import DEFAULT_PRECISION, Device
 from .engines import Engine
-from .errors import HeteroError, one_line
+from .errors import HeteroError, UnreadableInput, one_line
+from .feed import MAX_CHUNK_BYTES, TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, feed
 from .images import ImageFolder
 from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, Fault, plan, prepare_engines, share_limits
 from .io import PARTIAL, open_partial, output_lock
@@ -43,8 +45,6 @@ from .table import Profile, ProfileTable
 log = logging.getLogger(__name__)
 
 STREAM_FROM = 1024  # inputs longer than this are streamed; shorter ones run as one split, as in the paper
-TARGET_CHUNK_S = 0.25  # long enough for efficient calls, short enough that the last chunks end together
-MAX_CHUNK_BYTES = 256 << 20  # a chunk's inputs, read while the one before computes
 PROGRESS = ".progress.json"
 
 
@@ -56,23 +56,6 @@ def streams(samples: int, output: Path) -> bool:
 
 class StreamInterrupted(KeyboardInterrupt):
     """Ctrl-C during a stream: the finished chunks are kept, and the message says how to resume."""
-
-
-@dataclass
-class DeviceStream:
-    """What one device did in a stream."""
-
-    device: str
-    engine: str
-    chunk: int  # samples per chunk
-    samples: int = 0
-    chunks: int = 0
-    busy_s: float = 0.0  # computing, copies included
-    error: str | None = None
-
-    @property
-    def throughput(self) -> float:
-        return self.samples / self.busy_s if self.busy_s else 0.0
 
 
 @dataclass
@@ -98,7 +81,7 @@ class StreamReport:
         return {
             "network": self.network, "samples": self.samples, "resumed": self.resumed, "computed": self.computed,
             "wall_ms": self.wall_s * 1e3, "throughput_img_s": self.throughput, "profiled": self.profiled,
-            "devices": [vars(d) | {"img_s": d.throughput} for d in self.devices],
+            "devices": [vars(d) | {"img_s": d.throughput, "timing": vars(d.timing)} for d in self.devices],
             "faults": [vars(f) for f in self.faults],
         }
 
@@ -162,52 +145,6 @@ class Ledger:
         if self.path is not None:
             with suppress(FileNotFoundError):
                 self.path.unlink()
-
-
-class WorkQueue:
-    """The ranges of samples still to compute; each device takes the next `size` samples of the first range.
-
-    A range taken is in flight until it is done or given back (its device failed); a device that finds
-    nothing to take waits while others have ranges in flight, since a failure may give one back.
-    """
-
-    def __init__(self, ranges: list[tuple[int, int]]):
-        self._ranges = list(ranges)
-        self._in_flight = 0
-        self._changed = threading.Condition()
-        self._stopped = False
-
-    def take(self, size: int, wait: bool = True) -> tuple[int, int] | None:
-        with self._changed:
-            while wait and not self._ranges and self._in_flight and not self._stopped:
-                self._changed.wait()
-            if self._stopped or not self._ranges:
-                return None
-            start, end = self._ranges[0]
-            taken = (start, min(end, start + size))
-            if taken[1] == end:
-                self._ranges.pop(0)
-            else:
-                self._ranges[0] = (taken[1], end)
-            self._in_flight += 1
-            return taken
-
-    def done(self) -> None:
-        with self._changed:
-            self._in_flight -= 1
-            self._changed.notify_all()
-
-    def give_back(self, taken: tuple[int, int]) -> None:
-        with self._changed:
-            self._ranges.insert(0, taken)
-            self._in_flight -= 1
-            self._changed.notify_all()
-
-    def stop(self) -> None:
-        """Hand out nothing more (Ctrl-C): each device finishes the chunk it computes."""
-        with self._changed:
-            self._stopped = True
-            self._changed.notify_all()
 
 
 def open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network) -> np.ndarray | ImageFolder:
@@ -378,7 +315,8 @@ def _stream_into(net: Network, devices: str | Sequence[Device], data: np.ndarray
     """:func:`stream` on one machine, once its outputs are held (:func:`open_outputs`)."""
     resumed = ledger.count()
     ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
-                            precision=precision, engine=engine)
+                            precision=precision, engine=engine,
+                            pick=lambda options: _fastest_per_device(options, net.input_bytes)[0])
     sample_bytes = net.input_bytes
     engines, profiles = _fastest_per_device(ready.options, sample_bytes)
     taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
@@ -388,50 +326,28 @@ def _stream_into(net: Network, devices: str | Sequence[Device], data: np.ndarray
         engine.on_worker(engine.prepare, size).result()
     bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name}", disable=not progress, leave=False)
 
-    def read(taken: tuple[int, int]) -> np.ndarray:
-        return np.array(data[taken[0]:taken[1]], dtype=net.dtype)
+    def deliver(start: int, end: int, result: np.ndarray) -> None:
+        outputs[start:end] = result
+        if isinstance(outputs, np.memmap):
+            outputs.flush()  # on disk before it is recorded as done
+        ledger.record(start, end)
+        bar.update(end - start)
+        bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in stats))
 
-    def work(engine: Engine, size: int, stat: DeviceStream) -> None:
-        """Take a chunk, read the next while computing it, write its outputs, record it; until none is left."""
-        with ThreadPoolExecutor(1, f"hetero-{engine.device.name}-read") as reader:
-            current = queue.take(size)
-            staged = reader.submit(read, current) if current else None
-            while current is not None:
-                try:
-                    batch = staged.result()
-                except HeteroError as exc:  # an image that does not decode: the input is bad, not the device
-                    unreadable.append(str(exc))
-                    queue.give_back(current)
-                    queue.stop()
-                    return
-                following = queue.take(size, wait=False)
-                staged = reader.submit(read, following) if following else None
-                begun = time.perf_counter()
-                try:
-                    result, _ = engine.infer(batch)
-                except Exception as exc:  # out of memory, a lost device: the others take its samples
-                    stat.error = one_line(exc)
-                    queue.give_back(current)
-                    if following:
-                        queue.give_back(following)
-                    return
-                stat.busy_s += time.perf_counter() - begun
-                outputs[current[0]:current[1]] = result
-                if isinstance(outputs, np.memmap):
-                    outputs.flush()  # on disk before it is recorded as done
-                ledger.record(*current)
-                queue.done()
-                stat.samples += current[1] - current[0]
-                stat.chunks += 1
-                bar.update(current[1] - current[0])
-                bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in stats))
-                current = following
-                if current is None:
-                    current = queue.take(size)
-                    staged = reader.submit(read, current) if current else None
+    def run_device(engine: Engine, size: int, stat: DeviceStream) -> None:
+        sizer = ChunkSizer(size, share_limits([profile_of[id(engine)]], [engine.device])[0], sample_bytes)
+        try:
+            engine.on_worker(feed, engine, queue, read, deliver, stat, sizer, decodes).result()
+        except UnreadableInput as exc:
+            unreadable.append(str(exc))
+
+    def read(start: int, end: int) -> np.ndarray:
+        return data[start:end]  # a view of an array or a memory-mapped file: the engine copies from it
 
     unreadable: list[str] = []
-    threads = [threading.Thread(target=work, args=(engine, size, stat), name=f"hetero-stream-{engine.device.name}")
+    decodes = isinstance(data, ImageFolder)
+    profile_of = {id(engine): profile for engine, profile in zip(engines, profiles)}
+    threads = [threading.Thread(target=run_device, args=(engine, size, stat), name=f"hetero-stream-{engine.device.name}")
                for (engine, size), stat in zip(taking, stats)]
     wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
     faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]

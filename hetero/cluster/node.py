@@ -25,6 +25,7 @@ import numpy as np
 from ..devices import Device, available_devices, parse_devices
 from ..engines import Engine
 from ..errors import HeteroError, one_line
+from ..feed import DeviceStream, feed_batch
 from ..inference import prepare_engines, share_limits
 from ..models import Network, get_network, network_names
 from ..selection import AUTO
@@ -198,7 +199,8 @@ class NodeWorker:
         try:
             ready = prepare_engines(net, self.devices, table, profile_batches, budget_s=budget_s, progress=False,
                                     load=load, precision=precision,
-                                    engine=_engine_text(engine, self.node, [d.name for d in self.devices]))
+                                    engine=_engine_text(engine, self.node, [d.name for d in self.devices]),
+                                    pick=lambda options: _fastest_per_device(options, net.input_bytes)[0])
             engines, chosen = _fastest_per_device(ready.options, net.input_bytes)
             limits = share_limits(chosen, [e.device for e in engines])
         finally:
@@ -238,14 +240,10 @@ class NodeWorker:
 
         def run() -> tuple[np.ndarray, float]:
             started = time.perf_counter()
-            step = min(limit or len(chunk), len(chunk))
-            if step == len(chunk):
-                out, _ = engine.compute(chunk)
-                out = out if out.flags.owndata else np.array(out)  # an engine's buffer is reused by its next call
-            else:
-                out = np.empty((len(chunk), *engine.network.output_shape), engine.network.dtype)
-                for first in range(0, len(chunk), step):
-                    out[first:first + step], _ = engine.compute(chunk[first:first + step])
+            stats = DeviceStream(device, engine.name, limit or len(chunk))
+            out = feed_batch(engine, chunk, min(limit or len(chunk), len(chunk)), stats)
+            if stats.error is not None:
+                raise HeteroError(stats.error)
             return out, time.perf_counter() - started
 
         out, compute_s = engine.on_worker(run).result()

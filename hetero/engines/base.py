@@ -2,8 +2,12 @@
 
 An engine is one network resident on one device: it is prepared once (compiled, loaded, weights
 uploaded), computes a batch from host memory to host memory with the seconds spent copying in,
-computing and copying out, and is closed. Everything else in hetero (profiling, planning, the split
-run) talks to engines through this class only.
+computing and copying out, and is closed. Everything else in hetero (profiling, planning, the data
+path of hetero.feed) talks to engines through this class only.
+
+A call is launched (:meth:`Engine.launch`) and its result waited for later, so that an accelerator's
+engine can stage, upload and compute several calls at once; an engine that does not overlap calls
+computes each as it is launched.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -48,15 +52,43 @@ class Timing:
 
 
 def copy_threads() -> int:
-    """Host threads that feed one accelerator, its engine's worker included.
+    """Host threads that copy one accelerator's inputs into its page-locked staging.
 
     One core copies at a few GB/s (3.7 GB/s into page-locked memory on the 32-core Xeon host of the
     H100 machines: slower than the driver's own pageable path), a GPU's DMA at ten times that; so
     hosts of 8 cores and more give each accelerator one per 4 cores, up to 4 (on the 16-core H200
     host, mobilenet's 256-sample call took 13.5 ms with 4 against 18.3 with 2), and
-    hetero.inference.reserve_cores keeps them free.
+    hetero.inference.reserve_cores keeps them free. $HETERO_COPY_THREADS sets another count.
     """
+    if os.environ.get("HETERO_COPY_THREADS", "").isdigit():  # to measure other counts
+        return max(1, int(os.environ["HETERO_COPY_THREADS"]))
     return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+class ParallelCopy:
+    """Copies rows with `threads` threads of its own (numpy releases the GIL while it copies), so that a
+    copy into an accelerator's staging runs at several cores' speed and beside the caller's own work."""
+
+    MIN_BYTES = 4 << 20  # smaller copies are not split
+
+    def __init__(self, threads: int, name: str):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, name)
+
+    def start(self, destination: np.ndarray, source: np.ndarray) -> list[Future]:
+        """Begin copying `source` into `destination` (casting to its dtype); the copy is done when every
+        future is. `source` must not change until then."""
+        parts = 1 if source.nbytes < self.MIN_BYTES else max(1, min(self.threads, len(source)))
+        bounds = np.linspace(0, len(source), parts + 1, dtype=int)
+        return [self._pool.submit(np.copyto, destination[first:last], source[first:last], casting="unsafe")
+                for first, last in zip(bounds[:-1], bounds[1:])]
+
+    def __call__(self, destination: np.ndarray, source: np.ndarray) -> None:
+        for done in self.start(destination, source):
+            done.result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown()
 
 
 def cpu_threads(device: Device) -> int:
@@ -69,6 +101,30 @@ def profile_key(device: Device, engine: str, version: str) -> str:
     return f"{device.key}{KEY_FIELDS}{ENGINE_FIELD}{engine} {version}"
 
 
+class Call(Protocol):
+    """One call launched on an engine."""
+
+    def result(self) -> tuple[np.ndarray, Timing]:
+        """Wait for the call: its outputs, valid until the engine's next launch, and its Timing."""
+
+
+class Finished:
+    """A call computed as it was launched."""
+
+    def __init__(self, outputs: np.ndarray, timing: Timing):
+        self._result = (outputs, timing)
+
+    def result(self) -> tuple[np.ndarray, Timing]:
+        return self._result
+
+
+def wait_all(futures: Sequence[Future]) -> None:
+    """Wait for every future, raising the first failure."""
+    wait(futures)
+    for future in futures:
+        future.result()
+
+
 class Engine(ABC):
     """A network resident on one device.
 
@@ -79,6 +135,7 @@ class Engine(ABC):
 
     name: ClassVar[str]  # what users pass to --engine
     package: ClassVar[str]  # the extra that installs it: pip install 'hetero[<package>]'
+    in_flight = 1  # the calls it overlaps: a caller keeps this many launched before waiting for the first
 
     def __init__(self, network: Network, device: Device):
         self.network = network
@@ -128,6 +185,22 @@ class Engine(ABC):
     @abstractmethod
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
         """What :meth:`compute` does: the engine's own call."""
+
+    def launch(self, batch: np.ndarray) -> Call:
+        """Start one call of `batch`, on the worker thread. `batch` may be a view of the caller's samples,
+        read while the call runs: it must not change until the call's result is taken. An engine that
+        overlaps calls (`in_flight` > 1) returns at once; here the call is computed before it returns."""
+        return Finished(*self.compute(batch))
+
+    def plain_loop(self, inputs: np.ndarray, batch: int) -> np.ndarray:
+        """`inputs` (a host array) the way the engine's own guide runs one: a call of `batch` samples after
+        another, each waited for; the outputs. The baseline a stream is measured against."""
+        return np.concatenate([self.run(inputs[first : first + batch])[0] for first in range(0, len(inputs), batch)])
+
+    def resident_throughput(self, batch: int, seconds: float = 2.0) -> float | None:
+        """Samples per second computed from inputs already on the device, in calls of `batch` (what the
+        device computes when nothing is copied); None where inputs live in host memory anyway."""
+        return None
 
     def call_sizes(self, samples: int, limit: int | None = None) -> set[int]:
         """The sizes of the calls a share of `samples` in calls of at most `limit` makes."""

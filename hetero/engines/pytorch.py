@@ -1,20 +1,120 @@
 """PyTorch's engines, configured as PyTorch's own inference guides start: the module in eval mode under
 ``torch.inference_mode``, channels_last memory format, ``cudnn.benchmark`` on (cuDNN times its
 convolution algorithms per shape and keeps the fastest), inputs staged in pinned memory; and the same
-module through ``torch.compile`` (inductor, default mode) as a second engine."""
+module through ``torch.compile`` (inductor, default mode) as a second engine.
+
+On a CUDA GPU several calls are in flight at once (:class:`CudaPipeline`): while the GPU computes one,
+the host's copy threads stage the next in page-locked memory and the copy engine uploads it.
+"""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from ..devices import Device
 from ..models import Network
-from .base import Engine, Timing, cpu_threads
+from . import engine_version
+from .base import Engine, ParallelCopy, Timing, copy_threads, cpu_threads, wait_all
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16}
+SLOTS = 4  # calls in flight on a GPU: one staging on the host, one uploading, one computing, one spare
+
+
+class _Slot:
+    """One call's buffers on a GPU: its inputs in page-locked host memory and on the device, its outputs
+    back in page-locked memory; grown to the largest call and reused, so a call allocates nothing."""
+
+    def __init__(self, device: torch.device, sample_shape: tuple[int, ...], output_shape: tuple[int, ...]):
+        self._device, self._sample_shape, self._output_shape = device, sample_shape, output_shape
+        self.capacity = 0
+        self.launched: Future | None = None  # the last call's GPU work queued
+        self.done = torch.cuda.Event(enable_timing=True)  # recorded after the last call's outputs are back on the host
+
+    def reserve(self, samples: int) -> None:
+        if samples <= self.capacity:
+            return
+        self.done.synchronize()
+        self.host_in = torch.empty((samples, *self._sample_shape), dtype=torch.float32, pin_memory=True)
+        self.host_in_array = self.host_in.numpy()
+        self.device_in = torch.empty_like(self.host_in, device=self._device)
+        self.host_out = torch.empty((samples, *self._output_shape), dtype=torch.float32, pin_memory=True)
+        self.host_out_array = self.host_out.numpy()
+        self.capacity = samples
+
+
+class _PipelinedCall:
+    def __init__(self, slot: _Slot, samples: int, launched: Future):
+        self._slot, self._samples, self._launched = slot, samples, launched
+
+    def result(self) -> tuple[np.ndarray, Timing]:
+        """The outputs, and the GPU's own seconds uploading, computing and downloading them."""
+        marks = self._launched.result()
+        self._slot.done.synchronize()
+        upload, compute, download = (start.elapsed_time(end) / 1e3 for start, end in zip(marks[::2], marks[1::2]))
+        return self._slot.host_out_array[: self._samples], Timing(upload, compute, download)
+
+
+class CudaPipeline:
+    """A GPU's calls, overlapped: each call's inputs are copied by the copy threads into a free slot's
+    page-locked buffer, uploaded on a copy stream, converted to the module's precision and memory format
+    on the GPU and computed on a compute stream, and their outputs downloaded, while the calls launched
+    before and after it are at other stages. One launcher thread queues the GPU work of each call in
+    launch order as soon as its inputs are staged."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, module: torch.nn.Module,
+                 sample_shape: tuple[int, ...], output_shape: tuple[int, ...], name: str):
+        self._device, self._dtype, self._module = device, dtype, module
+        self._slots = [_Slot(device, sample_shape, output_shape) for _ in range(SLOTS)]
+        self._turn = 0
+        self._sizes: frozenset[int] = frozenset()  # the call sizes that have run
+        self._copy = ParallelCopy(copy_threads(), f"{name}-copy")
+        self._launcher = ThreadPoolExecutor(1, f"{name}-launch")
+        self._upload = torch.cuda.Stream(device)
+        self._compute = torch.cuda.Stream(device)
+
+    def launch(self, batch: np.ndarray) -> _PipelinedCall:
+        slot = self._slots[self._turn]
+        self._turn = (self._turn + 1) % len(self._slots)
+        if slot.launched is not None:  # the call that used this slot before is finished
+            slot.launched.result()
+            slot.done.synchronize()
+        # A size this pipeline has not run costs cuDNN's autotuning of every convolution (and may cost a
+        # compile): a smaller call runs as the next size that has run, the rows past its own ignored.
+        computed = min((size for size in self._sizes if size >= len(batch)), default=len(batch))
+        slot.reserve(computed)
+        copies = self._copy.start(slot.host_in_array[: len(batch)], batch)
+        slot.launched = self._launcher.submit(self._queue, slot, len(batch), computed, copies)
+        return _PipelinedCall(slot, len(batch), slot.launched)
+
+    def _queue(self, slot: _Slot, samples: int, computed: int, copies: list[Future]) -> list[torch.cuda.Event]:
+        """On the launcher thread: once the inputs are staged, queue the call's GPU work. Returns the events
+        that mark the start and end of its upload, of its computation and of its download."""
+        wait_all(copies)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(5)] + [slot.done]
+        with torch.inference_mode():
+            with torch.cuda.stream(self._upload):
+                marks[0].record(self._upload)
+                slot.device_in[:samples].copy_(slot.host_in[:samples], non_blocking=True)
+                marks[1].record(self._upload)
+            with torch.cuda.stream(self._compute):
+                self._compute.wait_event(marks[1])
+                marks[2].record(self._compute)
+                inputs = slot.device_in[:computed].to(self._dtype).contiguous(memory_format=torch.channels_last)
+                outputs = self._module(inputs)[:samples]
+                marks[3].record(self._compute)
+                marks[4].record(self._compute)
+                slot.host_out[:samples].copy_(outputs.to(torch.float32), non_blocking=True)
+                slot.done.record(self._compute)
+        self._sizes = self._sizes | {computed}  # a new set: launch() reads the old one on another thread
+        return marks
+
+    def close(self) -> None:
+        self._launcher.shutdown()
+        self._copy.shutdown()
 
 
 class TorchEngine(Engine):
@@ -29,7 +129,10 @@ class TorchEngine(Engine):
         module = network.torch_module().eval()
         module = module.to(self._device, dtype=self._dtype, memory_format=torch.channels_last)
         self._module = self.wrap(module)
-        self._pinned: torch.Tensor | None = None  # host staging of a GPU's inputs, grown as needed
+        self._pipeline = CudaPipeline(self._device, self._dtype, self._module, tuple(network.input_shape),
+                                      tuple(network.output_shape), f"hetero-{device.name}-{self.name}"
+                                      ) if device.kind == "cuda" else None
+        self.in_flight = SLOTS if self._pipeline else 1
         self.load_s = time.perf_counter() - start
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -46,7 +149,7 @@ class TorchEngine(Engine):
 
     @property
     def version(self) -> str:
-        return f"{torch.__version__} channels_last cudnn.benchmark"
+        return engine_version(self.name, self.device)  # torch-compile's too: its own entry adds "inductor"
 
     def on_worker_start(self) -> None:
         """PyTorch's settings are the process's: the CPU's threads, cuDNN's autotuning, and TF32 exactly
@@ -58,31 +161,62 @@ class TorchEngine(Engine):
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
-    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        if self._device.type == "cuda":
-            if self._pinned is None or len(self._pinned) < len(inputs):
-                self._pinned = torch.empty(inputs.shape, dtype=inputs.dtype, pin_memory=True)
-            staged = self._pinned[: len(inputs)]
-            staged.copy_(inputs)
-            inputs = staged.to(self._device, non_blocking=True)
-        return inputs.to(self._dtype).contiguous(memory_format=torch.channels_last)
-
-    def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+    def launch(self, batch: np.ndarray):
+        if self._pipeline is None:
+            return super().launch(batch)
+        self._warm.add(len(batch))
+        return self._pipeline.launch(batch)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
+        if self._pipeline is not None:
+            outputs, timing = self._pipeline.launch(batch).result()
+            return outputs.copy(), timing  # the slot's buffer is reused by a later call
         with torch.inference_mode():
             start = time.perf_counter()
-            inputs = self._to_device(batch)
-            self._sync()
+            inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            inputs = inputs.to(self._dtype).contiguous(memory_format=torch.channels_last)
             copied = time.perf_counter()
             outputs = self._module(inputs)
-            self._sync()
             computed = time.perf_counter()
-            host = outputs.float().cpu().numpy()
+            host = outputs.float().numpy()
         return host, Timing(copied - start, computed - copied, time.perf_counter() - computed)
+
+    def plain_loop(self, inputs: np.ndarray, batch: int) -> np.ndarray:
+        """On a GPU, as PyTorch's guides run a host array: one page-locked staging tensor, a non-blocking
+        upload, the module in its precision and channels_last, each batch's outputs back to the host."""
+        if self._pipeline is None:
+            return super().plain_loop(inputs, batch)
+        staging = torch.empty((batch, *self.network.input_shape), dtype=torch.float32, pin_memory=True)
+        outputs = np.empty((len(inputs), *self.network.output_shape), np.float32)
+        with torch.inference_mode():
+            for first in range(0, len(inputs), batch):
+                part = staging[: min(batch, len(inputs) - first)]
+                part.copy_(torch.from_numpy(inputs[first : first + batch]))
+                uploaded = part.to(self._device, non_blocking=True)
+                result = self._module(uploaded.to(self._dtype).contiguous(memory_format=torch.channels_last))
+                outputs[first : first + len(part)] = result.float().cpu().numpy()
+        return outputs
+
+    def resident_throughput(self, batch: int, seconds: float = 2.0) -> float | None:
+        if self._pipeline is None:
+            return None
+        shape = (batch, *self.network.input_shape)
+        with torch.inference_mode():
+            inputs = torch.randn(shape, device=self._device).to(self._dtype).contiguous(memory_format=torch.channels_last)
+            self._module(inputs)
+            torch.cuda.synchronize(self._device)
+            calls, begun = 0, time.perf_counter()
+            while time.perf_counter() - begun < seconds:
+                for _ in range(10):
+                    self._module(inputs)
+                torch.cuda.synchronize(self._device)
+                calls += 10
+            return calls * batch / (time.perf_counter() - begun)
+
+    def close(self) -> None:
+        super().close()
+        if self._pipeline is not None:
+            self._pipeline.close()
 
 
 class TorchCompileEngine(TorchEngine):
@@ -94,7 +228,3 @@ class TorchCompileEngine(TorchEngine):
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(module)
-
-    @property
-    def version(self) -> str:
-        return f"{super().version} inductor"

@@ -13,7 +13,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from ..devices import Device
 from ..models import Network
 from ..tune import Tuning, tunable
 from . import base
-from .base import Engine, Timing, copy_threads
+from .base import Engine, ParallelCopy, Timing, copy_threads
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +35,6 @@ _CUDA_HOST = 3  # DLPack's kDLCUDAHost: page-locked host memory, allocated with 
 # An accelerator's call is pipelined in up to this many chunks of at least this many samples
 PIPELINE_CHUNKS = 4
 PIPELINE_MIN_CHUNK = 32
-
-
-class ParallelCopy:
-    """Copies rows with `threads` threads: the calling one and threads - 1 helpers (numpy releases the GIL)."""
-
-    MIN_BYTES = 4 << 20  # smaller copies stay on the calling thread
-
-    def __init__(self, threads: int, name: str):
-        self.threads = threads
-        self._helpers = ThreadPoolExecutor(threads - 1, name) if threads > 1 else None
-
-    def __call__(self, destination: np.ndarray, source: np.ndarray) -> None:
-        if self._helpers is None or source.nbytes < self.MIN_BYTES or len(source) < 2:
-            np.copyto(destination, source)
-            return
-        bounds = np.linspace(0, len(source), self.threads + 1, dtype=int)
-        parts = [slice(first, last) for first, last in zip(bounds[:-1], bounds[1:])]
-        pending = [self._helpers.submit(np.copyto, destination[part], source[part]) for part in parts[1:]]
-        np.copyto(destination[parts[0]], source[parts[0]])
-        for done in pending:
-            done.result()
-
-    def shutdown(self) -> None:
-        if self._helpers:
-            self._helpers.shutdown()
 
 
 def staging_device(device: tvm.runtime.Device) -> tvm.runtime.Device:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The data path's measurements on a GPU machine, in one call of at most 10 minutes:
+#   source .device-tvm/setup.sh; bash benchmarks/gpu_stream.sh MACHINE
+# Per network: the GPU streaming a host array and a .npy against torch.compile's plain loop and its
+# compute on resident inputs (hetero.benchmark --stream), resnet-50 over cpu,gpu0 against gpu0 alone, and
+# where a GPU stream spends its time (benchmarks/feed_profile.py).
+# Results (a BENCHMARKS.md section per run, profile table, stream.log with everything printed) land in $OUT.
+machine=${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr " " "-")}
+samples=${SAMPLES:-16384}
+deadline=$((SECONDS + ${SESSION_SECONDS:-560}))
+export HETERO_CACHE=/tmp/hcache
+exec > >(tee -a "$OUT/stream.log") 2>&1
+left() { echo $((deadline - SECONDS)); }
+bench() {
+  [ "$(left)" -gt 30 ] || { echo "skipped (no time left): $*"; return; }
+  runs=$((runs + 1))
+  timeout "$(left)" python3 -m hetero.benchmark --table "$OUT/$machine.json" --markdown "$OUT/BENCHMARKS-$runs.md" \
+    --machine "$machine" --budget 4 --profile-batches 1,16,64,256 --precision fp16 --stream "$samples" --repeats 3 \
+    "$@" 2>&1 | grep -v '^profiling'
+}
+nproc; nvidia-smi --query-gpu=name,pcie.link.gen.max,pcie.link.width.max --format=csv
+timeout "$(left)" python3 -m benchmarks.feed_profile --network resnet-50 --samples 8192
+bench --network resnet-50 --device cpu,gpu0 --engine gpu0=torch-compile,cpu=onnxruntime
+timeout "$(left)" python3 -m benchmarks.feed_profile --network vgg-16 --samples 8192
+for network in resnet-50 mobilenet vgg-16; do bench --network $network --device gpu0 --engine torch-compile; done
