@@ -29,6 +29,8 @@ MAX_REPEATS = 10
 SECONDS_PER_SIZE = 1.0  # keep repeating a size until this much time is spent (or MAX_REPEATS)
 FLAT = 0.10  # per-sample times within 10% of each other count as flattened
 HARD_LIMIT = 4  # beyond this many budgets a device stops growing the batch even if not flat
+PROBE_LARGEST = 16  # the larger probe size, at most: large enough to show a GPU engine's throughput, small
+# enough that a CPU probes resnet-50 in seconds
 
 
 def measure_batch(engine: Engine, batch: int) -> Measurement:
@@ -65,6 +67,26 @@ def _flattened(measurements: list[Measurement]) -> bool:
         return False
     last = [m.per_sample_s for m in ok[-3:]]
     return (max(last) - min(last)) / min(last) <= FLAT
+
+
+def probe_sizes(batches: Sequence[int]) -> list[int]:
+    """The sizes engines are probed at before one of them is profiled (hetero.inference): the smallest size of
+    `batches` and the largest up to PROBE_LARGEST, which are among the sizes the profile measures anyway."""
+    sizes = sorted(set(batches))
+    return sorted({sizes[0], max([s for s in sizes if s <= PROBE_LARGEST], default=sizes[0])})
+
+
+def probe_engine(engine: Engine, sizes: Sequence[int], earlier: Sequence[Measurement] = ()) -> list[Measurement]:
+    """The engine measured at `sizes` as its profile would measure them (those in `earlier` kept), up to the
+    first size that fails."""
+    kept = {m.batch: m for m in earlier}
+    time.sleep(SETTLE_S)  # another engine may just have run on this device and left threads spinning
+    measurements: list[Measurement] = []
+    for batch in sizes:
+        measurements.append(kept.get(batch) or measure_batch(engine, batch))
+        if measurements[-1].error is not None:
+            break
+    return measurements
 
 
 class ProfilingInterrupted(KeyboardInterrupt):

@@ -2,6 +2,8 @@
 
 ``--engine auto`` (the default) profiles every installed engine that can run the network on a
 device; the plan then takes, per device, the engine predicted fastest for the share that device gets.
+Before profiling, each engine of a device is probed at one or two sizes (hetero.profile.probe_sizes),
+and one slower there than the device's fastest by PROBE_MARGIN or more is dropped (:func:`probe_losers`).
 ``--engine tvm`` forces one engine everywhere, ``--engine gpu0=torch,cpu=onnxruntime`` one per
 device, and ``--engine tvm,gpu0=torch`` both (devices not named take the bare one, else auto);
 ``tvm+onnxruntime`` chooses between those two by measurement, as auto does between all.
@@ -9,18 +11,24 @@ device, and ``--engine tvm,gpu0=torch`` both (devices not named take the bare on
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .devices import Device
-from .engines import ENGINES, EngineUnavailableError, engine_class, runnable_engines
+from .engines import ENGINES, EngineUnavailableError, engine_class, installed_engines, known_unsupported
 from .errors import HeteroError
 from .models import Network
 from .table import Profile
 
 AUTO = "auto"
+# An engine this many times slower than a device's fastest at every probed size is not profiled further:
+# a clear margin, so that noise does not drop an engine that could win at sizes not probed (on an H200,
+# resnet-50 in fp16: PyTorch eager 1.7x slower than TVM at batch 16 and 1.5x slower than torch.compile
+# at 256; torch.compile 1.07x slower than TVM at 16 and 1.4x faster at 256, and kept)
+PROBE_MARGIN = 1.5
 
 
 def default_engine_choice() -> str:
@@ -48,13 +56,26 @@ def parse_engine_choice(text: str, devices: Sequence[Device]) -> dict[str, str]:
     return {device.name: per_device.get(device.name, default) for device in devices}
 
 
-def candidate_engines(network: Network, device: Device, choice: str) -> list[str]:
-    """The engines to load for `device`: those chosen, or every installed one that can run it."""
+def candidate_engines(network: Network, device: Device, choice: str,
+                      known: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """The engines to consider for `device`: those chosen, or every installed one that can run it.
+
+    An engine for which `known(name)` holds (the table has its profile of `network` on `device`) ran it, so
+    it is not imported to ask; the others are (their `unsupported` asks their package)."""
+
+    def why_not(name: str) -> str | None:
+        reason = known_unsupported(name, network, device)
+        if reason is None and not known(name):
+            reason = engine_class(name).unsupported(network, device)
+        return reason
+
     if choice == AUTO:
-        return [name for name, reason in runnable_engines(network, device).items() if reason is None]
-    names = choice.split("+")
+        return [name for name in installed_engines() if why_not(name) is None]
+    names, installed = choice.split("+"), installed_engines()
     for name in names:
-        reason = engine_class(name).unsupported(network, device)
+        if name not in installed:
+            engine_class(name)  # raises the one line naming the extra to install
+        reason = why_not(name)
         if reason:
             raise EngineUnavailableError(f"engine {name} cannot run {network.name} on {device.name}: {reason}")
     return names
@@ -80,3 +101,20 @@ class Fastest:
 def fastest_at(profiles: Sequence[Profile], samples: int) -> int:
     """The index of the profile predicting the fewest seconds for `samples` (the first on ties)."""
     return int(np.argmin([profile.predict(max(samples, 1)) for profile in profiles]))
+
+
+def probe_losers(names: Sequence[str], seconds: Sequence[Sequence[float]], sizes: Sequence[int],
+                 margin: float = PROBE_MARGIN) -> dict[int, tuple[int, str]]:
+    """The engines a probe drops: for each whose `seconds` at every probed size (one list per engine, inf for a
+    size that failed or was not reached) exceed the fastest engine's there by `margin` or more, its index mapped
+    to the index of the engine fastest at the largest size and the reason in words."""
+    best = [min(times[i] for times in seconds) for i in range(len(sizes))]
+    fastest = min(range(len(names)), key=lambda k: seconds[k][-1])
+    losers = {}
+    for k, times in enumerate(seconds):
+        if not all(t >= margin * b and math.isfinite(b) for t, b in zip(times, best, strict=True)):
+            continue
+        ratios = [f"failed at batch {size}" if math.isinf(t) else f"{t / b:.1f}x at batch {size}"
+                  for t, b, size in zip(times, best, sizes)]
+        losers[k] = (fastest, f"slower than {names[fastest]} ({', '.join(ratios)})")
+    return losers

@@ -92,7 +92,10 @@ class Profile:
     """How one device runs one network, and the predictions the partitioner plans with.
 
     An `interrupted` profile holds the sizes measured before the user stopped profiling: it is kept so
-    that nothing measured is lost, and the next run measures the rest instead of trusting it.
+    that nothing measured is lost, and the next run measures the rest instead of trusting it. A `dropped`
+    profile holds the one or two sizes of a probe after which the engine was not profiled further, being
+    clearly slower there than the device's engine whose profile is stored under `beaten_by`: runs that
+    choose between engines leave it out without loading it, and a run that needs it measures the rest.
     """
 
     device_key: str
@@ -104,6 +107,8 @@ class Profile:
     company: list[float] = field(default_factory=list)
     # Splits since this device last had a share: it learns nothing while idle.
     idle_splits: int = 0
+    dropped: str | None = None  # why the probe dropped this engine (hetero.inference), None for a profile
+    beaten_by: str | None = None  # the key of the profile it was measured against
 
     COMPANY_KEPT = 8
     COMPANY_TRUSTED = 3
@@ -193,6 +198,7 @@ def _profile_to_json(profile: Profile) -> dict:
         "measurements": [asdict(m) for m in profile.measurements],
         "company": profile.company,
         "idle_splits": profile.idle_splits,
+        **({"dropped": profile.dropped, "beaten_by": profile.beaten_by} if profile.dropped is not None else {}),
     }
 
 
@@ -267,7 +273,11 @@ def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
     idle_splits = entry.get("idle_splits", 0)  # tables from before it was kept
     if not isinstance(idle_splits, int) or isinstance(idle_splits, bool) or idle_splits < 0:
         raise ValueError(f"idle_splits must be a whole number, got {idle_splits!r:.60}")
-    return Profile(device_key, network, measurements, stopped, interrupted, company, idle_splits)
+    dropped, beaten_by = entry.get("dropped"), entry.get("beaten_by")  # tables from before probes
+    for name, value in (("dropped", dropped), ("beaten_by", beaten_by)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be text or null, got {value!r:.60}")
+    return Profile(device_key, network, measurements, stopped, interrupted, company, idle_splits, dropped, beaten_by)
 
 
 def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:
@@ -423,6 +433,8 @@ def format_table(table: ProfileTable) -> str:
             header += f"  stopped: {profile.stopped}"
         if profile.interrupted:
             header += "  (partial: the next run measures the rest)"
+        if profile.dropped:
+            header += f"  dropped after a probe: {profile.dropped}"
         if profile.company:
             header += (f"  in company: {statistics.median(profile.company):.2f}x its prediction "
                        f"(median of its last {len(profile.company)} splits)")

@@ -11,10 +11,11 @@ import onnxruntime
 
 from ..devices import Device
 from ..models import Network
-from .base import Engine, Timing, cpu_threads
+from . import ONNXRUNTIME_PROVIDERS as _PROVIDERS  # what each device kind runs on
+from . import engine_version
+from .base import Engine, EngineUnavailableError, Timing, cpu_threads
 
-# what each device kind runs on, and the arithmetic that provider computes in per precision
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# the arithmetic each provider computes in per precision
 _CUDA_TF32 = {"fp32": 0, "tf32": 1}  # its CUDA provider takes a float32 model only: no fp16
 
 
@@ -31,8 +32,10 @@ class OnnxRuntimeEngine(Engine):
             providers = [_PROVIDERS["cpu"]]
         else:
             providers = [(_PROVIDERS["cuda"], {"device_id": device.index, "use_tf32": _CUDA_TF32[device.precision]})]
-        model = network.onnx_model().SerializeToString()
+        model = network.onnx_bytes()
         self._session = onnxruntime.InferenceSession(model, options, providers=providers)
+        if self._session.get_providers()[0] != _PROVIDERS[device.kind]:  # its profiles' key names the one asked for
+            raise EngineUnavailableError(f"ONNX Runtime fell back to {self._session.get_providers()[0]} on {device.name}")
         self._input = self._session.get_inputs()[0].name
         self.load_s = time.perf_counter() - start
 
@@ -47,7 +50,7 @@ class OnnxRuntimeEngine(Engine):
 
     @property
     def version(self) -> str:
-        return f"{onnxruntime.__version__} {self._session.get_providers()[0]}"
+        return engine_version(self.name, self.device)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
         start = time.perf_counter()

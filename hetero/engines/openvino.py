@@ -15,14 +15,9 @@ import openvino
 
 from ..devices import Device
 from ..models import Network
+from . import engine_version
+from . import openvino_plugin as _plugin  # hetero's devices and OpenVINO's plugins
 from .base import Engine, Timing, cpu_threads
-
-_PLUGINS = {"cpu": "CPU", "opencl": "GPU"}  # hetero's device kinds and OpenVINO's plugins
-
-
-def _plugin(device: Device) -> str:
-    plugin = _PLUGINS.get(device.kind, "")
-    return f"{plugin}.{device.index}" if plugin == "GPU" and device.index else plugin
 
 
 class OpenVINOEngine(Engine):
@@ -33,7 +28,7 @@ class OpenVINOEngine(Engine):
         super().__init__(network, device)
         start = time.perf_counter()
         core = openvino.Core()
-        model = core.read_model(model=network.onnx_model().SerializeToString())
+        model = core.read_model(model=network.onnx_bytes())
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if device.kind == "cpu":
             config["INFERENCE_NUM_THREADS"] = cpu_threads(device)
@@ -50,7 +45,7 @@ class OpenVINOEngine(Engine):
 
     @property
     def version(self) -> str:
-        return f"{openvino.get_version()} {_plugin(self.device)}"
+        return engine_version(self.name, self.device)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
         start = time.perf_counter()
