@@ -46,7 +46,7 @@ from .inference import (
 from .models import Network, get_network
 from .profile import SEED_BATCHES
 from .selection import AUTO, candidate_engines, parse_engine_choice
-from .stream import stream
+from .session import stream
 from .table import Profile, ProfileTable
 from .timer import Timer, interleave
 
@@ -125,7 +125,8 @@ def benchmark(
     # One untimed split teaches the table each device's slowdown in company, as Inference.py's runs do,
     # so the timed split is the plan repeated runs of Inference.py settle on.
     shares, predicted, _ = plan(chosen, batch)
-    learn_company(table, chosen, run_split(engines, inputs, shares, predicted, limits)[1])
+    if learn_company(table, chosen, run_split(engines, inputs, shares, predicted, limits)[1]):
+        table.save()
     shares, predicted, partition_s = plan(chosen, batch)
     split_walls: list[list[float]] = [[] for _ in engines]
 

@@ -447,10 +447,11 @@ def _list_cluster_devices(address: str) -> str:
 def inference_main(argv: list[str]) -> int:
     from .devices import DEFAULT_PRECISION, PRECISIONS
     from .images import ImageFolder
-    from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH, infer
+    from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH
     from .models import network_names
     from .partition import PARTITIONERS
     from .profile import SEED_BATCHES
+    from .session import infer
     from .stream import streams
 
     parser = Parser(prog="Inference.py", description="Split one inference batch across devices.")
@@ -554,7 +555,7 @@ def format_stream_report(report) -> str:
 
 
 def _stream_main(args: argparse.Namespace, input_path: Path, output: Path, table: Path) -> int:
-    from .stream import stream
+    from .session import stream
 
     devices = args.device or ("all" if args.ray else "cpu")
     report = stream(args.network, devices, input_path, output, table=table, profile_batches=args.profile_batches,

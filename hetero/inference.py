@@ -1,8 +1,6 @@
-"""The main job as one call: compile, profile what the table lacks, partition, run, report.
-
-    import hetero
-    report = hetero.infer("resnet-18", "cpu,gpu0", batch=100)
-    report.outputs        # (100, 1000) logits, in input order
+"""What a run does before and around its compute: devices and engines prepared (loaded, probed, profiled
+into the table), a batch planned over the devices, the report of a split run, and what a split teaches
+the table. hetero.session puts these together: `hetero.infer("resnet-18", "cpu,gpu0", batch=100)`.
 """
 
 from __future__ import annotations
@@ -24,12 +22,12 @@ import psutil
 from .devices import DEFAULT_PRECISION, Device, parse_devices, with_precision
 from .engines import Engine, copy_threads, engine_key, load_engine
 from .errors import HeteroError, one_line
-from .execute import ShareResult, run_split
-from .models import Network, get_network
+from .execute import ShareResult
+from .models import Network
 from .partition import CONCURRENCY_SLOWDOWN, PARTITIONERS, predicted_times, split_or_single
 from .profile import SEED_BATCHES, ProfilingInterrupted, probe_engine, probe_sizes, profile_engine
 from .selection import Fastest, candidate_engines, default_engine_choice, fastest_at, parse_engine_choice, probe_losers
-from .table import Measurement, Profile, ProfileTable, TableError, key_change
+from .table import Measurement, Profile, ProfileTable, key_change
 from .tune import TuningError, tunable, tune, tuning_for
 
 DEFAULT_TABLE = Path("profiles") / "profile_table.json"
@@ -221,16 +219,17 @@ def share_limits(profiles: Sequence[Profile], devices: Sequence[Device]) -> list
     return limits
 
 
-def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Sequence[ShareResult]) -> None:
+def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Sequence[ShareResult]) -> bool:
     """Record, for each device that worked in a split beside others, its share's time against its profile's
     prediction, so later plans charge it its own slowdown in company (a CPU next to two busy GPUs took
-    twice its prediction), count the split for each device that sat it out, and save the table."""
+    twice its prediction), and count the split for each device that sat it out; whether the table changed (the
+    caller saves it: a session does so in batches)."""
     planned = results[: len(profiles)]  # the shares that took over from failed devices come after
     worked = [(p, r) for p, r in zip(profiles, planned) if r.size and r.error is None]
     working = {id(p) for p, _ in worked}  # identical devices share one profile
     idle = {id(p): p for p, r in zip(profiles, planned) if not r.size and r.error is None and id(p) not in working}
     if len(worked) < 2 and not idle:
-        return
+        return False
     for profile in idle.values():
         profile.record_idle()
         table.put(profile)
@@ -238,13 +237,10 @@ def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Seq
         for profile, result in worked:
             profile.record_company(result.wall_s, result.size)
             table.put(profile)
-    try:
-        table.save()
-    except (TableError, OSError) as exc:  # the outputs are done; a table that cannot be written only forgets
-        log.warning(f"the split's timings were not saved: {one_line(exc)}")
+    return True
 
 
-def _check_request(net: Network, batch: int | None, inputs: np.ndarray | None, profile_batches: Sequence[int]) -> None:
+def check_request(net: Network, batch: int | None, inputs: np.ndarray | None, profile_batches: Sequence[int]) -> None:
     """Refuse a run that cannot work before anything is compiled, profiled or allocated."""
     if inputs is None:
         if batch is None or batch < 1:
@@ -624,62 +620,3 @@ def prepare_engines(
             faults.append(Fault(device_candidates[0].device.name, "load", "none of its engines loaded"))
     options = _runnable(net, settled, faults)
     return Ready(table, _load_picked(net, options, pick, faults), faults, measured, dropped)
-
-
-def infer(
-    network: str | Network,
-    devices: str | Sequence[Device] = "cpu",
-    batch: int | None = None,
-    inputs: np.ndarray | None = None,
-    table: str | Path | ProfileTable = DEFAULT_TABLE,
-    partitioner: str = "exact",
-    profile_batches: Sequence[int] = SEED_BATCHES,
-    reprofile: bool = False,
-    budget_s: float = DEFAULT_BUDGET_S,
-    progress: bool = True,
-    load: Callable[[Network, Device], Engine] | None = None,
-    precision: str = DEFAULT_PRECISION,
-    engine: str | None = None,
-    tune_trials: int = 0,
-    tune_batch: int = DEFAULT_TUNE_BATCH,
-) -> InferenceReport:
-    """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`.
-
-    A device that fails to compile, runs no profiled size, or fails on its share is reported in the
-    report's faults while the others do its work; HeteroError only when no device can. `engine` picks each
-    device's engine (hetero.selection: "auto" probes every installed one, profiles those not clearly slower, and
-    loads only the ones the plan runs where the table has every profile); `load`, where given, makes
-    each device's one engine instead. `tune_trials` first runs that many MetaSchedule trials for
-    each CPU and CUDA device at `tune_batch`; records at that batch, from now or earlier, are used where faster.
-    """
-    net = get_network(network) if isinstance(network, str) else network
-    _check_request(net, batch, inputs, profile_batches)
-    inputs = net.random_input(batch) if inputs is None else inputs
-    ready = prepare_engines(net, devices, table, profile_batches, reprofile, budget_s, progress, load, precision,
-                            engine, tune_trials, tune_batch,
-                            pick=lambda options: choose_engines(options, len(inputs), partitioner)[0])
-    table, options, faults, measured = ready.table, ready.options, ready.faults, ready.profiled
-    engines, profiles = choose_engines(options, len(inputs), partitioner)
-
-    def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:
-        shares, predicted, _ = plan([profiles[i] for i in survivors], samples, partitioner)
-        return shares, predicted
-
-    shares, predicted, partition_s = plan(profiles, len(inputs), partitioner)
-    limits = share_limits(profiles, [engine.device for engine in engines])
-    outputs, results, wall_s = run_split(engines, inputs, shares, predicted, limits, replan)
-    learn_company(table, profiles, results)
-    faults += [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]
-    return InferenceReport(
-        network=net.name,
-        batch=len(inputs),
-        partitioner=partitioner,
-        partition_s=partition_s,
-        predicted_s=max(predicted),
-        wall_s=wall_s,
-        shares=results,
-        outputs=outputs,
-        profiled=measured,
-        faults=faults,
-        dropped=ready.dropped,
-    )

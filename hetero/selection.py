@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from .engines import ENGINES, EngineUnavailableError, engine_class, installed_en
 from .errors import HeteroError
 from .models import Network
 from .table import Profile
+
+T = TypeVar("T")  # an engine, or a candidate not loaded yet
 
 AUTO = "auto"
 # An engine this many times slower than a device's fastest at every probed size is not profiled further:
@@ -118,3 +121,13 @@ def probe_losers(names: Sequence[str], seconds: Sequence[Sequence[float]], sizes
                   for t, b, size in zip(times, best, sizes)]
         losers[k] = (fastest, f"slower than {names[fastest]} ({', '.join(ratios)})")
     return losers
+
+
+def fastest_per_device(options: Sequence[Sequence[tuple[T, Profile]]]) -> list[T]:
+    """Per device, of its (engine, profile) pairs, the engine with the highest throughput at the largest batch
+    its profile ran: what a device sustains under load (a server's pick)."""
+    def throughput(profile: Profile) -> float:
+        batch = profile.largest_measured()
+        return batch / max(profile.predict(batch), 1e-12)
+
+    return [max(pairs, key=lambda pair: throughput(pair[1]))[0] for pairs in options]

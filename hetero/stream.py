@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +31,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .devices import DEFAULT_PRECISION, Device
 from .engines import Engine
 from .errors import HeteroError, UnreadableInput, one_line
 from .feed import MAX_CHUNK_BYTES, TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, feed
 from .images import ImageFolder
-from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, Fault, plan, prepare_engines, share_limits
+from .inference import Fault, Ready, plan, share_limits
 from .io import PARTIAL, open_partial, output_lock
-from .models import Network, get_network
-from .profile import SEED_BATCHES
-from .table import Profile, ProfileTable
+from .models import Network
+from .table import Profile
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +258,7 @@ def _stream_devices(engines: Sequence[Engine], profiles: Sequence[Profile], samp
     return [(engine, size) for engine, size, share in zip(engines, sizes, shares) if share]
 
 
-def _fastest_per_device(options: list[list[tuple[Engine, Profile]]], sample_bytes: int) -> tuple[list, list]:
+def fastest_streaming(options: Sequence[Sequence[tuple[Engine, Profile]]], sample_bytes: int) -> tuple[list, list]:
     """Per device, the engine with the highest throughput at the chunk it would run."""
     engines, profiles = [], []
     for pairs in options:
@@ -274,51 +272,13 @@ def _fastest_per_device(options: list[list[tuple[Engine, Profile]]], sample_byte
     return engines, profiles
 
 
-def stream(
-    network: str | Network,
-    devices: str | Sequence[Device] = "cpu",
-    inputs: str | Path | np.ndarray | ImageFolder = "",
-    output: str | Path | None = None,
-    table: str | Path | ProfileTable = DEFAULT_TABLE,
-    profile_batches: Sequence[int] = SEED_BATCHES,
-    budget_s: float = DEFAULT_BUDGET_S,
-    progress: bool = True,
-    load: Callable[[Network, Device], Engine] | None = None,
-    precision: str = DEFAULT_PRECISION,
-    engine: str | None = None,
-    ray: str | None = None,
-) -> StreamReport:
-    """Run every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of JPEG and PNG images,
-    decoded as they are read: hetero.images) through `network` on all
-    `devices` at once, and write the outputs in input order to `output` (a .npy file) or return them.
-
-    With an output file an interrupted run resumes: the same call computes only the samples not done.
-    With `ray` (a Ray cluster's address, or "auto"), every node's `devices` take part: hetero.cluster.
-    """
-    if ray is not None:
-        from .cluster import stream as cluster_stream
-
-        return cluster_stream(network, devices, inputs, output, table, profile_batches, budget_s, progress, load,
-                              precision, engine, address=ray)
-    net = get_network(network) if isinstance(network, str) else network
-    data = open_inputs(inputs, net)
-    output = Path(output) if output is not None else None
-    with open_outputs(net, data, inputs, output) as (ledger, outputs):
-        return _stream_into(net, devices, data, output, ledger, outputs, table, profile_batches, budget_s, progress,
-                            load, precision, engine)
-
-
-def _stream_into(net: Network, devices: str | Sequence[Device], data: np.ndarray | ImageFolder, output: Path | None,
-                 ledger: Ledger, outputs: np.ndarray, table: str | Path | ProfileTable, profile_batches: Sequence[int],
-                 budget_s: float, progress: bool, load: Callable[[Network, Device], Engine] | None, precision: str,
-                 engine: str | None) -> StreamReport:
-    """:func:`stream` on one machine, once its outputs are held (:func:`open_outputs`)."""
+def stream_into(net: Network, ready: Ready, data: np.ndarray | ImageFolder, output: Path | None, ledger: Ledger,
+                outputs: np.ndarray, progress: bool) -> StreamReport:
+    """A stream on this machine over the engines `ready` holds, once its outputs are held (:func:`open_outputs`):
+    every device pulls chunks through the data path until none is left."""
     resumed = ledger.count()
-    ready = prepare_engines(net, devices, table, profile_batches, budget_s=budget_s, progress=progress, load=load,
-                            precision=precision, engine=engine,
-                            pick=lambda options: _fastest_per_device(options, net.input_bytes)[0])
     sample_bytes = net.input_bytes
-    engines, profiles = _fastest_per_device(ready.options, sample_bytes)
+    engines, profiles = fastest_streaming(ready.options, sample_bytes)
     taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
     queue = WorkQueue(ledger.pending(len(data)))
     stats = [DeviceStream(e.device.name, e.name, size) for e, size in taking]
@@ -353,11 +313,3 @@ def _stream_into(net: Network, devices: str | Sequence[Device], data: np.ndarray
     faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]
     outputs = finish_stream(unreadable, stats, ledger, len(data), output, outputs)
     return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, ready.profiled, faults)
-
-
-def stream_arrays(network: str | Network, devices: str | Sequence[Device], arrays: Iterable[np.ndarray],
-                  **options) -> Iterator[np.ndarray]:
-    """The outputs of each array of `arrays` in turn, each streamed over all `devices` (options as for
-    :func:`stream`): for inputs that arrive in pieces, such as a reader's batches."""
-    for inputs in arrays:
-        yield stream(network, devices, inputs, **options).outputs

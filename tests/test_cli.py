@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hetero
-from hetero import cli, inference
+from hetero import cli, session
 from hetero.engines import load_engine
 
 from .conftest import SMALL_NETWORK, run_script
@@ -102,14 +102,14 @@ def test_input_file_is_mapped_not_read_and_outputs_match(tmp_path):
     inputs = network.random_input(3, seed=9)
     np.save(tmp_path / "x.npy", inputs)
     seen = []
-    real_infer = inference.infer
+    real_infer = session.infer
 
     def recording_infer(*args, **kwargs):
         seen.append(kwargs["inputs"])
         return real_infer(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inference, "infer", recording_infer)
+        patch.setattr(session, "infer", recording_infer)
         assert cli.inference(["--network", SMALL_NETWORK, "--input", str(tmp_path / "x.npy"), "--output",
                               str(tmp_path / "y.npy"), "--table", str(tmp_path / "t.json"), "--profile-batches",
                               "1,2", "--no-progress"]) == 0

@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import pytest
 
-import hetero.inference
+import hetero.session
 from hetero import cli
 from hetero.errors import HeteroError
 
@@ -27,7 +27,7 @@ def tripwire(monkeypatch, tmp_path):
     def reached(*args, **kwargs):
         raise ReachedInfer(args)
 
-    monkeypatch.setattr(hetero.inference, "infer", reached)
+    monkeypatch.setattr(hetero.session, "infer", reached)
     monkeypatch.chdir(tmp_path)  # relative paths, as a user types them, resolve in the test's own folder
 
 
@@ -283,7 +283,7 @@ def test_a_real_npy_input_is_still_mapped(tmp_path, monkeypatch):
         seen.update(kwargs)
         raise ReachedInfer(args)
 
-    monkeypatch.setattr(hetero.inference, "infer", recording)
+    monkeypatch.setattr(hetero.session, "infer", recording)
     with pytest.raises(ReachedInfer):
         cli.inference(["--network", SMALL_NETWORK, "--input", "x.npy", "--table", "t.json"])
     assert isinstance(seen["inputs"], np.memmap) and seen["inputs"].shape == (2, 3, 224, 224)

@@ -12,8 +12,9 @@ import hetero
 from hetero import cli
 from hetero.engines import ENGINES, EngineUnavailableError, installed_engines, load_engine
 from hetero.errors import HeteroError
-from hetero.inference import choose_engines, infer
+from hetero.inference import choose_engines
 from hetero.selection import AUTO, parse_engine_choice
+from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, engine_of
 
 from .conftest import ROOT, SMALL_NETWORK

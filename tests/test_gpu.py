@@ -7,8 +7,8 @@ import hetero
 from hetero.devices import with_precision
 from hetero.engines import load_engine
 from hetero.engines.tvm import PIPELINE_CHUNKS, PIPELINE_MIN_CHUNK
-from hetero.inference import infer
 from hetero.schedules.cuda.pipeline import describe_schedules
+from hetero.session import infer
 
 from .conftest import SMALL_NETWORK
 

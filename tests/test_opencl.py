@@ -18,8 +18,8 @@ from hetero import opencl
 from hetero.compile import relax_pipeline
 from hetero.devices import OPENCL_RUNTIME_MISSING, DeviceError, OpenCLBackend
 from hetero.engines import load_engine
-from hetero.inference import infer
 from hetero.opencl import CLDevice
+from hetero.session import infer
 
 from .conftest import ROOT, SMALL_NETWORK, run_script
 from .test_cli import _one_error_line

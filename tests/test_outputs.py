@@ -17,7 +17,8 @@ import pytest
 
 from hetero.errors import HeteroError
 from hetero.io import lock_file, output_lock
-from hetero.stream import PARTIAL, PROGRESS, stream
+from hetero.session import stream
+from hetero.stream import PARTIAL, PROGRESS
 
 from .conftest import ROOT
 from .test_models import _tiny_onnx, _tiny_reference

@@ -14,8 +14,9 @@ import hetero.inference
 from hetero.devices import DEFAULT_PRECISION, parse_devices, with_precision
 from hetero.engines import ENGINES, Entry, engine_key, installed_engines, load_engine
 from hetero.engines.tvm import TVMEngine
-from hetero.inference import Candidate, _load, infer, reserve_cores
+from hetero.inference import Candidate, _load, reserve_cores
 from hetero.selection import probe_losers
+from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, engine_of
 
 from .test_models import _tiny_onnx

@@ -26,8 +26,9 @@ from hetero.engines import load_engine
 from hetero.engines.tvm import TVMEngine, profile_key
 from hetero.errors import HeteroError
 from hetero.execute import ExecutionError, run_split
-from hetero.inference import Fault, infer, plan, share_limits
+from hetero.inference import Fault, plan, share_limits
 from hetero.profile import profile_engine
+from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, format_table, key_change
 
 from .conftest import ROOT, SMALL_NETWORK

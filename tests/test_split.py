@@ -13,7 +13,8 @@ from hetero.engines import load_engine
 from hetero.engines import tvm as tvm_engine
 from hetero.engines.tvm import TVMEngine, profile_key
 from hetero.execute import ShareResult, run_split
-from hetero.inference import infer, learn_company, plan
+from hetero.inference import learn_company, plan
+from hetero.session import infer
 from hetero.table import ProfileTable
 
 from .conftest import SMALL_NETWORK
@@ -144,7 +145,8 @@ def test_a_device_the_plan_leaves_idle_counts_the_splits_it_sits_out(tmp_path, t
     other = dataclasses.replace(profile, device_key="another device", company=[], idle_splits=0)
     working = ShareResult(two_cpus[0], "tvm", 0, 2, 0.01, wall_s=0.01)
     idle = ShareResult(two_cpus[1], "tvm", 2, 0, 0.0)
-    learn_company(table, [profile, other], [working, idle])
+    assert learn_company(table, [profile, other], [working, idle]), "the table changed"
+    table.save()
     assert other.idle_splits == 1 and profile.idle_splits == 0
     assert profile.company == [], "a device alone is not in company"
     assert ProfileTable.load(table_path).get("another device", hetero.get_network(SMALL_NETWORK).key).idle_splits == 1

@@ -15,7 +15,8 @@ import pytest
 import hetero
 from hetero.engines import load_engine
 from hetero.errors import HeteroError
-from hetero.stream import PARTIAL, PROGRESS, stream
+from hetero.session import stream
+from hetero.stream import PARTIAL, PROGRESS
 
 from .conftest import ROOT, SMALL_NETWORK
 from .test_models import _tiny_onnx, _tiny_reference

@@ -16,8 +16,8 @@ import hetero
 from hetero import tune
 from hetero.engines import load_engine
 from hetero.engines.tvm import TVMEngine
-from hetero.inference import infer
 from hetero.schedules.cpu.pipeline import fusion_passes
+from hetero.session import infer
 from hetero.table import ProfileTable
 from hetero.tune import Tuning, TuningError, tuning_for
 

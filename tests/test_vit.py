@@ -15,7 +15,7 @@ pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter
 import hetero  # noqa: E402
 from hetero.engines import installed_engines, load_engine  # noqa: E402
 from hetero.execute import run_split  # noqa: E402
-from hetero.inference import infer  # noqa: E402
+from hetero.session import infer  # noqa: E402
 from hetero.vit import CONFIGS, ViT, export_onnx, vit  # noqa: E402
 
 from .conftest import ROOT  # noqa: E402

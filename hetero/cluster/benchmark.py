@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from ..cli import Parser, batch_list, positive_int, run_command
 from ..models import get_network
-from ..stream import stream as local_stream
+from ..session import stream as local_stream
 from ..timer import Timer
 from .connect import connected, loopback_only, ray_module
 from .driver import stream as cluster_stream

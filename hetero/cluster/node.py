@@ -29,7 +29,7 @@ from ..feed import DeviceStream, feed_batch
 from ..inference import prepare_engines, share_limits
 from ..models import Network, get_network, network_names
 from ..selection import AUTO
-from ..stream import _fastest_per_device
+from ..stream import fastest_streaming
 from ..table import Profile, ProfileTable
 from .connect import HETERO_DIR, connected
 
@@ -200,8 +200,8 @@ class NodeWorker:
             ready = prepare_engines(net, self.devices, table, profile_batches, budget_s=budget_s, progress=False,
                                     load=load, precision=precision,
                                     engine=_engine_text(engine, self.node, [d.name for d in self.devices]),
-                                    pick=lambda options: _fastest_per_device(options, net.input_bytes)[0])
-            engines, chosen = _fastest_per_device(ready.options, net.input_bytes)
+                                    pick=lambda options: fastest_streaming(options, net.input_bytes)[0])
+            engines, chosen = fastest_streaming(ready.options, net.input_bytes)
             limits = share_limits(chosen, [e.device for e in engines])
         finally:
             logging.getLogger("hetero").removeHandler(notes)

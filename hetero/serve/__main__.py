@@ -7,12 +7,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
 from typing import TypeVar
 
 from ..cli import Parser, UsageError, batch_list, positive_int, run_command
 from ..errors import HeteroError
-from ..table import Profile
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "grpc", "google", "prometheus_client")  # what the serve extra installs
 T = TypeVar("T")
@@ -32,18 +30,6 @@ def positive_ms(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {text!r}")
     return value
-
-
-def throughput(profile: Profile) -> float:
-    """Samples per second at the largest batch the profile ran: what a device sustains under load."""
-    batch = profile.largest_measured()
-    return batch / profile.predict(batch)
-
-
-def fastest_per_device(options: Sequence[Sequence[tuple[T, Profile]]]) -> list[T]:
-    """Per device, of its (engine, profile) pairs, the engine with the highest throughput (the engines are
-    hetero.inference's candidates, not loaded yet where the table has their profiles)."""
-    return [max(pairs, key=lambda pair: throughput(pair[1]))[0] for pairs in options]
 
 
 def main(argv: list[str]) -> int:
@@ -81,8 +67,8 @@ def main(argv: list[str]) -> int:
         if exc.name is None or exc.name.split(".")[0] not in SERVE_PACKAGES:
             raise
         raise HeteroError(f"the server needs {exc.name}: pip install 'hetero[serve]'") from None
-    from ..inference import prepare_engines
     from ..models import get_network
+    from ..session import Options, Session
     from .batcher import Batcher
     from .dataplane import DataPlane
     from .metrics import Metrics
@@ -90,16 +76,15 @@ def main(argv: list[str]) -> int:
 
     net = get_network(args.network)
     model = ServedModel(net)
-    ready = prepare_engines(net, args.device, args.table, args.profile_batches, budget_s=DEFAULT_BUDGET_S,
-                            progress=False, precision=args.precision, engine=args.engine,
-                            pick=fastest_per_device)
-    devices = [pairs[0] for pairs in ready.options]  # the pick left one engine per device
+    session = Session(net, args.device, Options(args.table, tuple(args.profile_batches), budget_s=DEFAULT_BUDGET_S,
+                                                 progress=False, precision=args.precision, engine=args.engine))
+    devices = session.engines()
     try:
-        metrics = Metrics([engine.device.name for engine, _ in devices] + [fault.device for fault in ready.faults])
-        for fault in ready.faults:
+        metrics = Metrics([engine.device.name for engine, _ in devices] + [fault.device for fault in session.faults])
+        for fault in session.faults:
             metrics.device_out(fault.device, fault.error)
         batcher = Batcher(devices, args.latency_ms / 1e3, args.max_queue, observer=metrics)
-        plane = DataPlane(model, batcher, metrics, args.latency_ms / 1e3, args.max_request_mb << 20, ready.faults)
+        plane = DataPlane(model, batcher, metrics, args.latency_ms / 1e3, args.max_request_mb << 20, session.faults)
 
         def listening(http_port: int, grpc_port: int) -> None:
             engines = ", ".join(f"{engine.device.name} ({engine.name})" for engine, _ in devices)

@@ -1,0 +1,191 @@
+"""A network prepared once on its devices, then run any number of times.
+
+    with hetero.Session("resnet-50", "cpu,gpu0", hetero.Options(precision="fp16")) as session:
+        session.run(inputs=batch)            # one batch split over the devices: an InferenceReport
+        session.stream("x.npy", "y.npy")     # bulk: every device pulls chunks: a StreamReport
+        session.engines()                    # per device, its fastest engine and profile (what a server runs)
+
+Preparing is what every run does before it computes: devices parsed, engines loaded (only those a run
+uses, where the table has every profile), profiles measured where the table lacks them. A session does it
+once per use (a batch size, a stream, serving) and keeps the result; its profile table is read once, and
+what its runs teach the table (each device's slowdown in company) is written at most every SAVE_EVERY_S
+and when the session closes. :func:`infer` and :func:`stream` are one-call sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .devices import DEFAULT_PRECISION, Device
+from .engines import Engine
+from .errors import one_line
+from .execute import run_split
+from .images import ImageFolder
+from .inference import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_TABLE,
+    DEFAULT_TUNE_BATCH,
+    Fault,
+    InferenceReport,
+    Pick,
+    Ready,
+    check_request,
+    choose_engines,
+    learn_company,
+    plan,
+    prepare_engines,
+    share_limits,
+)
+from .models import Network, get_network
+from .profile import SEED_BATCHES
+from .selection import fastest_per_device
+from .stream import StreamReport, fastest_streaming, open_inputs, open_outputs, stream_into
+from .table import Profile, ProfileTable, TableError
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a session prepares and runs: one object for what infer, stream, the cluster and the server share."""
+
+    table: str | Path | ProfileTable = DEFAULT_TABLE
+    profile_batches: tuple[int, ...] = SEED_BATCHES
+    reprofile: bool = False
+    budget_s: float = DEFAULT_BUDGET_S  # profiling time per device once per-sample time has flattened
+    progress: bool = True
+    load: Callable[[Network, Device], Engine] | None = None  # makes each device's one engine instead
+    precision: str = DEFAULT_PRECISION
+    engine: str | None = None  # --engine's text; None: $HETERO_ENGINE, else auto
+    tune_trials: int = 0
+    tune_batch: int = DEFAULT_TUNE_BATCH
+    partitioner: str = "exact"
+
+
+class Session:
+    """`network` prepared on `devices` (names such as "cpu,gpu0", or Device records) with `options`."""
+
+    def __init__(self, network: str | Network, devices: str | Sequence[Device] = "cpu", options: Options = Options()):
+        self.network = get_network(network) if isinstance(network, str) else network
+        self.devices = devices
+        self.options = options
+        table = options.table
+        self.table = table if isinstance(table, ProfileTable) else ProfileTable.load(Path(table), create=True)
+        self._prepared: dict[Hashable, Ready] = {}
+        self._learned = False
+        self._saved_at = time.monotonic()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def prepare(self, use: Hashable, pick: Pick | None) -> Ready:
+        """The engines and profiles for one use (a split of some size, a stream, serving), prepared once."""
+        if use not in self._prepared:
+            o = self.options
+            self._prepared[use] = prepare_engines(self.network, self.devices, self.table, o.profile_batches,
+                                                  o.reprofile, o.budget_s, o.progress, o.load, o.precision, o.engine,
+                                                  o.tune_trials, o.tune_batch, pick)
+        return self._prepared[use]
+
+    def run(self, inputs: np.ndarray | None = None, batch: int | None = None) -> InferenceReport:
+        """`inputs` (or `batch` deterministic random samples) split over the devices, each running its share
+        with the engine predicted fastest for it. A device that fails to load, runs no profiled size, or fails
+        on its share is reported in the faults while the others do its work; HeteroError only when none can."""
+        net, partitioner = self.network, self.options.partitioner
+        check_request(net, batch, inputs, self.options.profile_batches)
+        inputs = net.random_input(batch) if inputs is None else inputs
+        ready = self.prepare(("split", len(inputs)),
+                             lambda options: choose_engines(options, len(inputs), partitioner)[0])
+        engines, profiles = choose_engines(ready.options, len(inputs), partitioner)
+
+        def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:
+            shares, predicted, _ = plan([profiles[i] for i in survivors], samples, partitioner)
+            return shares, predicted
+
+        shares, predicted, partition_s = plan(profiles, len(inputs), partitioner)
+        limits = share_limits(profiles, [engine.device for engine in engines])
+        outputs, results, wall_s = run_split(engines, inputs, shares, predicted, limits, replan)
+        self._learned |= learn_company(self.table, profiles, results)
+        self._save(due=True)
+        faults = ready.faults + [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]
+        return InferenceReport(network=net.name, batch=len(inputs), partitioner=partitioner, partition_s=partition_s,
+                               predicted_s=max(predicted), wall_s=wall_s, shares=results, outputs=outputs,
+                               profiled=ready.profiled, faults=faults, dropped=ready.dropped)
+
+    def stream(self, inputs: str | Path | np.ndarray | ImageFolder, output: str | Path | None = None,
+               ray: str | None = None) -> StreamReport:
+        """Every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of images) through the
+        network on all devices at once, the outputs written in input order to `output` (a .npy file) or
+        returned. With an output file an interrupted run resumes. With `ray` (a Ray cluster's address, or
+        "auto"), every node's devices take part: hetero.cluster."""
+        if ray is not None:
+            from .cluster import stream as cluster_stream
+
+            o = self.options
+            return cluster_stream(self.network, self.devices, inputs, output, self.table, o.profile_batches,
+                                  o.budget_s, o.progress, o.load, o.precision, o.engine, address=ray)
+        data = open_inputs(inputs, self.network)
+        output = Path(output) if output is not None else None
+        sample_bytes = self.network.input_bytes
+        with open_outputs(self.network, data, inputs, output) as (ledger, outputs):
+            ready = self.prepare("stream", lambda options: fastest_streaming(options, sample_bytes)[0])
+            return stream_into(self.network, ready, data, output, ledger, outputs, self.options.progress)
+
+    def engines(self) -> list[tuple[Engine, Profile]]:
+        """Per device that can run, its fastest engine at its largest profiled batch, with its profile."""
+        ready = self.prepare("serve", fastest_per_device)
+        return [pairs[0] for pairs in ready.options]
+
+    @property
+    def faults(self) -> list[Fault]:
+        """The devices left out of any preparation so far."""
+        return list({f.device: f for ready in self._prepared.values() for f in ready.faults}.values())
+
+    def _save(self, due: bool = False) -> None:
+        """Write what the runs taught the table: now, or, when `due`, if SAVE_EVERY_S has passed."""
+        if not self._learned or (due and time.monotonic() - self._saved_at < SAVE_EVERY_S):
+            return
+        try:
+            self.table.save()
+        except (TableError, OSError) as exc:  # the outputs are done; a table that cannot be written only forgets
+            log.warning(f"the runs' timings were not saved: {one_line(exc)}")
+        self._learned, self._saved_at = False, time.monotonic()
+
+    def close(self) -> None:
+        self._save()
+
+
+def infer(network: str | Network, devices: str | Sequence[Device] = "cpu", batch: int | None = None,
+          inputs: np.ndarray | None = None, options: Options = Options(), **changes) -> InferenceReport:
+    """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`, in one
+    call: :meth:`Session.run` of a session with `options` (keywords such as `precision="fp16"` change them)."""
+    with Session(network, devices, replace(options, **changes)) as session:
+        return session.run(inputs, batch)
+
+
+def stream(network: str | Network, devices: str | Sequence[Device] = "cpu",
+           inputs: str | Path | np.ndarray | ImageFolder = "", output: str | Path | None = None,
+           ray: str | None = None, options: Options = Options(), **changes) -> StreamReport:
+    """Every sample of `inputs` through `network` on all `devices`, in one call: :meth:`Session.stream`."""
+    with Session(network, devices, replace(options, **changes)) as session:
+        return session.stream(inputs, output, ray)
+
+
+def stream_arrays(network: str | Network, devices: str | Sequence[Device], arrays: Iterable[np.ndarray],
+                  options: Options = Options(), **changes) -> Iterator[np.ndarray]:
+    """The outputs of each array of `arrays` in turn, each streamed over all `devices` by one session: for
+    inputs that arrive in pieces, such as a reader's batches."""
+    with Session(network, devices, replace(options, **changes)) as session:
+        for inputs in arrays:
+            yield session.stream(inputs).outputs
