@@ -45,8 +45,8 @@ def test_benchmark_prints_and_records_every_device_and_the_split(tmp_path):
     text = markdown.read_text()
     assert text.count("## test-box") == 1, "a machine's section is replaced, not appended"
     assert f"### {SMALL_NETWORK}, batch 1, `cpu`" in text and "batch 2" not in text
-    assert re.search(r"stream of 12 samples: [\d.]+ img/s; each device streaming alone \(img/s\): cpu [\d.]+; "
-                     r"stream/ideal [\d.]+", text)
+    assert re.search(rf"stream cpu {SMALL_NETWORK} fp32, 12 samples: [\d.]+ img/s; from a .npy [\d.]+; "
+                     r"loop \(tvm\) [\d.]+; stream/loop [\d.]+", text), "the stream against the engine's plain loop"
 
 
 def test_benchmark_times_the_split_planned_with_learned_slowdowns(tmp_path):
