@@ -16,6 +16,7 @@ import pytest
 import hetero
 from hetero.engines import Engine, Timing, load_engine
 from hetero.errors import HeteroError
+from hetero.serve import batcher as batcher_module
 from hetero.serve.batcher import Batcher, Expired, Rejected
 from hetero.table import Measurement, Profile
 
@@ -225,6 +226,22 @@ def test_a_device_slower_than_its_profile_is_predicted_slower():
     slowdown = batcher.status()["devices"]["one"]["slowdown"]
     batcher.close()
     assert 2.5 < slowdown < 6
+
+
+def test_a_slowdown_that_refuses_everything_is_forgotten_after_a_while(monkeypatch):
+    """Refusing every request computes nothing, so nothing new is learned: old measurements must expire."""
+    monkeypatch.setattr(batcher_module, "RECENT_S", 0.3)
+    devices = pool(("one", 0.004))
+    devices = [(devices[0][0], linear(0.001))]  # profiled 4x faster than it runs
+    batcher = Batcher(devices, latency_s=2.0)
+    for i in range(4):
+        batcher.submit(samples(i, 8)).result(2)
+    with pytest.raises(Rejected):  # 8 samples take about 32 ms now; predicted so, they miss 20 ms
+        batcher.submit(samples(9, 8), deadline_s=0.02)
+    time.sleep(0.4)
+    admitted = batcher.submit(samples(9, 8), deadline_s=0.02)  # the profile again: 8 ms predicted
+    admitted.result(2)
+    batcher.close()
 
 
 def test_close_drains_what_is_queued_and_in_flight_then_refuses():

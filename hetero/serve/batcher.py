@@ -10,7 +10,9 @@ assembled in order before its future resolves.
 
 Every prediction is the device's profile (hetero.table.Profile) times its recent slowdown: the median
 of the measured over predicted seconds of its latest batches, so that a device busier or slower than
-when it was profiled is given less. Admission uses the same predictions: a request that the devices,
+when it was profiled is given less. A measurement older than RECENT_S no longer counts: a device whose
+slowdown made admission refuse everything would otherwise never compute again and never learn that it
+is fast again. Admission uses the same predictions: a request that the devices,
 with the work queued ahead of it, are predicted to finish after its deadline, or one that would
 overfill the queue, is refused at once (:class:`Rejected`) rather than answered late; one whose deadline
 passes while it waits is dropped (:class:`Expired`). A device whose engine fails leaves the pool, and
@@ -45,6 +47,7 @@ from ..table import Profile
 REJECTED, EXPIRED, CANCELLED, ERROR = "rejected", "expired", "cancelled", "error"
 
 RECENT_BATCHES = 5  # a device's slowdown is the median over its latest batches: one slow call moves it little
+RECENT_S = 10.0  # and over those of the last RECENT_S seconds
 TRUSTED_BATCHES = 3  # until it has run this many, 1.0 (its profile as measured) stands in for the rest
 HEAD_CANDIDATES = 16  # queued pieces a device looks through for one it should start with
 FINISH_PRECISION_S = 1e-4  # the resolution of the pool's predicted finishing time
@@ -139,8 +142,7 @@ class _Device:
         self.batches = self.samples = 0
         self.busy_until: float | None = None  # predicted end of the batch it computes, None when free
         self._call_limit = profile.max_batch()  # above it the profile predicts, and the feed runs, several calls
-        self._ratios: deque[float] = deque(maxlen=RECENT_BATCHES)
-        self.slowdown = 1.0
+        self._ratios: deque[tuple[float, float]] = deque(maxlen=RECENT_BATCHES)  # (when, measured / profiled)
         self._profiled = profile.cost_curve(samples)  # seconds for 0..samples, never falling
 
     def _cover(self, samples: int) -> None:
@@ -163,12 +165,17 @@ class _Device:
         profiled_s = seconds / self.slowdown * (1 + 1e-9)
         return max(int(np.searchsorted(self._profiled[: samples + 1], profiled_s, side="right")) - 1, 0)
 
+    @property
+    def slowdown(self) -> float:
+        """Measured over profiled seconds, the median of the recent batches, 1.0 standing in for those missing."""
+        now = time.monotonic()
+        recent = [ratio for when, ratio in self._ratios if now - when < RECENT_S]
+        return statistics.median(recent + [1.0] * max(0, TRUSTED_BATCHES - len(recent)))
+
     def learn(self, samples: int, measured_s: float) -> None:
         profiled = self._profiled_s(samples)
         if 0 < profiled < math.inf and measured_s > 0:
-            self._ratios.append(measured_s / profiled)
-            trusted = list(self._ratios) + [1.0] * max(0, TRUSTED_BATCHES - len(self._ratios))
-            self.slowdown = statistics.median(trusted)
+            self._ratios.append((time.monotonic(), measured_s / profiled))
 
     def step(self, samples: int) -> int:
         """Samples per engine call for a batch of `samples`."""
