@@ -263,7 +263,7 @@ class Network:
 
     def onnx_bytes(self) -> bytes:
         """The ONNX form serialized, as ONNX Runtime and OpenVINO load it. An .onnx file's is the file's own
-        bytes. A registered network's is kept in hetero's cache (hetero.compile.cache_dir) under its digest, the
+        bytes. A registered network's is kept in hetero's cache (hetero.cache.cache_dir) under its digest, the
         digest of the code that emits it and onnx's version, so that a later run loads it without importing
         onnx, whose import of ml_dtypes 0.7 alone took 1.4 s on the 2-core machine (0.5.4: 10 ms).
 
@@ -272,7 +272,7 @@ class Network:
             return self.origin.raw
         if not isinstance(self.origin, _BuilderOrigin) or self.why_no_form("onnx"):
             return self.onnx_model().SerializeToString()
-        from .compile import cache_dir, code_digest
+        from .cache import cache_dir, code_digest
 
         emitter = code_digest(sorted(Path(__file__).with_name("layers").glob("*.py")))
         kept = cache_dir() / "onnx" / f"{self.name}-{self.digest}-{emitter}-onnx{importlib.metadata.version('onnx')}"

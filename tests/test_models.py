@@ -241,7 +241,7 @@ def test_onnx_errors(tmp_path: Path) -> None:
 
 def test_keys_follow_code_not_comments(tmp_path):
     """Module cache and profile keys change when hetero's schedules change, not when a comment does."""
-    from hetero.compile import code_digest
+    from hetero.cache import code_digest
 
     source = tmp_path / "rule.py"
     source.write_text('"""A rule."""\n\ndef tile(n):\n    """Tiles of 16."""\n    return n // 16  # rows\n')

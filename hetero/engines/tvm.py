@@ -20,7 +20,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ..compile import BUILD_ID, Compiled, code_digest, compile_network, module_max_batch, module_weights
+from ..cache import code_digest
+from ..compile import BUILD_ID, Compiled, compile_network, module_max_batch, module_weights
 from ..devices import Device
 from ..models import Network
 from ..tune import Tuning, tunable
