@@ -134,6 +134,11 @@ class WorkQueue:
             self._changed.notify_all()
 
 
+def chunk_cap(limit: int | None, sample_bytes: int) -> int:
+    """The most samples one chunk holds: within the engine's call limit and MAX_CHUNK_BYTES of inputs."""
+    return max(1, min(limit or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES // max(sample_bytes, 1)))
+
+
 class ChunkSizer:
     """A device's chunk size: what it computes in about `target_s`, first by its profile, then by the
     throughput measured as it runs; a power of two (so an engine meets few call sizes), within the
@@ -141,7 +146,7 @@ class ChunkSizer:
 
     def __init__(self, first: int, limit: int | None, sample_bytes: int, target_s: float = TARGET_CHUNK_S,
                  adaptive: bool = True):
-        self.cap = max(1, min(limit or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES // max(sample_bytes, 1)))
+        self.cap = chunk_cap(limit, sample_bytes)
         self.target_s, self.adaptive = target_s, adaptive
         self.size = min(first, self.cap)
 

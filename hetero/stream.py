@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .engines import Engine
 from .errors import HeteroError, UnreadableInput, one_line
-from .feed import MAX_CHUNK_BYTES, TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, feed
+from .feed import TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, chunk_cap, feed
 from .images import ImageFolder
 from .inference import Fault, Ready, plan, share_limits
 from .io import PARTIAL, open_partial, output_lock
@@ -87,8 +87,7 @@ class StreamReport:
 def chunk_size(profile: Profile, limit: int | None, sample_bytes: int, target_s: float = TARGET_CHUNK_S) -> int:
     """The most samples the device runs in about `target_s` by its profile, within its call limit and
     MAX_CHUNK_BYTES of inputs; at least 1."""
-    cap = max(1, min(limit or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES // max(sample_bytes, 1)))
-    costs = profile.cost_curve(cap)
+    costs = profile.cost_curve(chunk_cap(limit, sample_bytes))
     return max(1, int(np.searchsorted(costs, target_s, side="right")) - 1)
 
 
@@ -249,13 +248,14 @@ def finish_stream(unreadable: list[str], stats: Sequence[DeviceStream], ledger: 
 
 
 def _stream_devices(engines: Sequence[Engine], profiles: Sequence[Profile], samples: int,
-                    sample_bytes: int) -> list[tuple[Engine, int]]:
-    """The devices that take part, each with its chunk size: those a split of many chunks would give
+                    sample_bytes: int) -> list[tuple[Engine, ChunkSizer]]:
+    """The devices that take part, each with its chunk sizer: those a split of many chunks would give
     work, so that a device that slows the others more than it adds (its slowdown in company) stays out."""
     limits = share_limits(profiles, [engine.device for engine in engines])
     sizes = [chunk_size(profile, limit, sample_bytes) for profile, limit in zip(profiles, limits)]
     shares, _, _ = plan(profiles, min(samples, 8 * sum(sizes)))
-    return [(engine, size) for engine, size, share in zip(engines, sizes, shares) if share]
+    return [(engine, ChunkSizer(size, limit, sample_bytes))
+            for engine, size, limit, share in zip(engines, sizes, limits, shares) if share]
 
 
 def fastest_streaming(options: Sequence[Sequence[tuple[Engine, Profile]]], sample_bytes: int) -> tuple[list, list]:
@@ -281,9 +281,9 @@ def stream_into(net: Network, ready: Ready, data: np.ndarray | ImageFolder, outp
     engines, profiles = fastest_streaming(ready.options, sample_bytes)
     taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
     queue = WorkQueue(ledger.pending(len(data)))
-    stats = [DeviceStream(e.device.name, e.name, size) for e, size in taking]
-    for engine, size in taking:
-        engine.on_worker(engine.prepare, size).result()
+    stats = [DeviceStream(e.device.name, e.name, sizer.size) for e, sizer in taking]
+    for engine, sizer in taking:
+        engine.on_worker(engine.prepare, sizer.size).result()
     bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name}", disable=not progress, leave=False)
 
     def deliver(start: int, end: int, result: np.ndarray) -> None:
@@ -294,8 +294,7 @@ def stream_into(net: Network, ready: Ready, data: np.ndarray | ImageFolder, outp
         bar.update(end - start)
         bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in stats))
 
-    def run_device(engine: Engine, size: int, stat: DeviceStream) -> None:
-        sizer = ChunkSizer(size, share_limits([profile_of[id(engine)]], [engine.device])[0], sample_bytes)
+    def run_device(engine: Engine, sizer: ChunkSizer, stat: DeviceStream) -> None:
         try:
             engine.on_worker(feed, engine, queue, read, deliver, stat, sizer, decodes).result()
         except UnreadableInput as exc:
@@ -306,9 +305,8 @@ def stream_into(net: Network, ready: Ready, data: np.ndarray | ImageFolder, outp
 
     unreadable: list[str] = []
     decodes = isinstance(data, ImageFolder)
-    profile_of = {id(engine): profile for engine, profile in zip(engines, profiles)}
-    threads = [threading.Thread(target=run_device, args=(engine, size, stat), name=f"hetero-stream-{engine.device.name}")
-               for (engine, size), stat in zip(taking, stats)]
+    threads = [threading.Thread(target=run_device, args=(engine, sizer, stat), name=f"hetero-stream-{engine.device.name}")
+               for (engine, sizer), stat in zip(taking, stats)]
     wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
     faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]
     outputs = finish_stream(unreadable, stats, ledger, len(data), output, outputs)

@@ -26,17 +26,14 @@ from tqdm import tqdm
 from ..devices import DEFAULT_PRECISION, Device
 from ..engines import Engine
 from ..errors import HeteroError
+from ..feed import MAX_CHUNK_BYTES, TARGET_CHUNK_S, DeviceStream, WorkQueue
 from ..inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, Fault, plan
 from ..models import Network, get_network
 from ..profile import SEED_BATCHES
 from ..selection import AUTO, default_engine_choice
 from ..stream import (
-    MAX_CHUNK_BYTES,
-    TARGET_CHUNK_S,
-    DeviceStream,
     Ledger,
     StreamReport,
-    WorkQueue,
     chunk_size,
     finish_stream,
     open_inputs,

@@ -54,7 +54,7 @@ class _PipelinedCall:
         """The outputs, and the GPU's own seconds uploading, computing and downloading them."""
         marks = self._launched.result()
         self._slot.done.synchronize()
-        upload, compute, download = (start.elapsed_time(end) / 1e3 for start, end in zip(marks[::2], marks[1::2]))
+        upload, compute, download = (marks[i].elapsed_time(marks[j]) / 1e3 for i, j in ((0, 1), (2, 3), (3, 4)))
         return self._slot.host_out_array[: self._samples], Timing(upload, compute, download)
 
 
@@ -92,9 +92,10 @@ class CudaPipeline:
 
     def _queue(self, slot: _Slot, samples: int, computed: int, copies: list[Future]) -> list[torch.cuda.Event]:
         """On the launcher thread: once the inputs are staged, queue the call's GPU work. Returns the events
-        that mark the start and end of its upload, of its computation and of its download."""
+        that mark the start and end of its upload, the start and end of its computation, and the end of its
+        download (which starts as the computation ends)."""
         wait_all(copies)
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(5)] + [slot.done]
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] + [slot.done]
         with torch.inference_mode():
             with torch.cuda.stream(self._upload):
                 marks[0].record(self._upload)
@@ -106,7 +107,6 @@ class CudaPipeline:
                 inputs = slot.device_in[:computed].to(self._dtype).contiguous(memory_format=torch.channels_last)
                 outputs = self._module(inputs)[:samples]
                 marks[3].record(self._compute)
-                marks[4].record(self._compute)
                 slot.host_out[:samples].copy_(outputs.to(torch.float32), non_blocking=True)
                 slot.done.record(self._compute)
         self._sizes = self._sizes | {computed}  # a new set: launch() reads the old one on another thread
