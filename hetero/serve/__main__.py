@@ -34,7 +34,7 @@ def positive_ms(text: str) -> float:
 
 def main(argv: list[str]) -> int:
     from ..devices import DEFAULT_PRECISION, PRECISIONS
-    from ..inference import DEFAULT_BUDGET_S, DEFAULT_TABLE
+    from ..inference import DEFAULT_TABLE
     from ..profile import SEED_BATCHES
 
     parser = Parser(prog="python -m hetero.serve",
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
 
     net = get_network(args.network)
     model = ServedModel(net)
-    session = Session(net, args.device, Options(args.table, tuple(args.profile_batches), budget_s=DEFAULT_BUDGET_S,
+    session = Session(net, args.device, Options(args.table, tuple(args.profile_batches),
                                                  progress=False, precision=args.precision, engine=args.engine))
     devices = session.engines()
     try:
