@@ -1,49 +1,137 @@
-"""Where a GPU stream's time goes: the host's copy rates, the link's upload rate, and a stream's own
-record of how long the GPU uploaded and computed (CUDA events) against its wall time.
+"""Where a GPU stream's time goes: the host's copy rates, the link's upload rates (from page-locked,
+pageable and registered memory), and a traced stream: each call's host stages (launched, staged, queued)
+and GPU stages (upload, compute, download, from CUDA events) on one clock.
 
     python -m benchmarks.feed_profile --network resnet-50 --samples 8192
 
-Prints, per stream: img/s, the GPU's computing and uploading time as shares of the stream's wall time,
-and the chunk size; before that, one thread's and several threads' copy into page-locked memory (float32
-to float32 and to float16) and one upload of the same bytes.
+Prints the rates, then per stream: img/s, the GPU's computing and uploading time as shares of the wall
+time, the compute stream's idle gaps between calls and what each waited for, and a few calls' timelines.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 import hetero
 from hetero.benchmark import host_array
-from hetero.devices import with_precision
+from hetero.devices import Device, with_precision
 from hetero.engines.base import ParallelCopy
+from hetero.engines.pytorch import CudaPipeline, TorchCompileEngine
+from hetero.models import Network
 
 
 def rate(seconds: float, nbytes: int) -> str:
     return f"{nbytes / seconds / 1e9:.1f} GB/s"
 
 
-def copies(samples: np.ndarray) -> None:
-    pinned = torch.empty(samples.shape, dtype=torch.float32, pin_memory=True)
-    half = torch.empty(samples.shape, dtype=torch.float16, pin_memory=True)
-    for threads in (1, 4, 8):
-        copy = ParallelCopy(threads, "probe")
-        for name, target in (("float32", pinned.numpy()), ("float16", half.numpy())):
-            copy(target, samples)
-            begun = time.perf_counter()
-            copy(target, samples)
-            print(f"copy into page-locked {name}, {threads} threads: {rate(time.perf_counter() - begun, samples.nbytes)}")
-        copy.shutdown()
-    device = torch.empty_like(pinned, device="cuda")
-    for _ in range(2):
+def timed(action: Callable[[], object], repeats: int = 3) -> float:
+    """The median seconds of `action` after one untimed call, the GPU synchronized around each."""
+    action()
+    times = []
+    for _ in range(repeats):
         torch.cuda.synchronize()
         begun = time.perf_counter()
-        device.copy_(pinned, non_blocking=True)
+        action()
         torch.cuda.synchronize()
-    print(f"upload from page-locked memory: {rate(time.perf_counter() - begun, samples.nbytes)}")
+        times.append(time.perf_counter() - begun)
+    return statistics.median(times)
+
+
+def copies(chunk: np.ndarray) -> None:
+    pinned = torch.empty(chunk.shape, dtype=torch.float32, pin_memory=True)
+    half = torch.empty(chunk.shape, dtype=torch.float16, pin_memory=True)
+    for threads in (1, 2, 4, 8, 12):
+        copy = ParallelCopy(threads, "probe")
+        for name, target in (("float32", pinned.numpy()), ("float16", half.numpy())):
+            seconds = timed(lambda: copy(target, chunk))  # noqa: B023 -- called before the loop moves on
+            print(f"copy {chunk.nbytes >> 20} MiB into page-locked {name}, {threads} threads: {rate(seconds, chunk.nbytes)}")
+        copy.shutdown()
+
+
+def uploads(chunk: np.ndarray, whole: np.ndarray) -> None:
+    pinned = torch.empty(chunk.shape, dtype=torch.float32, pin_memory=True)
+    device = torch.empty_like(pinned, device="cuda")
+    print(f"upload from page-locked memory: {rate(timed(lambda: device.copy_(pinned, non_blocking=True)), chunk.nbytes)}")
+    pageable = torch.from_numpy(chunk)
+    print(f"upload from pageable memory: {rate(timed(lambda: device.copy_(pageable, non_blocking=True)), chunk.nbytes)}")
+    halves = torch.from_numpy(chunk[: len(chunk) // 2]), torch.from_numpy(chunk[len(chunk) // 2 :])
+    with ThreadPoolExecutor(2) as pool:
+        seconds = timed(lambda: [done.result() for done in (pool.submit(device[: len(halves[0])].copy_, halves[0]),
+                                                            pool.submit(device[len(halves[0]) :].copy_, halves[1]))])
+    print(f"upload from pageable memory, two threads: {rate(seconds, chunk.nbytes)}")
+    cudart = torch.cuda.cudart()
+    for name, array in (("one chunk", chunk), ("the whole input", whole)):
+        pointer, nbytes = array.ctypes.data, array.nbytes
+        begun = time.perf_counter()
+        error = cudart.cudaHostRegister(pointer, nbytes, 0)
+        registered_s = time.perf_counter() - begun
+        if int(error) != 0:
+            print(f"cudaHostRegister of {name} failed: {error}")
+            continue
+        if array is chunk:
+            seconds = timed(lambda: device.copy_(pageable, non_blocking=True))
+            print(f"upload from registered memory: {rate(seconds, chunk.nbytes)}")
+        begun = time.perf_counter()
+        cudart.cudaHostUnregister(pointer)
+        print(f"cudaHostRegister of {name} ({nbytes >> 20} MiB): {registered_s * 1e3:.1f} ms "
+              f"({rate(registered_s, nbytes)}); unregister {(time.perf_counter() - begun) * 1e3:.1f} ms")
+
+
+def report_trace(pipeline: CudaPipeline, wall_s: float) -> None:
+    """The compute stream's idle time between calls, split by what the next call was waiting for: its GPU
+    work queued after the previous computation ended (the host copy not done, or the launcher late), else
+    its upload."""
+    calls = [(trace, [pipeline.gpu_ms(mark) for mark in trace.marks[:4]]) for trace in pipeline.trace]
+    waits = {"its upload": 0.0, "its staging (host copy)": 0.0, "the launcher": 0.0}
+    for (_, before), (trace, marks) in zip(calls, calls[1:]):
+        gap = marks[2] - before[3]
+        if gap > 0.05:
+            late = trace.queued_ms > before[3]
+            waits["its staging (host copy)" if late and trace.staged_ms > before[3] else
+                  "the launcher" if late else "its upload"] += gap
+    compute = sum(marks[3] - marks[2] for _, marks in calls)
+    upload = sum(marks[1] - marks[0] for _, marks in calls)
+    staging = statistics.median(trace.staged_ms - trace.launched_ms for trace, _ in calls)
+    print(f"  traced {len(calls)} calls over {wall_s * 1e3:.0f} ms: computing {compute:.0f} ms, uploading "
+          f"{upload:.0f} ms, median staging {staging:.1f} ms; compute idle between calls: "
+          + ", ".join(f"waiting for {what} {ms:.0f} ms" for what, ms in waits.items()))
+    print("  call: launched, staged, queued (host ms) | upload start-end, compute start-end (GPU ms)")
+    for index, (trace, marks) in enumerate(calls[8:16], start=8):
+        print(f"  {index:3d}: {trace.launched_ms:8.1f} {trace.staged_ms:8.1f} {trace.queued_ms:8.1f} | "
+              f"{marks[0]:8.1f}-{marks[1]:8.1f} {marks[2]:8.1f}-{marks[3]:8.1f}")
+
+
+def streams(net: Network, samples: int, table: str) -> None:
+    inputs = host_array(net, samples)
+    engines: list[TorchCompileEngine] = []
+
+    def load(network: Network, device: Device) -> TorchCompileEngine:
+        engines.append(TorchCompileEngine(network, device))
+        return engines[-1]
+
+    gpu = with_precision(hetero.parse_devices("gpu0"), "fp16")
+    options = hetero.Options(table=table, profile_batches=(1, 16, 64, 256), budget_s=4, progress=False, load=load)
+    with hetero.Session(net, gpu, options) as session:
+        for run in range(3):
+            pipeline = engines[-1].pipeline if engines else None
+            if pipeline is not None and run == 2:
+                pipeline.start_trace()
+            report = session.stream(inputs)
+            device = report.devices[0]
+            print(f"{net.name} stream {run}: {report.throughput:.0f} img/s; GPU computing "
+                  f"{device.timing.exec_s / report.wall_s:.0%} and uploading {device.timing.h2d_s / report.wall_s:.0%} "
+                  f"of {report.wall_s:.2f} s; {device.chunks} chunks of {device.chunk}", flush=True)
+            if pipeline is not None and pipeline.trace:
+                report_trace(pipeline, report.wall_s)
+        resident = engines[-1].resident_throughput(256)
+        print(f"{net.name} resident, 256 a call: {resident:.0f} img/s")
 
 
 def main() -> None:
@@ -51,18 +139,14 @@ def main() -> None:
     parser.add_argument("--network", default="resnet-50")
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--table", default="/tmp/feed-profile.json")
+    parser.add_argument("--streams-only", action="store_true")
     args = parser.parse_args()
     net = hetero.get_network(args.network)
-    inputs = host_array(net, args.samples)
-    copies(inputs[:445])
-    gpu = with_precision(hetero.parse_devices("gpu0"), "fp16")
-    for run in range(3):
-        report = hetero.stream(net, gpu, inputs, table=args.table, profile_batches=[1, 16, 64, 256], budget_s=4,
-                               progress=False, engine="torch-compile")
-        device = report.devices[0]
-        print(f"{args.network} stream {run}: {report.throughput:.0f} img/s; GPU computing "
-              f"{device.timing.exec_s / report.wall_s:.0%} and uploading {device.timing.h2d_s / report.wall_s:.0%} "
-              f"of {report.wall_s:.2f} s; {device.chunks} chunks of {device.chunk}", flush=True)
+    if not args.streams_only:
+        whole = host_array(net, 4096)
+        copies(whole[:256])
+        uploads(np.ascontiguousarray(whole[:256]), whole)
+    streams(net, args.samples, args.table)
 
 
 if __name__ == "__main__":

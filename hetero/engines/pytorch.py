@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +47,18 @@ class _Slot:
         self.capacity = samples
 
 
+@dataclass
+class CallTrace:
+    """When one pipelined call reached each stage: host milliseconds since the trace began (launched, its
+    inputs staged, its GPU work queued) and its events (upload start and end, computation start and end,
+    download end), read against the trace's origin event."""
+
+    launched_ms: float
+    staged_ms: float = 0.0
+    queued_ms: float = 0.0
+    marks: list[torch.cuda.Event] = field(default_factory=list)
+
+
 class _PipelinedCall:
     def __init__(self, slot: _Slot, samples: int, launched: Future):
         self._slot, self._samples, self._launched = slot, samples, launched
@@ -75,6 +88,23 @@ class CudaPipeline:
         self._launcher = ThreadPoolExecutor(1, f"{name}-launch")
         self._upload = torch.cuda.Stream(device)
         self._compute = torch.cuda.Stream(device)
+        self.trace: list[CallTrace] | None = None  # kept from start_trace() on
+        self._origin = (0.0, torch.cuda.Event(enable_timing=True))
+
+    def start_trace(self) -> None:
+        """Keep a CallTrace of every later call (where a stream's time goes: benchmarks/feed_profile.py)."""
+        torch.cuda.synchronize(self._device)
+        self._origin[1].record(self._upload)
+        self._origin[1].synchronize()  # the GPU is idle: the event's time is the host's now
+        self._origin = (time.perf_counter(), self._origin[1])
+        self.trace = []
+
+    def gpu_ms(self, event: torch.cuda.Event) -> float:
+        """A traced call's event, in milliseconds since the trace began (the host's clock as far as known)."""
+        return self._origin[1].elapsed_time(event)
+
+    def _host_ms(self) -> float:
+        return (time.perf_counter() - self._origin[0]) * 1e3
 
     def launch(self, batch: np.ndarray) -> _PipelinedCall:
         slot = self._slots[self._turn]
@@ -86,15 +116,18 @@ class CudaPipeline:
         # compile): a smaller call runs as the next size that has run, the rows past its own ignored.
         computed = min((size for size in self._sizes if size >= len(batch)), default=len(batch))
         slot.reserve(computed)
+        trace = CallTrace(self._host_ms()) if self.trace is not None else None
         copies = self._copy.start(slot.host_in_array[: len(batch)], batch)
-        slot.launched = self._launcher.submit(self._queue, slot, len(batch), computed, copies)
+        slot.launched = self._launcher.submit(self._queue, slot, len(batch), computed, copies, trace)
         return _PipelinedCall(slot, len(batch), slot.launched)
 
-    def _queue(self, slot: _Slot, samples: int, computed: int, copies: list[Future]) -> list[torch.cuda.Event]:
+    def _queue(self, slot: _Slot, samples: int, computed: int, copies: list[Future],
+               trace: CallTrace | None) -> list[torch.cuda.Event]:
         """On the launcher thread: once the inputs are staged, queue the call's GPU work. Returns the events
         that mark the start and end of its upload, the start and end of its computation, and the end of its
         download (which starts as the computation ends)."""
         wait_all(copies)
+        staged_ms = self._host_ms()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] + [slot.done]
         with torch.inference_mode():
             with torch.cuda.stream(self._upload):
@@ -110,6 +143,9 @@ class CudaPipeline:
                 slot.host_out[:samples].copy_(outputs.to(torch.float32), non_blocking=True)
                 slot.done.record(self._compute)
         self._sizes = self._sizes | {computed}  # a new set: launch() reads the old one on another thread
+        if trace is not None and self.trace is not None:
+            trace.staged_ms, trace.queued_ms, trace.marks = staged_ms, self._host_ms(), marks
+            self.trace.append(trace)
         return marks
 
     def close(self) -> None:
@@ -129,10 +165,10 @@ class TorchEngine(Engine):
         module = network.torch_module().eval()
         module = module.to(self._device, dtype=self._dtype, memory_format=torch.channels_last)
         self._module = self.wrap(module)
-        self._pipeline = CudaPipeline(self._device, self._dtype, self._module, tuple(network.input_shape),
+        self.pipeline = CudaPipeline(self._device, self._dtype, self._module, tuple(network.input_shape),
                                       tuple(network.output_shape), f"hetero-{device.name}-{self.name}"
                                       ) if device.kind == "cuda" else None
-        self.in_flight = SLOTS if self._pipeline else 1
+        self.in_flight = SLOTS if self.pipeline else 1
         self.load_s = time.perf_counter() - start
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -162,14 +198,14 @@ class TorchEngine(Engine):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def launch(self, batch: np.ndarray):
-        if self._pipeline is None:
+        if self.pipeline is None:
             return super().launch(batch)
         self._warm.add(len(batch))
-        return self._pipeline.launch(batch)
+        return self.pipeline.launch(batch)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, Timing]:
-        if self._pipeline is not None:
-            outputs, timing = self._pipeline.launch(batch).result()
+        if self.pipeline is not None:
+            outputs, timing = self.pipeline.launch(batch).result()
             return outputs.copy(), timing  # the slot's buffer is reused by a later call
         with torch.inference_mode():
             start = time.perf_counter()
@@ -184,7 +220,7 @@ class TorchEngine(Engine):
     def plain_loop(self, inputs: np.ndarray, batch: int) -> np.ndarray:
         """On a GPU, as PyTorch's guides run a host array: one page-locked staging tensor, a non-blocking
         upload, the module in its precision and channels_last, each batch's outputs back to the host."""
-        if self._pipeline is None:
+        if self.pipeline is None:
             return super().plain_loop(inputs, batch)
         staging = torch.empty((batch, *self.network.input_shape), dtype=torch.float32, pin_memory=True)
         outputs = np.empty((len(inputs), *self.network.output_shape), np.float32)
@@ -198,7 +234,7 @@ class TorchEngine(Engine):
         return outputs
 
     def resident_throughput(self, batch: int, seconds: float = 2.0) -> float | None:
-        if self._pipeline is None:
+        if self.pipeline is None:
             return None
         shape = (batch, *self.network.input_shape)
         with torch.inference_mode():
@@ -215,8 +251,8 @@ class TorchEngine(Engine):
 
     def close(self) -> None:
         super().close()
-        if self._pipeline is not None:
-            self._pipeline.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
 
 
 class TorchCompileEngine(TorchEngine):
