@@ -432,12 +432,6 @@ def _load_inputs(shown: str, path: Path, network: str) -> np.ndarray:
         raise refuse(f"a damaged .npy file ({one_line(exc)})") from None
 
 
-def _list_devices() -> str:
-    from .devices import OpenCLBackend, available_devices
-
-    return "\n".join([device.describe() for device in available_devices()] + OpenCLBackend.notes())
-
-
 def _list_cluster_devices(address: str) -> str:
     from .cluster import list_devices
 
@@ -445,7 +439,7 @@ def _list_cluster_devices(address: str) -> str:
 
 
 def inference_main(argv: list[str]) -> int:
-    from .devices import DEFAULT_PRECISION, PRECISIONS
+    from .devices import DEFAULT_PRECISION, PRECISIONS, describe
     from .images import ImageFolder
     from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH
     from .models import network_names
@@ -499,7 +493,7 @@ def inference_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.list_devices:
-        print(_list_cluster_devices(args.ray) if args.ray else _list_devices())
+        print(_list_cluster_devices(args.ray) if args.ray else describe())
         return 0
     if args.network is None:
         raise UsageError("--network is required")

@@ -22,6 +22,7 @@ from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
 from .nan import propagate_nan
+from .schedules import TRANSFORM_PARAMS
 from .tune import Tuning, static_module
 
 # hetero's own schedules (and the tensor intrinsics and kernels they use) decide what a compile produces and how
@@ -63,9 +64,6 @@ def _scheduling_pipeline(device: Device, tuning: Tuning | None = None) -> tvm.tr
 
         return gpu_pipeline(device.target, device.precision, records=str(tuning.records) if tuning else None)
     return relax.get_default_pipeline(device.target)
-
-
-TRANSFORM_PARAMS = "main_transform_params"
 
 
 def module_weights(vm: relax.VirtualMachine, weights: list) -> list:

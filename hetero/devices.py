@@ -155,7 +155,7 @@ class OpenCLBackend:
         return lines
 
 
-# Only read where the runtime is missing; cli.py prints it under the device list.
+# Only read where the runtime is missing; describe() prints it under the device list.
 OPENCL_RUNTIME_MISSING = "" if opencl.runtime_available() else opencl.runtime_missing()
 
 
@@ -172,6 +172,11 @@ def available_devices() -> tuple[Device, ...]:
 @lru_cache(maxsize=1)
 def _the_cpu() -> tuple[Device, ...]:
     return tuple(CPUBackend.discover())
+
+
+def describe() -> str:
+    """This machine's devices, one line each (``--list-devices``), then notes on the OpenCL devices left out."""
+    return "\n".join([device.describe() for device in available_devices()] + OpenCLBackend.notes())
 
 
 def parse_devices(spec: str) -> list[Device]:

@@ -27,6 +27,7 @@ from tvm import relax
 from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
+from .schedules import TRANSFORM_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ def tuning_tasks_module(network: Network, device: Device, batch: int) -> tvm.IRM
     the raw module it extracts no task at all, silently)."""
     module = static_module(network, batch)
     if device.kind == "cuda":
-        from .compile import TRANSFORM_PARAMS
         from .schedules.cuda.pipeline import fused_module
 
         # the kernels that prepare the weights run once per engine: not worth a trial

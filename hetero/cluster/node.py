@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import Device, available_devices, parse_devices
+from ..devices import Device, available_devices, describe, parse_devices
 from ..engines import Engine
 from ..errors import HeteroError, one_line
 from ..feed import DeviceStream, feed_batch
@@ -174,9 +174,7 @@ class NodeWorker:
                 "pid": os.getpid()}
 
     def list_devices(self) -> str:
-        from ..cli import _list_devices
-
-        return _list_devices()
+        return describe()
 
     def find_devices(self, spec: str) -> tuple[list[tuple[str, str]], list[str]]:
         """This node's devices for `spec`, (name, key) each, and notes on the devices left out."""

@@ -6,7 +6,7 @@ Here a conv is one TVMScript (tirx) kernel on TVM 0.27's own PTX instructions (:
 implicit GEMM (M: output pixels, N: output channels, K: taps x input channels) whose 128 x BN block
 tile is two warpgroups, each issuing ``wgmma.mma_async m64nBNk8`` (TF32) or ``k16`` (float16) on
 operands in shared memory named by matrix descriptors.  Tiles of 128 bytes of K are loaded with
-``cp.async`` (zero-filled where the conv pads and past the last row) into a ring of STAGES stages
+``cp.async`` (zero-filled where the conv pads and past the last row) into a ring of STAGES stages (:mod:`.operands`)
 laid out in the 128-byte swizzle that wgmma reads; accumulation is in float32.
 
 The kernel replaces a fused conv PrimFunc (:mod:`.match` reads the conv from it) and keeps its

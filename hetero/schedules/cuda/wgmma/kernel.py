@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import tvm
 import tvm_ffi
@@ -11,24 +10,17 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ...base.tvmscript import PARSE_LOCK
+from .match import ConvGemm
+from .operands import MMA_TYPES, OPERAND_BYTES, ROW_BYTES, STAGES
 from .target import KERNEL_ATTR
 
-if TYPE_CHECKING:
-    from .match import ConvGemm
-
-ROW_BYTES = 128  # one swizzled row of a tile: the K of one stage (32 floats, 64 halves)
 WGMMA_K_BYTES = 32  # the K of one wgmma instruction (k8 in TF32, k16 in float16)
 BM = 128  # rows of a block tile: two warpgroups of 64
 THREADS = 256
-STAGES = 4
 SWIZZLE_128B = 3  # encode_matrix_descriptor's code for the 128-byte swizzle
 LBO = 1  # leading byte offset, unused by swizzled K-major operands
 SBO = 1024 >> 4  # stride byte offset, 16-byte units: 8 rows of 128 bytes
 MAX_SHARED_BYTES = 227 * 1024
-OPERAND_BYTES = {"float32": 4, "float16": 2}
-# the wgmma shape suffix of each operand type, and the operands after the scales: float16 takes
-# transpose immediates (0: K-major, as hetero's GEMMs hold both operands), TF32 has none
-MMA_TYPES = {"float32": ("k8.f32.tf32.tf32", ()), "float16": ("k16.f32.f16.f16", (0, 0))}
 
 
 @dataclass(frozen=True)

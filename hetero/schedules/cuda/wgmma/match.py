@@ -13,7 +13,7 @@ from tvm.ir.expr import TensorLoad
 from ...base.analysis import REDUCTION, SPATIAL, iter_kinds
 from ...base.conv import affine
 from ...base.conv import match_conv as match_conv_block
-from .kernel import MMA_TYPES, OPERAND_BYTES, ROW_BYTES, STAGES
+from .operands import MMA_TYPES, OPERAND_BYTES, ROW_BYTES, STAGES
 
 _ITER_KINDS = [SPATIAL] * 4 + [REDUCTION] * 3  # n, y, x, o; ry, rx, rc
 
