@@ -329,15 +329,6 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 SAVE_HINT = "a .npy array saved with numpy.save"
 
 
-def _expected_shape(network: str) -> tuple[int, ...] | None:
-    """One sample's shape for a registered network, known without building it; None for an ONNX model."""
-    from . import models
-
-    entry = getattr(models, "_REGISTRY", {}).get(network)
-    shape = getattr(entry, "input_shape", None)
-    return tuple(shape) if shape else None
-
-
 def _shape_text(sample: tuple[int, ...] | None) -> str:
     return f"(N, {', '.join(map(str, sample))})" if sample else "(N, ...)"
 
@@ -379,7 +370,9 @@ def _load_inputs(shown: str, path: Path, network: str) -> np.ndarray:
     """The --input file memory-mapped (not read: a dataset larger than memory is copied share by share, chunk by
     chunk), after sniffing what it is so that anything else is refused in words: its magic bytes, then the .npy
     header's dtype and shape, before anything is mapped."""
-    sample = _expected_shape(network)
+    from .models import registered_input_shape
+
+    sample = registered_input_shape(network)
     expected = f".npy array of shape {_shape_text(sample)}"
 
     def refuse(what: str) -> UsageError:

@@ -246,13 +246,8 @@ def check_request(net: Network, batch: int | None, inputs: np.ndarray | None, pr
         if batch is None or batch < 1:
             raise HeteroError(f"batch must be at least 1, got {batch}")
         check_host_memory(net, batch)
-    elif tuple(inputs.shape[1:]) != tuple(net.input_shape) or len(inputs) < 1:
-        raise HeteroError(
-            f"inputs of shape {tuple(inputs.shape)} do not fit {net.name}, which takes "
-            f"(N, {', '.join(map(str, net.input_shape))})"
-        )
-    elif not (np.issubdtype(inputs.dtype, np.integer) or np.issubdtype(inputs.dtype, np.floating)):
-        raise HeteroError(f"inputs of dtype {inputs.dtype} are not real numbers")
+    else:
+        net.check_inputs(inputs)
     if profile_batches:
         check_host_memory(net, max(profile_batches), "profiling batch")
 

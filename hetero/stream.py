@@ -153,9 +153,7 @@ def open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network)
         data = np.load(inputs, mmap_mode="r", allow_pickle=False)
     else:
         data = inputs if isinstance(inputs, ImageFolder) else np.asarray(inputs)
-    if tuple(data.shape[1:]) != tuple(network.input_shape) or len(data) < 1:
-        raise HeteroError(f"inputs of shape {tuple(data.shape)} do not fit {network.name}, which takes "
-                          f"(N, {', '.join(map(str, network.input_shape))})")
+    network.check_inputs(data)
     return data
 
 

@@ -11,9 +11,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from hetero import models
 from hetero.errors import HeteroError
-from hetero.models import Network, UnknownNetworkError, get_network, network_names
+from hetero.models import Network, UnknownNetworkError, get_network, network_names, registry
 
 NAMES = [
     "mobilenet", "squeezenet_v1.0", "squeezenet_v1.1", "resnet-18", "resnet-34", "resnet-50",
@@ -55,7 +54,7 @@ def test_names() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_module_structure(name: str) -> None:
     # The module alone (no weight values), so vgg's 138M weights are not generated here.
-    built = models._build(name)
+    built = registry._build(name)
     mod = built.module
     relax.analysis.well_formed(mod)  # raises on a violation
     main = mod["main"]
@@ -86,10 +85,10 @@ def test_network_and_weights(name: str) -> None:
     for p, w in zip(net.params, weights, strict=True):
         assert p.dtype == np.float32 and list(p.shape) == _shape(w.ty)
         assert np.isfinite(p).all() and not p.flags.writeable
-    assert net.num_params == models._build(name).graph.num_weights()
+    assert net.num_params == registry._build(name).graph.num_weights()
     assert len(repr(net)) < 200
 
-    fresh = models._registered.__wrapped__(name)  # bypasses the cache: weights generated again
+    fresh = registry._registered.__wrapped__(name)  # bypasses the cache: weights generated again
     assert fresh is not net
     for a, b in zip(net.params, fresh.params, strict=True):
         np.testing.assert_array_equal(a, b)

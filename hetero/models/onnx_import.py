@@ -1,0 +1,157 @@
+"""Networks read from .onnx files: one input with a batch dimension, one output, weights as parameters."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax
+
+from ..errors import HeteroError, one_line
+from .network import Network, Origin, readonly, require_package
+
+
+class OnnxUnavailableError(HeteroError, ImportError):
+    """An .onnx model was asked for but the optional ``onnx`` package is not installed.
+
+    An ImportError, and a HeteroError so the command lines report it in one line.
+    """
+
+
+class OnnxOrigin(Origin):
+    """An .onnx file: its ONNX form is the file's own model, read again from the bytes kept here
+    (or, for weights in external files, a copy of the model as loaded)."""
+
+    forms = ("relax", "onnx")
+    what = "it was read from an ONNX file"
+
+    def __init__(self, raw: bytes | None, model: Any = None) -> None:
+        self.raw = raw
+        self.model = model
+
+    def onnx_model(self, net: Network):  # noqa: ANN201
+        require_package("onnx", "ONNX", net.name, "'hetero[onnx]'")
+        import onnx
+
+        if self.raw is not None:
+            return onnx.load_from_string(self.raw)
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        return model
+
+    def onnx_bytes(self, net: Network) -> bytes:
+        """The file's own bytes."""
+        return self.raw if self.raw is not None else super().onnx_bytes(net)
+
+
+def _int_initializers_as_constants(model, onnx):  # noqa: ANN001 - onnx types
+    """Copy of ``model`` whose non-float initializers (shapes, axes, ...) are Constant nodes.
+
+    With ``keep_params_in_input`` the frontend turns every initializer into a
+    function parameter, which would make e.g. a Reshape's target shape a
+    runtime value; only float tensors are weights.
+    """
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    weights = [t for t in m.graph.initializer if t.data_type in float_types]
+    consts = [t for t in m.graph.initializer if t.data_type not in float_types]
+    if consts:
+        names = {t.name for t in consts}
+        nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in consts]
+        nodes += list(m.graph.node)
+        inputs = [i for i in m.graph.input if i.name not in names]
+        del m.graph.initializer[:], m.graph.node[:], m.graph.input[:]
+        m.graph.initializer.extend(weights)
+        m.graph.node.extend(nodes)
+        m.graph.input.extend(inputs)
+    return m
+
+
+def load_onnx(path: str) -> Network:
+    """The Network of the .onnx file at ``path``, converted once per content in this process."""
+    try:
+        import onnx
+    except ImportError:
+        raise OnnxUnavailableError(
+            f"loading {path!r} needs the onnx package: pip install onnx (or pip install .[onnx])"
+        ) from None
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"cannot read ONNX model {path!r}: no such file")
+    try:
+        raw = file.read_bytes()
+        model = onnx.load(str(file))
+    except Exception as err:  # protobuf decode errors, permissions, bad external data, ...
+        raise ValueError(f"cannot read ONNX model {path!r}: {one_line(err)}") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # weights in other files, which no digest of this file's bytes covers
+        return _convert_onnx(model, onnx, path, OnnxOrigin(None, model))
+    content = (hashlib.sha256(raw).hexdigest(), file.stem)
+    with _ONNX_LOCK:
+        if content not in _ONNX_BY_CONTENT:
+            _ONNX_BY_CONTENT[content] = _convert_onnx(model, onnx, path, OnnxOrigin(raw))
+        return _ONNX_BY_CONTENT[content]
+
+
+# ONNX models converted in this process, by (digest of the file's bytes, file stem)
+_ONNX_BY_CONTENT: dict[tuple[str, str], Network] = {}
+_ONNX_LOCK = threading.Lock()
+
+
+def _convert_onnx(model, onnx, path: str, origin: Origin) -> Network:  # noqa: ANN001 - onnx types
+    """The Network of a loaded ONNX model, checked to be one we can split by its batch dimension."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    file = Path(path)
+    graph = model.graph
+    if not graph.node:
+        raise ValueError(f"cannot read ONNX model {path!r}: the file holds no graph")
+    initialized = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initialized]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ValueError(f"ONNX model {path!r} has {len(inputs)} inputs and {len(graph.output)} "
+                         "outputs; only single-input, single-output models are supported")
+    inp = inputs[0]
+    ttype = inp.type.tensor_type
+    dims = list(ttype.shape.dim)
+    if not inp.type.HasField("tensor_type") or not ttype.HasField("shape") or len(dims) < 2 \
+            or any(d.dim_value <= 0 for d in dims[1:]):
+        shown = [d.dim_value or d.dim_param or "?" for d in dims]
+        raise ValueError(f"ONNX model {path!r}: input {inp.name!r} must be a tensor (batch, ...) "
+                         f"with static sizes after the batch dimension, got {shown}")
+    sample = tuple(int(d.dim_value) for d in dims[1:])
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+    except (KeyError, ValueError):
+        raise ValueError(f"ONNX model {path!r}: input {inp.name!r} has an unsupported "
+                         f"element type ({ttype.elem_type})") from None
+
+    n = tvm.tirx.Var("n", "int64")
+    try:
+        mod = from_onnx(_int_initializers_as_constants(model, onnx),
+                        shape_dict={inp.name: [n, *sample]}, keep_params_in_input=True)
+    except Exception as err:  # unsupported ops, shape errors, old IR versions, ...
+        raise ValueError(f"cannot convert ONNX model {path!r}: {one_line(err)}") from None
+    mod, detached = detach_params(mod)
+    main = mod["main"]
+
+    ret = main.ret_ty
+    out_dims = []
+    if isinstance(ret, relax.TensorType) and isinstance(ret.shape, relax.ShapeExpr):
+        out_dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ret.shape.values]
+    if not out_dims or isinstance(out_dims[0], int) or not out_dims[0].same_as(n) \
+            or not all(isinstance(d, int) for d in out_dims[1:]):
+        raise ValueError(f"ONNX model {path!r}: cannot make the batch dimension symbolic "
+                         f"(output shape {ret}); the model may hard-code its batch size")
+    params = tuple(readonly(p.numpy()) for p in detached.get("main", []))
+    if len(params) != len(main.params) - 1:
+        raise ValueError(f"ONNX model {path!r}: {len(main.params) - 1} weight parameters "
+                         f"but {len(params)} values")
+    return Network(file.stem, mod, params, sample, tuple(out_dims[1:]), dtype, origin)
