@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from .cli import Parser, batch_list, positive_int, run_command
+from .command import Parser, batch_list, positive_int, run_command
 from .devices import DEFAULT_PRECISION, PRECISIONS, Device, parse_devices, with_precision
 from .engines import Engine, load_engine
 from .execute import run_split

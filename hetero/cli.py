@@ -1,111 +1,23 @@
 """The three command lines (Inference.py, print_table.py, measure_io.py): parse, call the library, print.
 
-Users see one `error: ...` line per failure: exit 2 for usage errors, 1 for failures while running,
-130 for Ctrl-C; `--debug` shows the traceback instead. What the library warns about while it works (a
-device left out, a table entry not trusted) is printed as `note: ...` lines on stderr.
+Users see one `error: ...` line per failure (hetero.command): exit 2 for usage errors, 1 for failures while
+running, 130 for Ctrl-C; `--debug` shows the traceback instead. What the library warns about while it works (a
+device left out, a table entry not trusted) is printed as `note: ...` lines on stderr. The files are read,
+checked and written by hetero.io.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
-import math
-import os
-import stat
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tabulate import tabulate
 
-from .errors import HeteroError, one_line
-
-USAGE_ERROR = 2
-RUN_ERROR = 1
-
-
-class UsageError(HeteroError):
-    """Arguments that cannot be acted on."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line instead of a usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def batch_list(text: str) -> list[int]:
-    return [positive_int(part) for part in text.split(",")]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, at least 0, got {text!r}")
-    return value
-
-
-class _NoteHandler(logging.Handler):
-    """The library's warnings as `note: ...` lines, written to whatever sys.stderr is at the time."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(f"note: {record.getMessage()}", file=sys.stderr)
-
-
-def _show_notes() -> None:
-    logger = logging.getLogger("hetero")
-    if not any(isinstance(handler, _NoteHandler) for handler in logger.handlers):
-        logger.addHandler(_NoteHandler())
-
-
-def _error(message: str) -> None:
-    """Print `error: message` as one line, whatever control characters the user's text brought in."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-    print(f"error: {text}", file=sys.stderr)
-
-
-def run_command(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    _show_notes()
-    try:
-        return main(args)
-    except UsageError as exc:
-        if "--debug" in args:
-            raise
-        _error(str(exc))
-        return USAGE_ERROR
-    except (HeteroError, OSError, ValueError) as exc:
-        if "--debug" in args:
-            raise
-        _error(one_line(exc))
-        return RUN_ERROR
-    except KeyboardInterrupt as exc:
-        _error(str(exc) or "interrupted; profiles measured so far are kept in the table")
-        return 130
-    except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback on request
-        if "--debug" in args:
-            raise
-        _error(f"unexpected {type(exc).__name__}: {one_line(exc)} (--debug shows where)")
-        return RUN_ERROR
+from .command import Parser, batch_list, nonnegative_seconds, positive_int, run_command
+from .errors import UsageError
+from .io import check_output, check_table, checked_path, read_inputs, write_outputs
 
 
 def _ms(seconds: float) -> str:
@@ -163,268 +75,6 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-def _reason(exc: OSError) -> str:
-    """An OSError as the few words after a path: "permission denied", "no space left on device"."""
-    text = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
-    return text[:1].lower() + text[1:]
-
-
-def _shown(folder: Path) -> str:
-    return "the current directory" if str(folder) == "." else str(folder)
-
-
-def _save_outputs(path: Path, outputs: np.ndarray, shown: str | None = None) -> None:
-    """Write the outputs atomically, so an interrupted run never leaves half a file, exactly at `path` (no
-    .npy appended). On any failure nothing is left behind and the error names `shown` (the user's spelling
-    of the path), never the temporary file."""
-    shown = str(path) if shown is None else shown
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, outputs)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:  # as a plain write would have it: the old file's mode, else 0666 less the umask (mkstemp's is 0600)
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            what = "is a directory" if isinstance(exc, IsADirectoryError) else f"cannot write ({_reason(exc)})"
-            raise HeteroError(f"--output {shown}: {what}") from None
-        raise
-
-
-def _nearest_existing_folder(flag: str, shown: str, folder: Path) -> tuple[Path, list[Path]]:
-    """The deepest existing ancestor of `folder` (itself included) and the folders below it to create, top first;
-    a UsageError where that ancestor is not a directory or cannot be looked at."""
-    missing: list[Path] = []
-    while True:
-        try:
-            info = os.stat(folder)
-        except FileNotFoundError:
-            if folder == folder.parent:
-                raise UsageError(f"{flag} {shown}: {folder} does not exist") from None
-            missing.insert(0, folder)
-            folder = folder.parent
-            continue
-        except NotADirectoryError:  # some ancestor is a file: go up until it shows
-            missing.clear()
-            folder = folder.parent
-            continue
-        except OSError as exc:
-            raise UsageError(f"{flag} {shown}: cannot reach {_shown(folder)} ({_reason(exc)})") from None
-        if not stat.S_ISDIR(info.st_mode):
-            kind = "a file, not a directory" if stat.S_ISREG(info.st_mode) else "not a directory"
-            raise UsageError(f"{flag} {shown}: {folder} is {kind}")
-        return folder, missing
-
-
-def _check_writable_destination(flag: str, shown: str, path: Path) -> None:
-    """Refuse, before any work, a file the run could not create or replace at the end: by really creating (and
-    removing) a file, or the first missing folder, where the run will, so that permissions, read-only
-    mounts and root's privileges count exactly as they will then. Nothing is left behind."""
-    folder, missing = _nearest_existing_folder(flag, shown, path.parent)
-    try:
-        name_max = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    for part in [*(m.name for m in missing), path.name]:
-        if len(os.fsencode(part)) > name_max:
-            raise UsageError(f"{flag} {shown}: the name {part[:40]}... is too long (at most {name_max} bytes)")
-    try:
-        if missing:
-            os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".hetero-check-"))
-        else:
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".hetero-check-", suffix=".tmp")
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        where = f"create directory {missing[0].name} in" if missing else "write in"
-        raise UsageError(f"{flag} {shown}: cannot {where} {_shown(folder)} ({_reason(exc)})") from None
-    if not missing:
-        _check_replaceable(flag, shown, path, folder)
-
-
-def _check_replaceable(flag: str, shown: str, path: Path, folder: Path) -> None:
-    """In a sticky directory (/tmp) only the file's or the directory's owner may replace an existing file."""
-    try:
-        info, folder_info = os.lstat(path), os.stat(folder)
-    except OSError:
-        return
-    euid = os.geteuid() if hasattr(os, "geteuid") else 0
-    if folder_info.st_mode & stat.S_ISVTX and euid not in (0, info.st_uid, folder_info.st_uid):
-        raise UsageError(f"{flag} {shown}: cannot replace it, another user's file in the sticky directory "
-                         f"{_shown(folder)}")
-
-
-def _stat_or_none(path: Path) -> os.stat_result | None:
-    """The file's status, or None where it does not exist or cannot be reached (the folder checks then say why)."""
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
-def _check_output(shown: str, path: Path) -> None:
-    """--output: a file that does not exist or a regular file to replace, in a folder where the run can write."""
-    info = _stat_or_none(path)
-    if info is not None and stat.S_ISDIR(info.st_mode):
-        raise UsageError(f"--output {shown}: is a directory")
-    if info is not None and not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"--output {shown}: not a regular file (the outputs would replace it)")
-    if shown.endswith(("/", os.sep)):
-        raise UsageError(f"--output {shown}: names a directory; expected a file path such as {shown}outputs.npy")
-    _check_writable_destination("--output", shown, path)
-
-
-def _check_table(shown: str, path: Path) -> None:
-    """--table: readable if it exists, and in a folder where profiles measured now can be saved (the table is
-    replaced atomically beside itself, with a lock file "<table>.lock" there, so it is the folder that must take
-    new files; the table file's own mode does not matter)."""
-    info = _stat_or_none(path)
-    if info is not None:
-        if stat.S_ISDIR(info.st_mode):
-            raise UsageError(f"--table {shown}: cannot read profile table (is a directory)")
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"--table {shown}: cannot read profile table (not a regular file)")
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise UsageError(f"--table {shown}: cannot read profile table ({_reason(exc)})") from None
-    elif shown.endswith(("/", os.sep)):
-        raise UsageError(f"--table {shown}: names a directory; expected a file path such as {shown}profile_table.json")
-    _check_writable_destination("--table", shown, path)
-    lock = path.with_name(path.name + ".lock")
-    if os.path.lexists(lock):
-        try:
-            os.close(os.open(lock, os.O_RDWR))
-        except OSError as exc:
-            raise UsageError(f"--table {shown}: cannot open its lock file {lock} ({_reason(exc)})") from None
-
-
-def _checked_path(flag: str, text: str | os.PathLike[str], check: Callable[[str, Path], None]) -> Path:
-    shown = os.fspath(text)
-    if "\0" in shown:
-        raise UsageError(f"{flag} {shown}: not a valid path (it contains a NUL character)")
-    if not shown:
-        raise UsageError(f"{flag}: the path is empty")
-    path = Path(shown)
-    check(shown, path)
-    return path
-
-
-NPY_MAGIC = b"\x93NUMPY"
-ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-SAVE_HINT = "a .npy array saved with numpy.save"
-
-
-def _shape_text(sample: tuple[int, ...] | None) -> str:
-    return f"(N, {', '.join(map(str, sample))})" if sample else "(N, ...)"
-
-
-def _not_npy(path: Path, head: bytes, expected: str) -> str:
-    """What a file that does not start as a .npy file is, and what was expected, for the error line."""
-    if head.startswith(ZIP_MAGICS):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            return f"a damaged zip archive ({one_line(exc)}), expected {expected}"
-        if names and all(name.endswith(".npy") for name in names):
-            arrays = [name[: -len(".npy")] for name in names]
-            listed = ", ".join(arrays[:5]) + (f", ... ({len(arrays)} in all)" if len(arrays) > 5 else "")
-            return f"a .npz archive (arrays {listed}), expected one {expected}"
-        return f"a zip archive, not a .npy file, expected {expected}"
-    for magic, kind in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-                        (b"\x80", "a Python pickle"), (b"\x1f\x8b", "a gzip file")):
-        if head.startswith(magic):
-            return f"{kind}, not a .npy file, expected {expected}"
-    if b"\0" not in head and all(b >= 32 or b in b"\t\n\r\f" for b in head):
-        return f"not a .npy file (it starts with text), expected {SAVE_HINT}"
-    return f"not a .npy file (it does not start with numpy's header), expected {SAVE_HINT}"
-
-
-def _image_folder(path: Path, network: str, refuse: Callable[[str], UsageError]):  # noqa: ANN202 - an ImageFolder
-    """A folder given as --input: its JPEG and PNG images, decoded as the stream reads them."""
-    from .images import ImageFolder
-    from .models import get_network
-
-    try:
-        return ImageFolder(path, get_network(network).input_shape)
-    except HeteroError as exc:
-        raise refuse(str(exc).removeprefix(f"{path}: ")) from None
-
-
-def _load_inputs(shown: str, path: Path, network: str) -> np.ndarray:
-    """The --input file memory-mapped (not read: a dataset larger than memory is copied share by share, chunk by
-    chunk), after sniffing what it is so that anything else is refused in words: its magic bytes, then the .npy
-    header's dtype and shape, before anything is mapped."""
-    from .models import registered_input_shape
-
-    sample = registered_input_shape(network)
-    expected = f".npy array of shape {_shape_text(sample)}"
-
-    def refuse(what: str) -> UsageError:
-        return UsageError(f"--input {shown}: cannot read inputs: {what}")
-
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise refuse("no such file") from None
-    except OSError as exc:
-        raise refuse(_reason(exc)) from None
-    if stat.S_ISDIR(info.st_mode):
-        return _image_folder(path, network, refuse)
-    if not stat.S_ISREG(info.st_mode):
-        raise refuse(f"not a regular file, expected a {expected}")
-    if info.st_size == 0:
-        raise refuse(f"the file is empty, expected a {expected}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if not head.startswith(NPY_MAGIC):
-                raise refuse(_not_npy(path, head, expected))
-            f.seek(0)
-            version = np.lib.format.read_magic(f)
-            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, _, dtype = header[version](f) if version in header else (None, None, None)
-            data_at = f.tell()
-    except UsageError:
-        raise
-    except OSError as exc:
-        raise refuse(_reason(exc)) from None
-    except Exception as exc:  # numpy's header parser raises ValueError and others for a damaged header
-        raise refuse(f"a damaged .npy file ({one_line(exc)})") from None
-    if shape is not None:
-        if dtype.hasobject:
-            raise refuse(f"an array of Python objects (dtype {dtype}), expected numbers: a {expected}")
-        if len(shape) == 0:
-            raise refuse(f"a 0-d array (a single value), expected a {expected}")
-        if sample and len(shape) != len(sample) + 1:
-            raise refuse(f"a {len(shape)}-d array of shape {tuple(shape)}, expected a {len(sample) + 1}-d array "
-                         f"of shape {_shape_text(sample)}")
-        if shape[0] == 0:
-            raise refuse(f"an array of shape {tuple(shape)}, with no samples")
-        needed = data_at + math.prod(shape) * dtype.itemsize
-        if info.st_size < needed:
-            raise refuse(f"a truncated .npy file ({info.st_size} bytes, its header promises {needed})")
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r")
-    except Exception as exc:  # numpy raises many types for a file that is not an array
-        raise refuse(f"a damaged .npy file ({one_line(exc)})") from None
-
-
 def _list_cluster_devices(address: str) -> str:
     from .cluster import list_devices
 
@@ -435,7 +85,7 @@ def inference_main(argv: list[str]) -> int:
     from .devices import DEFAULT_PRECISION, PRECISIONS, describe
     from .images import ImageFolder
     from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH
-    from .models import network_names
+    from .models import get_network, network_names, registered_input_shape
     from .partition import PARTITIONERS
     from .profile import SEED_BATCHES
     from .session import infer
@@ -465,7 +115,7 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--profile-batches", type=batch_list, default=list(SEED_BATCHES),
                         help="batch sizes to profile, e.g. 1,2,4 (default: the seed's 20 sizes up to 129)")
     parser.add_argument("--reprofile", action="store_true", help="measure again even if the table has a profile")
-    parser.add_argument("--budget", type=_seconds, default=DEFAULT_BUDGET_S,
+    parser.add_argument("--budget", type=nonnegative_seconds, default=DEFAULT_BUDGET_S,
                         help=f"profiling seconds per device before the batch stops growing (default {DEFAULT_BUDGET_S:g})")
     parser.add_argument("--tune", type=positive_int, metavar="TRIALS",
                         help="first run this many MetaSchedule trials for each CPU and CUDA device at --tune-batch")
@@ -496,10 +146,11 @@ def inference_main(argv: list[str]) -> int:
     # the input read, the table and the outputs writable where they will be written at the end.
     inputs = None
     if args.input is not None:
-        input_path = _checked_path("--input", args.input, lambda shown, path: None)
-        inputs = _load_inputs(args.input, input_path, args.network)
-    output = None if args.output is None else _checked_path("--output", args.output, _check_output)
-    table = _checked_path("--table", args.table, _check_table)
+        input_path = checked_path("--input", args.input, lambda shown, path: None)
+        inputs = read_inputs(args.input, input_path, registered_input_shape(args.network),
+                             lambda: get_network(args.network).input_shape)
+    output = None if args.output is None else checked_path("--output", args.output, check_output)
+    table = checked_path("--table", args.table, check_table)
     if args.stream and (inputs is None or output is None):
         raise UsageError("--stream needs --input FILE.npy and --output FILE.npy")
     if args.ray and (inputs is None or output is None):
@@ -526,7 +177,7 @@ def inference_main(argv: list[str]) -> int:
         tune_batch=args.tune_batch,
     )
     if output is not None:
-        _save_outputs(output, report.outputs, args.output)
+        write_outputs(output, report.outputs, args.output)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 

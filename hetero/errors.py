@@ -5,6 +5,10 @@ class HeteroError(Exception):
     """A failure the user can act on; its message is one line and needs no traceback."""
 
 
+class UsageError(HeteroError):
+    """Arguments that cannot be acted on (a command line exits 2 for it, not 1)."""
+
+
 class UnreadableInput(HeteroError):
     """Samples that cannot be read (an image that does not decode): the input is at fault, not the device."""
 

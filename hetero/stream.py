@@ -36,7 +36,7 @@ from .errors import HeteroError, UnreadableInput, one_line
 from .feed import TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, chunk_cap, feed
 from .images import ImageFolder
 from .inference import Fault, Ready, plan, share_limits
-from .io import PARTIAL, open_partial, output_lock
+from .io import PARTIAL, open_partial, output_lock, write_atomically
 from .models import Network
 from .table import Profile
 
@@ -134,9 +134,8 @@ class Ledger:
                     merged.append([first, last])
             self.done = merged
             if self.path is not None:
-                staged = self.path.with_name(self.path.name + ".tmp")
-                staged.write_text(json.dumps({"identity": self.identity, "done": merged}))
-                os.replace(staged, self.path)
+                record = json.dumps({"identity": self.identity, "done": merged}).encode()
+                write_atomically(self.path, lambda f: f.write(record))
 
     def remove(self) -> None:
         if self.path is not None:

@@ -11,9 +11,8 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from tabulate import tabulate
 
 from .errors import HeteroError
-from .io import LOCK, lock_file
+from .io import LOCK, lock_file, write_atomically
 from .timer import noisy
 
 FORMAT = "hetero-profile-table"
@@ -319,22 +318,6 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    """Write a temp file beside `path` and rename it over, so readers see the old or the new table, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the table from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class ProfileTable:
     """All profiles in one table file; profiles put() here win over the file's when saved."""
@@ -395,7 +378,8 @@ class ProfileTable:
             except FileNotFoundError:
                 on_disk = {}
             merged = {**self._profiles, **on_disk, **{key: self._profiles[key] for key in self._changed}}
-            _replace_atomically(self.path, _dumps(merged))
+            # readers see the old or the new table, never half; 0644, since mkstemp's 0600 would hide it from others
+            write_atomically(self.path, lambda f: f.write(_dumps(merged).encode()), mode=0o644)
         self._profiles = merged
         self._changed.clear()
 

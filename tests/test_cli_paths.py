@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import hetero.session
-from hetero import cli
+from hetero import cli, io
 from hetero.errors import HeteroError
 
 from .conftest import SMALL_NETWORK
@@ -140,7 +140,7 @@ def test_a_writable_output_path_reaches_infer_and_leaves_nothing(tmp_path):
 def test_save_outputs_over_a_directory_leaves_nothing_and_names_the_path(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(HeteroError) as caught:
-        cli._save_outputs(tmp_path / "out", np.zeros((4, 1000), np.float32))
+        io.write_outputs(tmp_path / "out", np.zeros((4, 1000), np.float32))
     message = str(caught.value)
     assert str(tmp_path / "out") in message and "is a directory" in message
     assert ".tmp" not in message and "tmp" not in message.replace(str(tmp_path), "")
@@ -157,7 +157,7 @@ def test_save_outputs_failing_midway_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "save", full_disk)
     with pytest.raises(HeteroError) as caught:
-        cli._save_outputs(target, np.zeros((4, 1000), np.float32))
+        io.write_outputs(target, np.zeros((4, 1000), np.float32))
     assert str(target) in str(caught.value) and "no space left on device" in str(caught.value)
     assert _listing(tmp_path) == ["o.npy"]
     assert target.read_bytes() == b"the previous outputs"  # the old file is untouched, not half replaced
@@ -166,7 +166,7 @@ def test_save_outputs_failing_midway_leaves_nothing(tmp_path, monkeypatch):
 def test_save_outputs_writes_exactly_the_named_path(tmp_path):
     """A regression guard, not a finding: np.save on a name would add .npy; through a handle it does not."""
     outputs = np.arange(12, dtype=np.float32).reshape(3, 4)
-    cli._save_outputs(tmp_path / "deep" / "out.bin", outputs)
+    io.write_outputs(tmp_path / "deep" / "out.bin", outputs)
     assert _listing(tmp_path) == ["deep", "deep/out.bin"]
     np.testing.assert_array_equal(np.load(tmp_path / "deep" / "out.bin"), outputs)
 

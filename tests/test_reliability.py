@@ -19,7 +19,7 @@ import pytest
 import tvm
 
 import hetero
-from hetero import cli
+from hetero import cli, command
 from hetero.compile import CompileError, compile_network
 from hetero.devices import Device
 from hetero.engines import load_engine
@@ -291,7 +291,7 @@ def test_profile_from_another_tvm_is_not_trusted_and_the_user_is_told(tmp_path, 
 
 
 def test_oversized_batch_is_refused_before_allocating(capsys):
-    assert cli.inference(["--network", SMALL_NETWORK, "--batch", str(10**9)]) == cli.RUN_ERROR
+    assert cli.inference(["--network", SMALL_NETWORK, "--batch", str(10**9)]) == command.RUN_ERROR
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: batch {10**9} needs ") and "GiB of host memory" in err and "\n" not in err
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from ..cli import Parser, batch_list, positive_int, run_command
+from ..command import Parser, batch_list, positive_int, run_command
 from ..models import get_network
 from ..session import stream as local_stream
 from ..timer import Timer

@@ -9,7 +9,7 @@ import asyncio
 import sys
 from typing import TypeVar
 
-from ..cli import Parser, UsageError, batch_list, positive_int, run_command
+from ..command import Parser, UsageError, batch_list, positive_int, run_command
 from ..errors import HeteroError
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "grpc", "google", "prometheus_client")  # what the serve extra installs

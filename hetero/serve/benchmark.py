@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from ..cli import Parser, UsageError, batch_list, positive_int, run_command
+from ..command import Parser, UsageError, batch_list, positive_int, run_command
 from ..errors import HeteroError
 from .loadgen import Rejected, Stats, Target, closed_loop, open_loop, summarize
 
