@@ -31,7 +31,7 @@ from tabulate import tabulate
 
 from .command import Parser, batch_list, positive_int, run_command
 from .devices import DEFAULT_PRECISION, PRECISIONS, Device, parse_devices, with_precision
-from .engines import Engine, load_engine
+from .engines import ENGINES, OWN_ENGINE, Engine, load_engine
 from .execute import run_split
 from .inference import (
     DEFAULT_BUDGET_S,
@@ -50,7 +50,7 @@ from .session import stream
 from .table import Profile, ProfileTable
 from .timer import Timer, interleave
 
-BASELINES = ("onnxruntime", "openvino", "torch", "torch-compile")  # what users run without hetero
+BASELINES = tuple(name for name in ENGINES if name != OWN_ENGINE)  # what users run without hetero
 
 
 @dataclass
@@ -238,13 +238,13 @@ def format_markdown(result: BenchmarkResult) -> str:
             d.device.name, d.device.hardware, d.device.precision,
             *(f"{d.engine_img_s[name]:.1f}" if name in d.engine_img_s else "-" for name in names),
             f"{best[0]} {best[1]:.1f}" if best else "-",
-            d.chosen, _ratio(d.hetero_img_s, best and best[1]), _ratio(d.engine_img_s.get("tvm"), best and best[1]),
+            d.chosen, _ratio(d.hetero_img_s, best and best[1]), _ratio(d.engine_img_s.get(OWN_ENGINE), best and best[1]),
             d.share, f"{d.predicted_s * 1e3:.1f}" if d.share else "-", f"{d.split_s * 1e3:.1f}" if d.share else "-",
         ])
     table = tabulate(
         rows,
         headers=["device", "hardware", "precision", *(f"{name} img/s" for name in names), "best baseline img/s",
-                 "hetero runs", "hetero/best", "tvm/best", "share", "predicted ms", "split ms"],
+                 "hetero runs", "hetero/best", f"{OWN_ENGINE}/best", "share", "predicted ms", "split ms"],
         tablefmt="github",
     )
     summary = (

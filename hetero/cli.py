@@ -83,6 +83,7 @@ def _list_cluster_devices(address: str) -> str:
 
 def inference_main(argv: list[str]) -> int:
     from .devices import DEFAULT_PRECISION, PRECISIONS, describe
+    from .engines import ENGINES
     from .images import ImageFolder
     from .inference import DEFAULT_BUDGET_S, DEFAULT_TABLE, DEFAULT_TUNE_BATCH
     from .models import get_network, network_names, registered_input_shape
@@ -104,8 +105,8 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--partitioner", choices=sorted(PARTITIONERS), default="exact")
     parser.add_argument("--engine", default=None,
                         help="auto (profile every installed engine that can run the network on a device and run "
-                             "each device's fastest), one engine for all devices (tvm, onnxruntime, openvino, "
-                             "torch, torch-compile), or per device, e.g. gpu0=torch,cpu=onnxruntime "
+                             f"each device's fastest), one engine for all devices ({', '.join(ENGINES)}), or per "
+                             "device, e.g. gpu0=torch,cpu=onnxruntime "
                              "(default: $HETERO_ENGINE, else auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help=f"the CUDA GPUs' arithmetic (default {DEFAULT_PRECISION}, as PyTorch's convolutions): "

@@ -23,7 +23,7 @@ from ..devices import Device
 from ..models import Network
 from .base import Call, Engine, EngineUnavailableError, Timing, copy_threads, profile_key
 
-__all__ = ["ENGINES", "Call", "Engine", "EngineUnavailableError", "Timing", "copy_threads", "engine_class",
+__all__ = ["ENGINES", "OWN_ENGINE", "Call", "Engine", "EngineUnavailableError", "Timing", "copy_threads", "engine_class",
            "engine_key", "engine_version", "installed_engines", "known_unsupported", "load_engine",
            "runnable_engines"]
 
@@ -92,6 +92,9 @@ ENGINES: dict[str, Entry] = {
     "torch-compile": Entry("hetero.engines.pytorch:TorchCompileEngine", "torch", "torch", _torch_compile_version,
                            ("cpu", "cuda"), "torch"),
 }
+
+
+OWN_ENGINE = "tvm"  # hetero's own compiler and schedules; every other engine is one users run without hetero
 
 
 def engine_version(name: str, device: Device) -> str:

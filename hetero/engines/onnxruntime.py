@@ -25,7 +25,6 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, network: Network, device: Device):
         super().__init__(network, device)
-        start = time.perf_counter()
         options = onnxruntime.SessionOptions()
         if device.kind == "cpu":
             options.intra_op_num_threads = cpu_threads(device)
@@ -37,7 +36,6 @@ class OnnxRuntimeEngine(Engine):
         if self._session.get_providers()[0] != _PROVIDERS[device.kind]:  # its profiles' key names the one asked for
             raise EngineUnavailableError(f"ONNX Runtime fell back to {self._session.get_providers()[0]} on {device.name}")
         self._input = self._session.get_inputs()[0].name
-        self.load_s = time.perf_counter() - start
 
     @classmethod
     def unsupported(cls, network: Network, device: Device) -> str | None:

@@ -26,7 +26,6 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, network: Network, device: Device):
         super().__init__(network, device)
-        start = time.perf_counter()
         core = openvino.Core()
         model = core.read_model(model=network.onnx_bytes())
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
@@ -34,7 +33,6 @@ class OpenVINOEngine(Engine):
             config["INFERENCE_NUM_THREADS"] = cpu_threads(device)
         self._compiled = core.compile_model(model, _plugin(device), config)
         self._request = self._compiled.create_infer_request()
-        self.load_s = time.perf_counter() - start
 
     @classmethod
     def unsupported(cls, network: Network, device: Device) -> str | None:

@@ -159,7 +159,6 @@ class TorchEngine(Engine):
 
     def __init__(self, network: Network, device: Device):
         super().__init__(network, device)
-        start = time.perf_counter()
         self._device = torch.device("cuda", device.index) if device.kind == "cuda" else torch.device("cpu")
         self._dtype = _DTYPES[device.precision]
         module = network.torch_module().eval()
@@ -169,7 +168,6 @@ class TorchEngine(Engine):
                                       tuple(network.output_shape), f"hetero-{device.name}-{self.name}"
                                       ) if device.kind == "cuda" else None
         self.in_flight = SLOTS if self.pipeline else 1
-        self.load_s = time.perf_counter() - start
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """What runs the module: itself here, its compiled form in TorchCompileEngine."""

@@ -95,7 +95,7 @@ class TVMEngine(Engine):
                  tuned: tuple[Tuning, Compiled] | None = None):
         super().__init__(network, device)
         self.compiled = compiled
-        self.load_s = compiled.seconds
+        self.from_cache = compiled.cached and (tuned is None or tuned[1].cached)
         self.tuning = tuned[0] if tuned else None
         # The records are read once, as they were when the tuned module was compiled from them.
         self._version = VERSION + (
@@ -123,7 +123,7 @@ class TVMEngine(Engine):
         self._warm_calls: set[tuple[int, int]] = set()  # (module, samples) of the module calls that have run
 
     @classmethod
-    def load(cls, network: Network, device: Device, tuning: Tuning | None = None) -> TVMEngine:
+    def build(cls, network: Network, device: Device, tuning: Tuning | None = None) -> TVMEngine:
         """The engine for `network` on `device`, compiled or loaded from the disk cache; with a tuning,
         whole chunks of its batch run through the module tuned for exactly that batch."""
         tuned = (tuning, compile_network(network, device, tuning=tuning)) if tuning else None

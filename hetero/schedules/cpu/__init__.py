@@ -30,7 +30,7 @@ for a TVM codegen pitfall, see there.
 
 Runtime note: TVM's thread pool uses half the logical CPUs by default on
 x86 (it assumes hyper-threading): one thread on a 2-vCPU machine.  hetero's
-engines raise that (``hetero.execute``); set ``TVM_NUM_THREADS`` elsewhere.
+engine raises that (``hetero.engines.tvm``); set ``TVM_NUM_THREADS`` elsewhere.
 """
 
 from ..base.rule import Rule
