@@ -8,15 +8,18 @@ batch size. A request that no device can finish alone by its deadline is cut int
 taking the part it computes by the time the devices together would finish it, and its outputs are
 assembled in order before its future resolves.
 
-Every prediction is the device's profile (hetero.table.Profile) times its recent slowdown: the median
-of the measured over predicted seconds of its latest batches, so that a device busier or slower than
-when it was profiled is given less. A measurement older than RECENT_S no longer counts: a device whose
-slowdown made admission refuse everything would otherwise never compute again and never learn that it
-is fast again. Admission uses the same predictions: a request that the devices,
-with the work queued ahead of it, are predicted to finish after its deadline, or one that would
-overfill the queue, is refused at once (:class:`Rejected`) rather than answered late; one whose deadline
-passes while it waits is dropped (:class:`Expired`). A device whose engine fails leaves the pool, and
-what it had not computed goes back to the queue for the others.
+Every prediction is the device's profile (hetero.table.Profile) times its recent slowdown: a high quantile
+(SLOWDOWN_QUANTILE) of the measured over predicted seconds of its latest batches, so that a device busier or
+slower than when it was profiled is given less. Not the median: admission fills the queue, and each device its
+batch, up to the deadline, so with predictions that half the batches exceed about half the answers came late; on
+a CPU shared with the server's own protocols and other processes one batch may take three times another of its
+size. A measurement older than RECENT_S no longer counts: a device whose slowdown made admission refuse
+everything would otherwise never compute again and never learn that it is fast again. Admission uses the same
+predictions: a request that the devices, with the work queued ahead of it, are predicted to finish after its
+deadline (less what its caller keeps to answer it), or one that would overfill the queue, is refused at once
+(:class:`Rejected`) rather than answered late. One whose deadline passes while it waits, or that the devices are
+predicted to finish after it when its turn comes, is dropped (:class:`Expired`) rather than computed late. A device
+whose engine fails leaves the pool, and what it had not computed goes back to the queue for the others.
 
 Batches run through the data path (hetero.feed.feed_batch) on each engine's own worker thread. The
 batcher knows nothing of HTTP or gRPC: it takes arrays and hands back futures.
@@ -27,7 +30,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import statistics
 import threading
 import time
 from collections import deque
@@ -46,8 +48,9 @@ from ..table import Profile
 # what Observer.failed is told
 REJECTED, EXPIRED, CANCELLED, ERROR = "rejected", "expired", "cancelled", "error"
 
-RECENT_BATCHES = 5  # a device's slowdown is the median over its latest batches: one slow call moves it little
+RECENT_BATCHES = 20  # a device's slowdown is a quantile over its latest batches
 RECENT_S = 10.0  # and over those of the last RECENT_S seconds
+SLOWDOWN_QUANTILE = 0.9  # that quantile: most batches finish within their prediction
 TRUSTED_BATCHES = 3  # until it has run this many, 1.0 (its profile as measured) stands in for the rest
 HEAD_CANDIDATES = 16  # queued pieces a device looks through for one it should start with
 FINISH_PRECISION_S = 1e-4  # the resolution of the pool's predicted finishing time
@@ -140,9 +143,13 @@ class _Device:
         self.working = True
         self.error: str | None = None
         self.batches = self.samples = 0
-        self.busy_until: float | None = None  # predicted end of the batch it computes, None when free
+        self.busy: tuple[float, int] | None = None  # when the batch it computes started, and its samples
         self._call_limit = profile.max_batch()  # above it the profile predicts, and the feed runs, several calls
         self._ratios: deque[tuple[float, float]] = deque(maxlen=RECENT_BATCHES)  # (when, measured / profiled)
+        # the slowdown, kept until a batch is learned or the oldest ratio counted expires: predictions run under
+        # the batcher's lock, many to a request
+        self._slowdown = 1.0
+        self._slowdown_until = 0.0
         self._profiled = profile.cost_curve(samples)  # seconds for 0..samples, never falling
 
     def _cover(self, samples: int) -> None:
@@ -165,17 +172,30 @@ class _Device:
         profiled_s = seconds / self.slowdown * (1 + 1e-9)
         return max(int(np.searchsorted(self._profiled[: samples + 1], profiled_s, side="right")) - 1, 0)
 
+    def busy_s(self, now: float) -> float:
+        """Seconds from `now` until the batch it computes is predicted to end; 0 when it is free."""
+        if self.busy is None:
+            return 0.0
+        started, samples = self.busy
+        return max(0.0, started + self.predict_s(samples) - now)
+
     @property
     def slowdown(self) -> float:
-        """Measured over profiled seconds, the median of the recent batches, 1.0 standing in for those missing."""
+        """Measured over profiled seconds, SLOWDOWN_QUANTILE of the recent batches, 1.0 standing in for those
+        missing."""
         now = time.monotonic()
-        recent = [ratio for when, ratio in self._ratios if now - when < RECENT_S]
-        return statistics.median(recent + [1.0] * max(0, TRUSTED_BATCHES - len(recent)))
+        if now >= self._slowdown_until:
+            recent = [(when, ratio) for when, ratio in self._ratios if now - when < RECENT_S]
+            ratios = [ratio for _, ratio in recent] + [1.0] * max(0, TRUSTED_BATCHES - len(recent))
+            self._slowdown = float(np.quantile(ratios, SLOWDOWN_QUANTILE))
+            self._slowdown_until = min((when for when, _ in recent), default=math.inf) + RECENT_S
+        return self._slowdown
 
     def learn(self, samples: int, measured_s: float) -> None:
         profiled = self._profiled_s(samples)
         if 0 < profiled < math.inf and measured_s > 0:
             self._ratios.append((time.monotonic(), measured_s / profiled))
+            self._slowdown_until = 0.0
 
     def step(self, samples: int) -> int:
         """Samples per engine call for a batch of `samples`."""
@@ -210,9 +230,10 @@ class Batcher:
 
     # -- the caller's side
 
-    def submit(self, inputs: np.ndarray, deadline_s: float | None = None) -> Future:
-        """Queue `inputs` (n, *network.input_shape), already checked by the caller, to be computed within
-        `deadline_s` seconds from now (None: latency_s). The future's result is the (n, *output_shape)
+    def submit(self, inputs: np.ndarray, deadline_s: float | None = None, reserve_s: float = 0.0) -> Future:
+        """Queue `inputs` (n, *network.input_shape), already checked by the caller, to be answered within
+        `deadline_s` seconds from now (None: latency_s), of which the caller keeps `reserve_s` to answer once
+        the outputs are in: they are due that much earlier. The future's result is the (n, *output_shape)
         outputs. Raises Rejected at once when the request is predicted to miss its deadline, the queue has
         no room for it or the batcher is closing, and HeteroError when no device is left. Cancelling the
         future before a device takes the request drops it."""
@@ -222,10 +243,10 @@ class Batcher:
             future.set_result(np.empty((0, *network.output_shape), network.dtype))
             return future
         now = time.monotonic()
-        budget_s = self.latency_s if deadline_s is None else deadline_s
+        budget_s = (self.latency_s if deadline_s is None else deadline_s) - reserve_s
         request = _Request(inputs, now + budget_s, now, future, len(inputs))
         with self._changed:
-            refusal = self._refusal(request, budget_s, now)
+            refusal = self._refusal(request, budget_s, reserve_s, now)
             if refusal is None:
                 self._push(_Piece(request.deadline, next(self._arrivals), 0, len(inputs), request))
                 self._changed.notify_all()
@@ -235,8 +256,8 @@ class Batcher:
         future.add_done_callback(lambda done: self._forget(request) if done.cancelled() else None)
         return future
 
-    def _refusal(self, request: _Request, budget_s: float, now: float) -> HeteroError | None:
-        """Why `request` cannot be queued now, or None; under the lock."""
+    def _refusal(self, request: _Request, budget_s: float, reserve_s: float, now: float) -> HeteroError | None:
+        """Why `request`, due `budget_s` from `now`, cannot be queued now, or None; under the lock."""
         samples = len(request.inputs)
         if not any(device.working for device in self._devices):
             return HeteroError(f"no device is left: {self._outs()}")
@@ -256,7 +277,9 @@ class Batcher:
         idle_s = self._pool_finish_s(samples, now, all_free=True)
         why = (f"the devices need {idle_s * 1e3:.1f} ms for its {samples} samples even when idle" if idle_s > budget_s
                else f"it would be done in {finish_s * 1e3:.1f} ms, after the {ahead} samples queued ahead of it")
-        return Rejected(f"predicted to miss its deadline of {budget_s * 1e3:.1f} ms: {why}", finish_s - budget_s)
+        kept = f", {reserve_s * 1e3:.1f} ms of it kept to answer" if reserve_s else ""
+        return Rejected(f"predicted to miss its deadline of {(budget_s + reserve_s) * 1e3:.1f} ms{kept}: {why}",
+                        finish_s - budget_s)
 
     def _forget(self, request: _Request) -> None:
         """A request cancelled while it waited: its pieces leave the queue."""
@@ -308,9 +331,7 @@ class Batcher:
         """Seconds from `now` until the working devices together compute `samples` more, each starting when
         its current batch is predicted to end (with `all_free`, at once) and taking the share it finishes by
         then: the time at which their capacities first add up to `samples`."""
-        starts = {device: 0.0 if all_free or device.busy_until is None
-                  else max(0.0, device.busy_until - now)
-                  for device in self._devices if device.working}
+        starts = {device: 0.0 if all_free else device.busy_s(now) for device in self._devices if device.working}
         if not starts:
             return math.inf
         low, high = 0.0, min(start + device.predict_s(samples) for device, start in starts.items())
@@ -346,7 +367,8 @@ class Batcher:
 
     def _next_batch(self, device: _Device, now: float, settle: list[Callable[[], None]]) -> list[_Piece]:
         """The pieces `device` computes next, in deadline order, each request among them marked started;
-        pieces whose deadline passed are dropped on the way. Empty when it should leave the queue to others."""
+        pieces whose deadline passed, or that the devices would finish after it, are dropped on the way. Empty when
+        it should leave the queue to others."""
         batch: list[_Piece] = []
         left_alone: list[_Piece] = []
         head_deadline, samples = math.inf, 0
@@ -361,6 +383,12 @@ class Batcher:
                            EXPIRED, settle)
                 continue
             if not batch:
+                if (now + device.predict_s(piece.size) > piece.deadline
+                        and now + (finish_s := self._pool_finish_s(piece.size, now)) > piece.deadline):
+                    late_ms = (now + finish_s - piece.deadline) * 1e3
+                    self._drop(request, Expired(f"when a device was free for it, it was predicted to be done {late_ms:.1f}"
+                                                " ms after its deadline"), EXPIRED, settle)
+                    continue
                 share = self._share(device, piece, now)
                 if not share:  # the others finish it sooner; look for one this device should start with
                     left_alone.append(piece)
@@ -457,7 +485,7 @@ class Batcher:
                 now = time.monotonic()
                 batch = self._next_batch(device, now, settle)
                 if batch:
-                    device.busy_until = now + device.predict_s(sum(piece.size for piece in batch))
+                    device.busy = (now, sum(piece.size for piece in batch))
                     self._in_flight += 1
                 elif not settle:
                     # what it left to faster devices changes when they take or finish a batch (they notify),
@@ -482,7 +510,7 @@ class Batcher:
         with self._changed:
             now = time.monotonic()
             self._in_flight -= 1
-            device.busy_until = None
+            device.busy = None
             device.samples += len(outputs)
             offset = 0
             for piece in batch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 
 import grpc
 import numpy as np
@@ -77,6 +78,15 @@ def parse_inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarra
     return model.input_from_values(shape, list(values))
 
 
+def infer_response(model: ServedModel, request: pb.ModelInferRequest, outputs: np.ndarray) -> pb.ModelInferResponse:
+    """The outputs as raw_output_contents, little-endian as the protocol sends them."""
+    output = pb.ModelInferResponse.InferOutputTensor(name=model.output.name, datatype=model.output.datatype,
+                                                     shape=list(outputs.shape))
+    return pb.ModelInferResponse(model_name=model.name, id=request.id, outputs=[output],
+                                 raw_output_contents=[outputs.astype(outputs.dtype.newbyteorder("<"),
+                                                                     copy=False).tobytes()])
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The service's six calls over one data plane."""
 
@@ -126,11 +136,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 deadline_s = (time.monotonic() + remaining_s if remaining_s is not None
                               else self.plane.deadline(arrived_s, _timeout_s(request)))
                 # A cancelled call cancels this coroutine, and with it the batcher's request.
-                outputs = await self.plane.infer(inputs, deadline_s)
+                return await self.plane.infer(inputs, deadline_s, partial(infer_response, model, request))
         except Exception as exc:  # each becomes its status; the server goes on serving
             await context.abort(*_status(exc))
-        output = pb.ModelInferResponse.InferOutputTensor(name=model.output.name, datatype=model.output.datatype,
-                                                         shape=list(outputs.shape))
-        return pb.ModelInferResponse(model_name=model.name, id=request.id, outputs=[output],
-                                     raw_output_contents=[outputs.astype(outputs.dtype.newbyteorder("<"),
-                                                                         copy=False).tobytes()])

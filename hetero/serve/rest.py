@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from starlette.applications import Starlette
@@ -177,7 +178,7 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[np.ndarray]) -> np.ndarray:
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
     """`work`'s result; if the client goes first, `work` is cancelled (and the batcher drops the request)."""
     answer, gone = asyncio.ensure_future(work), asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -221,10 +222,10 @@ def rest_app(plane: DataPlane) -> Starlette:
                 call = parse_infer(await _body(request, plane.max_request_bytes), request.headers.get(HEADER_LENGTH),
                                    model)
                 deadline_s = plane.deadline(arrived_s, call.timeout_s)
-                outputs = await _unless_disconnected(request, plane.infer(call.inputs, deadline_s))
+                return await _unless_disconnected(request, plane.infer(call.inputs, deadline_s,
+                                                                       partial(infer_response, model, call)))
         except Exception as exc:  # each becomes its status; the server goes on serving
             return _error_response(exc)
-        return infer_response(model, call, outputs)
 
     async def metrics(request: Request) -> Response:
         return Response(plane.metrics.text(), media_type=plane.metrics.content_type)

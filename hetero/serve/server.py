@@ -35,9 +35,14 @@ class _HttpServer(uvicorn.Server):
 
 def _http_socket(host: str, port: int) -> socket.socket:
     try:
-        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise HeteroError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror or exc}") from None
+    # uvicorn writes a response's headers and its body apart. asyncio turns Nagle's algorithm off only on sockets
+    # whose proto is TCP's, which create_server's (proto 0) and those it accepts are not: the body then waited for
+    # the client's delayed ACK of the headers, 40 ms a response. Accepted connections inherit the listener's option.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _grpc_server(plane: DataPlane, host: str, port: int) -> tuple[grpc.aio.Server, int]:
