@@ -9,6 +9,8 @@ the host's copy threads stage the next in page-locked memory and the copy engine
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,28 +25,48 @@ from .base import Engine, ParallelCopy, Timing, copy_threads, cpu_threads, wait_
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16}
 SLOTS = 4  # calls in flight on a GPU: one staging on the host, one uploading, one computing, one spare
+PAGE = mmap.PAGESIZE
+MIN_REGISTERED_BYTES = 4 << 20  # a smaller chunk is copied: registering costs more than copying it
+
+
+def _staging() -> str:
+    """How a GPU's inputs reach it: "copy" (copied into page-locked memory as float32), "half" (copied as
+    float16, where the module computes in float16: half the bytes to upload) or "register" (uploaded from
+    the caller's own pages, locked in place by cudaHostRegister). $HETERO_STAGING chooses, to measure them."""
+    return os.environ.get("HETERO_STAGING", "copy")
 
 
 class _Slot:
     """One call's buffers on a GPU: its inputs in page-locked host memory and on the device, its outputs
     back in page-locked memory; grown to the largest call and reused, so a call allocates nothing."""
 
-    def __init__(self, device: torch.device, sample_shape: tuple[int, ...], output_shape: tuple[int, ...]):
+    def __init__(self, device: torch.device, sample_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                 staged_dtype: torch.dtype):
         self._device, self._sample_shape, self._output_shape = device, sample_shape, output_shape
+        self._staged_dtype = staged_dtype
         self.capacity = 0
         self.launched: Future | None = None  # the last call's GPU work queued
+        self.registered: list[int] = []  # the caller's pages locked in place for the last call
+        self.source: np.ndarray | None = None  # the caller's chunk they hold
+        self.pieces: list[tuple[int, int, bool]] = []  # its upload: (first byte, end byte, from the caller's pages)
         self.done = torch.cuda.Event(enable_timing=True)  # recorded after the last call's outputs are back on the host
 
     def reserve(self, samples: int) -> None:
         if samples <= self.capacity:
             return
         self.done.synchronize()
-        self.host_in = torch.empty((samples, *self._sample_shape), dtype=torch.float32, pin_memory=True)
+        self.host_in = torch.empty((samples, *self._sample_shape), dtype=self._staged_dtype, pin_memory=True)
         self.host_in_array = self.host_in.numpy()
         self.device_in = torch.empty_like(self.host_in, device=self._device)
         self.host_out = torch.empty((samples, *self._output_shape), dtype=torch.float32, pin_memory=True)
         self.host_out_array = self.host_out.numpy()
         self.capacity = samples
+
+    def release(self) -> None:
+        """Unlock the caller's pages once the call that uploaded them is done."""
+        for pointer in self.registered:
+            torch.cuda.cudart().cudaHostUnregister(pointer)
+        self.registered, self.source = [], None
 
 
 @dataclass
@@ -59,6 +81,11 @@ class CallTrace:
     marks: list[torch.cuda.Event] = field(default_factory=list)
 
 
+def _register(pointer: int, nbytes: int) -> int | None:
+    """Lock `nbytes` of host memory at `pointer` (whole pages) for the GPU's DMA; its pointer, or None."""
+    return pointer if int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0)) == 0 else None
+
+
 class _PipelinedCall:
     def __init__(self, slot: _Slot, samples: int, launched: Future):
         self._slot, self._samples, self._launched = slot, samples, launched
@@ -67,6 +94,7 @@ class _PipelinedCall:
         """The outputs, and the GPU's own seconds uploading, computing and downloading them."""
         marks = self._launched.result()
         self._slot.done.synchronize()
+        self._slot.release()
         upload, compute, download = (marks[i].elapsed_time(marks[j]) / 1e3 for i, j in ((0, 1), (2, 3), (3, 4)))
         return self._slot.host_out_array[: self._samples], Timing(upload, compute, download)
 
@@ -81,7 +109,10 @@ class CudaPipeline:
     def __init__(self, device: torch.device, dtype: torch.dtype, module: torch.nn.Module,
                  sample_shape: tuple[int, ...], output_shape: tuple[int, ...], name: str):
         self._device, self._dtype, self._module = device, dtype, module
-        self._slots = [_Slot(device, sample_shape, output_shape) for _ in range(SLOTS)]
+        staging = _staging()
+        self._in_place = staging == "register"
+        staged_dtype = torch.float16 if staging == "half" and dtype == torch.float16 else torch.float32
+        self._slots = [_Slot(device, sample_shape, output_shape, staged_dtype) for _ in range(SLOTS)]
         self._turn = 0
         self._sizes: frozenset[int] = frozenset()  # the call sizes that have run
         self._copy = ParallelCopy(copy_threads(), f"{name}-copy")
@@ -112,14 +143,38 @@ class CudaPipeline:
         if slot.launched is not None:  # the call that used this slot before is finished
             slot.launched.result()
             slot.done.synchronize()
+            slot.release()
         # A size this pipeline has not run costs cuDNN's autotuning of every convolution (and may cost a
         # compile): a smaller call runs as the next size that has run, the rows past its own ignored.
         computed = min((size for size in self._sizes if size >= len(batch)), default=len(batch))
         slot.reserve(computed)
         trace = CallTrace(self._host_ms()) if self.trace is not None else None
-        copies = self._copy.start(slot.host_in_array[: len(batch)], batch)
+        copies = self._register(slot, batch) if self._in_place else None
+        if copies is None:
+            copies = self._copy.start(slot.host_in_array[: len(batch)], batch)
         slot.launched = self._launcher.submit(self._queue, slot, len(batch), computed, copies, trace)
         return _PipelinedCall(slot, len(batch), slot.launched)
+
+    def _register(self, slot: _Slot, batch: np.ndarray) -> list[Future] | None:
+        """Lock the whole pages inside `batch` in place, in parts on the copy threads, and copy its partial
+        first and last pages into the slot's page-locked buffer (a neighbouring chunk may hold those pages
+        locked); None where the chunk cannot be uploaded in place."""
+        if not (batch.flags.c_contiguous and batch.flags.writeable and batch.dtype == np.float32
+                and batch.nbytes >= MIN_REGISTERED_BYTES):
+            return None
+        start = batch.ctypes.data
+        inner = (-(-start // PAGE) * PAGE, (start + batch.nbytes) // PAGE * PAGE)
+        bounds = np.linspace(inner[0] // PAGE, inner[1] // PAGE, self._copy.threads + 1, dtype=np.int64) * PAGE
+        parts = [self._copy.submit(_register, int(first), int(last - first)) for first, last in zip(bounds, bounds[1:])]
+        flat, staged = batch.reshape(-1).view(np.uint8), slot.host_in_array.reshape(-1).view(np.uint8)
+        head, tail = inner[0] - start, inner[1] - start
+        staged[:head], staged[tail : batch.nbytes] = flat[:head], flat[tail:]
+        slot.source, slot.pieces = batch, [(0, head, False), (head, tail, True), (tail, batch.nbytes, False)]
+        slot.registered = [pointer for pointer in (part.result() for part in parts) if pointer is not None]
+        if len(slot.registered) < len(parts):  # memory the driver cannot lock: copied instead
+            slot.release()
+            return None
+        return []
 
     def _queue(self, slot: _Slot, samples: int, computed: int, copies: list[Future],
                trace: CallTrace | None) -> list[torch.cuda.Event]:
@@ -132,7 +187,14 @@ class CudaPipeline:
         with torch.inference_mode():
             with torch.cuda.stream(self._upload):
                 marks[0].record(self._upload)
-                slot.device_in[:samples].copy_(slot.host_in[:samples], non_blocking=True)
+                if slot.source is None:
+                    slot.device_in[:samples].copy_(slot.host_in[:samples], non_blocking=True)
+                else:  # from the caller's pages locked in place, the partial pages at either end from staging
+                    device, staged = slot.device_in.view(-1).view(torch.uint8), slot.host_in.view(-1).view(torch.uint8)
+                    caller = torch.from_numpy(slot.source.reshape(-1).view(np.uint8))
+                    for first, last, in_place in slot.pieces:
+                        if last > first:
+                            device[first:last].copy_((caller if in_place else staged)[first:last], non_blocking=True)
                 marks[1].record(self._upload)
             with torch.cuda.stream(self._compute):
                 self._compute.wait_event(marks[1])
@@ -150,6 +212,10 @@ class CudaPipeline:
 
     def close(self) -> None:
         self._launcher.shutdown()
+        for slot in self._slots:
+            if slot.launched is not None:
+                slot.done.synchronize()
+            slot.release()
         self._copy.shutdown()
 
 
