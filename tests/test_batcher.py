@@ -139,6 +139,15 @@ def test_a_request_predicted_to_miss_its_deadline_is_rejected_at_once():
     assert recorder.failures == ["rejected", "rejected"]
 
 
+def test_what_the_caller_keeps_to_answer_comes_off_the_deadline():
+    devices = pool(("one", 0.01))
+    batcher = Batcher(devices, latency_s=1.0)
+    assert len(batcher.submit(samples(0, 5), 0.1, reserve_s=0.04).result(2)) == 5  # 50 ms of work by 60 ms
+    with pytest.raises(Rejected, match="deadline of 100.0 ms, 60.0 ms of it kept to answer"):
+        batcher.submit(samples(0, 5), 0.1, reserve_s=0.06)  # 50 ms by 40 ms
+    batcher.close()
+
+
 def test_a_full_queue_rejects_with_the_time_until_there_is_room():
     devices = pool(("one", 0.02))
     gate = hold(devices)

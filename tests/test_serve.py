@@ -2,15 +2,18 @@
 says, on a tiny ONNX network on the CPU, spoken to by tritonclient's HTTP and gRPC clients unchanged and by
 httpx for the requests no client library would send."""
 
+import contextlib
 import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pytest
 import hetero
 
 from .conftest import ROOT
+from .faulty_server import FAIL, FAILING, NAMES, SLOW, SLOW_S
 from .test_models import _tiny_onnx
 
 pytest.importorskip("onnx")
@@ -53,13 +57,13 @@ class Server:
         return self.expected[x.tobytes()]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    _tiny_onnx(folder / "tiny.onnx")
+@contextlib.contextmanager
+def _serving(folder: Path, main: list[str], device: str) -> Iterator[Server]:
+    """The server started by `main` (python -m hetero.serve, as the README starts it) on `device`, serving folder's
+    tiny.onnx with folder's table; killed at the end if it still runs."""
     log = folder / "server.log"
-    # --latency-ms: a deadline no request misses on a busy CI machine; the timeout test names its own
-    command = [sys.executable, "-m", "hetero.serve", "--network", str(folder / "tiny.onnx"), "--device", "cpu",
+    # --latency-ms: a deadline no request misses on a busy CI machine; the timeout tests name their own
+    command = [sys.executable, *main, "--network", str(folder / "tiny.onnx"), "--device", device,
                "--http-port", "0", "--grpc-port", "0", "--table", str(folder / "table.json"),
                "--profile-batches", "1,8,64", "--latency-ms", "5000", "--max-request-mb", str(MAX_REQUEST_MB)]
     with open(log, "w") as stderr:
@@ -77,6 +81,14 @@ def server(tmp_path_factory):
             process.kill()
         process.wait()
         process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    _tiny_onnx(folder / "tiny.onnx")
+    with _serving(folder, ["-m", "hetero.serve"], "cpu") as started:
+        yield started
 
 
 def _samples(count: int, seed: int = 0) -> np.ndarray:
@@ -182,6 +194,39 @@ def test_a_bad_request_gets_400_with_an_error_and_the_server_goes_on(server, cas
     _good_request_answers(server)
 
 
+def test_the_names_in_the_metadata_are_those_requests_use_and_a_wrong_one_gets_400_naming_them(server):
+    metadata = httpx.get(f"http://{server.http}/v2/models/tiny").json()
+    (input_name,), (output_name,) = [t["name"] for t in metadata["inputs"]], [t["name"] for t in metadata["outputs"]]
+    client = triton_http.InferenceServerClient(server.http)
+    tensor = triton_http.InferInput(input_name, list(x1.shape), "FP32")
+    tensor.set_data_from_numpy(x1)
+    answer = client.infer("tiny", [tensor], outputs=[triton_http.InferRequestedOutput(output_name)])
+    np.testing.assert_allclose(answer.as_numpy(output_name), server.output_of(x1), rtol=1e-5, atol=1e-5)
+    for request, expected in [(_json_request(x1, name="x"), f"the model's input is {input_name!r}"),
+                              ({**_json_request(x1), "outputs": [{"name": "y"}]},
+                               f"the model's output is {output_name!r}")]:
+        answer = httpx.post(f"http://{server.http}/v2/models/tiny/infer", json=request, timeout=60)
+        assert answer.status_code == 400 and expected in answer.json()["error"], answer.text
+    with pytest.raises(InferenceServerException) as refused:
+        tensor = triton_grpc.InferInput("x", list(x1.shape), "FP32")
+        tensor.set_data_from_numpy(x1)
+        triton_grpc.InferenceServerClient(server.grpc).infer("tiny", [tensor])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert f"the model's input is {input_name!r}" in refused.value.message()
+
+
+def test_a_response_does_not_wait_for_the_clients_delayed_ack(server):
+    """uvicorn writes a response's headers and body apart: with Nagle's algorithm on, the body waited for the
+    client's delayed ACK of the headers, 40 ms or more on Linux, for every answer with a body."""
+    with httpx.Client() as client:  # one kept-alive connection
+        times = []
+        for _ in range(10):
+            started = time.perf_counter()
+            assert client.post(f"http://{server.http}/v2/models/tiny/infer", content=b"{").status_code == 400
+            times.append(time.perf_counter() - started)
+    assert sorted(times)[len(times) // 2] < 0.025, times
+
+
 def test_an_unknown_model_gets_404_and_not_found(server):
     answer = httpx.post(f"http://{server.http}/v2/models/other/infer", json=_json_request(x1), timeout=60)
     assert answer.status_code == 404 and "unknown model 'other'" in answer.json()["error"]
@@ -239,7 +284,7 @@ def test_metrics_count_requests_outcomes_and_batch_sizes(server):
 
 
 def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(server):
-    """Runs last: it stops the module's server. A request whose body is still arriving when SIGTERM comes is
+    """Runs last of the tests of the module's server: it stops it. A request whose body is still arriving when SIGTERM comes is
     answered in full; meanwhile neither protocol takes a new request."""
     x = _samples(16, seed=3)
     body, headers = _binary_body({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
@@ -278,3 +323,109 @@ def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(se
         "outputs"][0]["shape"])
     np.testing.assert_allclose(outputs, server.output_of(x), rtol=1e-5, atol=1e-5)
     assert server.process.wait(60) == 0, server.log.read_text()
+
+
+# -- a server whose devices fail or stall on cue: tests/faulty_server.py, two one-thread CPU devices, cpu0 and cpu1
+
+
+@pytest.fixture(scope="module")
+def faulty(server, tmp_path_factory):
+    """Started after the module's server, whose table it copies: its devices are this machine's CPU, profiled."""
+    folder = tmp_path_factory.mktemp("faulty")
+    shutil.copy(server.model, folder / "tiny.onnx")
+    shutil.copy(server.table, folder / "table.json")
+    with _serving(folder, ["-m", "tests.faulty_server"], ",".join(NAMES)) as started:
+        yield started
+
+
+def _marked(value: float, count: int = 1, seed: int = 4) -> np.ndarray:
+    """Samples the faulty server's cpu1 fails on (FAIL) or either device stalls on (SLOW)."""
+    x = _samples(count, seed)
+    x[:, 0, 0, 0] = value
+    return x
+
+
+def _post(server, x: np.ndarray, **parameters) -> httpx.Response:
+    body = {**_json_request(x), **({"parameters": parameters} if parameters else {})}
+    return httpx.post(f"http://{server.http}/v2/models/tiny/infer", json=body, timeout=60)
+
+
+def _outputs(answer: httpx.Response) -> np.ndarray:
+    assert answer.status_code == 200, answer.text
+    output = answer.json()["outputs"][0]
+    return np.reshape(output["data"], output["shape"])
+
+
+def _in_flight(server, at_least: int) -> None:
+    deadline = time.monotonic() + 30
+    while _metrics(server)[("hetero_requests_in_flight", ())] < at_least:
+        assert time.monotonic() < deadline, "the request never reached the server"
+        time.sleep(0.05)
+
+
+def test_a_failing_device_leaves_the_pool_its_requests_run_on_the_other_and_v2_and_metrics_name_it(faulty):
+    x = _marked(FAIL)
+    assert httpx.get(f"http://{faulty.http}/v2").json()["devices_out"] == []
+    answers: list[httpx.Response] = []
+    for _ in range(20):  # which device takes a request is the batcher's choice: send pairs until cpu1 took one
+        pair = [threading.Thread(target=lambda: answers.append(_post(faulty, x))) for _ in range(2)]
+        for thread in pair:
+            thread.start()
+        for thread in pair:
+            thread.join(60)
+        if httpx.get(f"http://{faulty.http}/v2").json()["devices_out"]:
+            break
+    for answer in answers:  # every one answered, cpu1's by cpu0
+        np.testing.assert_allclose(_outputs(answer), faulty.output_of(x), rtol=1e-5, atol=1e-5)
+    metadata = httpx.get(f"http://{faulty.http}/v2").json()
+    assert metadata["devices_out"] == [FAILING] and metadata["devices"]["cpu0"]["in"]
+    assert f"{FAILING} lost" in metadata["devices"][FAILING]["error"]
+    assert httpx.get(f"http://{faulty.http}/v2/health/ready").status_code == 200
+    assert triton_grpc.InferenceServerClient(faulty.grpc).is_server_ready()
+    metrics = _metrics(faulty)
+    assert metrics[("hetero_device_out", (("device", FAILING),))] == 1
+    assert metrics[("hetero_device_out", (("device", "cpu0"),))] == 0
+    assert metrics[("hetero_requests_total", (("outcome", "ok"), ("protocol", "http")))] == len(answers)
+
+
+def test_a_request_whose_deadline_passes_while_it_waits_gets_504_and_is_not_computed(faulty):
+    """Behind a batch that stalls the one device left (cpu0, after the test above), a request with a 300 ms
+    timeout is admitted (the stall is not predicted), waits past its deadline, and is dropped: 504."""
+    stalled = _marked(SLOW)
+    answers: list[httpx.Response] = []
+    blocker = threading.Thread(target=lambda: answers.append(_post(faulty, stalled)))
+    blocker.start()
+    _in_flight(faulty, 1)
+    time.sleep(0.2)  # the device has taken it
+    before = _metrics(faulty)
+    started = time.monotonic()
+    late = _post(faulty, _samples(1, seed=5), timeout=300_000)
+    assert late.status_code == 504 and "deadline passed" in late.json()["error"], late.text
+    assert time.monotonic() - started > 0.3
+    blocker.join(60)
+    np.testing.assert_allclose(_outputs(answers[0]), faulty.output_of(stalled), rtol=1e-5, atol=1e-5)
+    after = _metrics(faulty)
+    expired = ("hetero_requests_total", (("outcome", "expired"), ("protocol", "http")))
+    assert after[expired] == before.get(expired, 0) + 1
+    assert after[("hetero_batch_size_count", (("device", "cpu0"),))] == before[
+        ("hetero_batch_size_count", (("device", "cpu0"),))] + 1, "the stalled batch alone was computed"
+
+
+def test_sigterm_answers_a_grpc_request_in_flight_and_exits_0(faulty):
+    """Runs last: it stops the faulty server. A gRPC request computing (stalled SLOW_S) when SIGTERM comes is
+    answered in full, then the process exits 0."""
+    x = _marked(SLOW, 2)
+    answers = []
+    client = triton_grpc.InferenceServerClient(faulty.grpc)
+    sender = threading.Thread(target=lambda: answers.append(client.infer("tiny", [_grpc_input(x)],
+                                                                         client_timeout=60)))
+    sender.start()
+    _in_flight(faulty, 1)
+    time.sleep(0.2)  # the device has taken it
+    signalled = time.monotonic()
+    faulty.process.send_signal(signal.SIGTERM)
+    sender.join(60)
+    assert len(answers) == 1, "the request in flight was not answered"
+    np.testing.assert_allclose(answers[0].as_numpy("output"), faulty.output_of(x), rtol=1e-5, atol=1e-5)
+    assert faulty.process.wait(60) == 0, faulty.log.read_text()
+    assert time.monotonic() - signalled < SLOW_S + 30
