@@ -37,13 +37,13 @@ from .inference import (
     DEFAULT_BUDGET_S,
     DEFAULT_TABLE,
     choose_engines,
-    ensure_profiles,
     learn_company,
     plan,
     reserve_cores,
     share_limits,
 )
 from .models import Network, get_network
+from .prepare import ensure_profiles
 from .profile import SEED_BATCHES
 from .selection import AUTO, candidate_engines, parse_engine_choice
 from .session import stream

@@ -33,16 +33,14 @@ from .inference import (
     DEFAULT_TUNE_BATCH,
     Fault,
     InferenceReport,
-    Pick,
-    Ready,
     check_request,
     choose_engines,
     learn_company,
     plan,
-    prepare_engines,
     share_limits,
 )
 from .models import Network, get_network
+from .prepare import Pick, Ready, prepare_engines
 from .profile import SEED_BATCHES
 from .selection import fastest_per_device
 from .stream import StreamReport, fastest_streaming, open_inputs, open_outputs, stream_into

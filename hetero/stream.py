@@ -35,9 +35,10 @@ from .engines import Engine
 from .errors import HeteroError, UnreadableInput, one_line
 from .feed import TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, chunk_cap, feed
 from .images import ImageFolder
-from .inference import Fault, Ready, plan, share_limits
+from .inference import Fault, plan, share_limits
 from .io import PARTIAL, open_partial, output_lock, write_atomically
 from .models import Network
+from .prepare import Ready
 from .table import Profile
 
 log = logging.getLogger(__name__)

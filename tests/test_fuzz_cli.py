@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import hetero.inference
+import hetero.prepare
 import hetero.profile
 from hetero import cli
 from hetero.table import FORMAT, ProfileTable, TableError, format_table
@@ -37,7 +37,7 @@ def tripwire(monkeypatch):
     def reached(*args, **kwargs):
         raise ReachedTheDevices(args)
 
-    monkeypatch.setattr(hetero.inference, "_load_engines", reached)  # every Inference.py run passes here
+    monkeypatch.setattr(hetero.prepare, "_load_engines", reached)  # every Inference.py run passes here
     monkeypatch.setattr(hetero.profile, "measure_transfers", reached)  # and every measure_io.py run here
 
 

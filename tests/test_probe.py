@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 import hetero
-import hetero.inference
+import hetero.prepare
 from hetero.devices import DEFAULT_PRECISION, parse_devices, with_precision
 from hetero.engines import ENGINES, Entry, engine_key, installed_engines, load_engine
 from hetero.engines.tvm import TVMEngine
-from hetero.inference import Candidate, _load, reserve_cores
+from hetero.inference import reserve_cores
+from hetero.prepare import Candidate, _load
 from hetero.selection import probe_losers
 from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, engine_of
@@ -68,7 +69,7 @@ def loads(monkeypatch):
         names.append(engine)
         return load_engine(network, device, engine, **options)
 
-    monkeypatch.setattr(hetero.inference, "load_engine", counting)
+    monkeypatch.setattr(hetero.prepare, "load_engine", counting)
     return names
 
 
@@ -162,7 +163,7 @@ def test_engines_of_one_device_load_at_the_same_time(monkeypatch, cpu):
             raise RuntimeError("no such engine")
         return object()  # the jobs warm at no size
 
-    monkeypatch.setattr(hetero.inference, "load_engine", loading)
+    monkeypatch.setattr(hetero.prepare, "load_engine", loading)
     jobs = [(Candidate(name, cpu, name), ()) for name in ("a", "b", "broken")]
     failed = _load(None, jobs)
     assert max(most) == 3

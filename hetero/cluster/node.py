@@ -26,8 +26,9 @@ from ..devices import Device, available_devices, describe, parse_devices
 from ..engines import Engine
 from ..errors import HeteroError, one_line
 from ..feed import DeviceStream, feed_batch
-from ..inference import prepare_engines, share_limits
+from ..inference import share_limits
 from ..models import Network, get_network, network_names
+from ..prepare import prepare_engines
 from ..selection import AUTO
 from ..stream import fastest_streaming
 from ..table import Profile, ProfileTable
