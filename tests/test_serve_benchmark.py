@@ -2,6 +2,7 @@
 latencies are known, and one short sweep point against a real hetero server on a tiny network."""
 
 import math
+import re
 import time
 
 import numpy as np
@@ -61,16 +62,20 @@ def test_open_loop_sends_at_the_arrival_rate_and_counts_waiting_for_a_worker():
 def test_one_sweep_point_against_a_real_server(tmp_path):
     pytest.importorskip("tritonclient.http")
     pytest.importorskip("uvicorn")
-    from hetero.serve.benchmark import hetero_server, triton_target
+    from hetero.serve.benchmark import hetero_server, plain_loop, triton_target
 
     from .test_models import _tiny_onnx
 
     _tiny_onnx(tmp_path / "tiny.onnx")
     args = type("Args", (), {"network": str(tmp_path / "tiny.onnx"), "latency_ms": 5000.0, "engine": "onnxruntime",
-                             "table": str(tmp_path / "table.json"), "profile_batches": [1, 8]})()
+                             "table": str(tmp_path / "table.json"), "profile_batches": [1, 8], "seconds": 0.5})()
     x = np.zeros((2, 3, 8, 8), np.float32)
     with hetero_server(args, "cpu") as (http_address, _, line):
         assert "tiny" in line
         outcomes, seconds = closed_loop(triton_target("http", http_address, "tiny", x, "FP32"), 2, 1.0)
     stats = summarize("2 clients", outcomes, seconds, 2, 5.0)
     assert stats.ok > 5 and stats.errors == stats.rejected == 0 and stats.good == stats.ok
+    # the ceiling beside it: the same engine in its plain loop, in calls of its largest profiled batch
+    ceiling = plain_loop(args, "cpu")
+    samples_s = float(re.search(r"calls of 8 samples \(its largest profiled\), no server: ([\d.]+) samples/s", ceiling)[1])
+    assert "cpu's onnxruntime engine" in ceiling and samples_s > 0

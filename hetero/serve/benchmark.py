@@ -6,7 +6,9 @@ Systems, each started here, measured, and stopped before the next:
   most samples in hetero (all)'s heaviest point, else the only one);
 - (b) ray (best): a Ray Serve deployment whose `@serve.batch` method runs that device's engine, the one
   hetero.Session(...).engines() picks (the same object hetero's server runs), on one replica;
-- (c) ray (per device): the same deployment with one replica per device given (only with more than one).
+- (c) ray (per device): the same deployment with one replica per device given (only with more than one);
+- the ceiling: that device's engine in its own plain loop (Engine.plain_loop), in calls of its largest profiled
+  batch, with no server, protocol or client around it: what serving on that device could reach.
 hetero's server is driven by tritonclient (HTTP with binary tensors, and gRPC), the Open Inference Protocol; Ray
 Serve by raw tensor bytes POSTed to its own HTTP proxy (not KServe v2): the requests are encoded differently.
 
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -199,6 +202,37 @@ def ray_app(network: str, devices: list[str], options: dict, max_batch: int, wai
     return HeteroEngine.bind()
 
 
+def session_options(args: argparse.Namespace) -> dict:
+    """hetero.Options for a session preparing the network as hetero's server does."""
+    options = {"table": args.table, "progress": False, "engine": args.engine}
+    if args.profile_batches:
+        options["profile_batches"] = tuple(args.profile_batches)
+    return options
+
+
+def plain_loop(args: argparse.Namespace, device: str) -> str:
+    """The ceiling: `device`'s engine (the one hetero's server runs) in its plain loop over calls of its largest
+    profiled batch for --seconds, and on inputs resident on the device where it has such a figure; one line."""
+    from ..session import Options, Session
+
+    with Session(args.network, device, Options(**session_options(args))) as session:
+        ((engine, profile),) = session.engines()
+        try:
+            batch = max(1, min(profile.max_batch() or profile.largest_measured(), engine.max_call or 1 << 30))
+            inputs = session.network.random_input(batch)
+            engine.on_worker(engine.plain_loop, inputs, batch).result()  # its first call pays for fresh memory
+            calls, started = 0, time.perf_counter()
+            while (elapsed_s := time.perf_counter() - started) < args.seconds:
+                engine.on_worker(engine.plain_loop, inputs, batch).result()
+                calls += 1
+            resident = engine.on_worker(engine.resident_throughput, batch, args.seconds).result()
+        finally:
+            engine.close()
+    resident_text = f"; on resident inputs {resident:.1f}" if resident else ""
+    return (f"ceiling: {device}'s {engine.name} engine in its plain loop, calls of {batch} samples (its largest "
+            f"profiled), no server: {calls * batch / elapsed_s:.1f} samples/s{resident_text}")
+
+
 @contextmanager
 def ray_serve(args: argparse.Namespace, devices: list[str], max_batch: int) -> Iterator[tuple[int, str]]:
     """Ray Serve on this machine running ray_app: (its HTTP port, the replicas' devices and engines)."""
@@ -211,11 +245,8 @@ def ray_serve(args: argparse.Namespace, devices: list[str], max_batch: int) -> I
              runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = {"table": args.table, "progress": False, "engine": args.engine}
-        if args.profile_batches:
-            options["profile_batches"] = tuple(args.profile_batches)
         with tempfile.TemporaryDirectory() as claims:
-            app = ray_app(args.network, devices, options, max_batch, args.ray_wait_ms / 1e3, claims)
+            app = ray_app(args.network, devices, session_options(args), max_batch, args.ray_wait_ms / 1e3, claims)
             handle = serve.run(app, name="bench", route_prefix="/bench")
             engines = sorted({handle.info.remote().result() for _ in range(4 * len(devices))})
             yield port, ", ".join(engines)
@@ -310,7 +341,7 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-SYSTEMS = ("hetero-all", "hetero-best", "ray-best", "ray-devices")
+SYSTEMS = ("hetero-all", "hetero-best", "ray-best", "ray-devices", "loop")
 
 
 def main(argv: list[str]) -> int:
@@ -397,6 +428,10 @@ def main(argv: list[str]) -> int:
         run_ray("(b) ray (best)", [best])
     if several and "ray-devices" in systems:
         run_ray("(c) ray (per device)", devices)
+    if "loop" in systems:
+        ceiling = plain_loop(args, best)
+        print(ceiling, flush=True)
+        notes.append(f"- {ceiling}.")
     if not several:
         notes.append("- One device: hetero (all) is (a), and (c) is (b), so each ran once.")
     print()
