@@ -81,6 +81,17 @@ class CallTrace:
     marks: list[torch.cuda.Event] = field(default_factory=list)
 
 
+def locked_pieces(start: int, nbytes: int, parts: int, page: int = PAGE
+                  ) -> tuple[list[tuple[int, int]], list[tuple[int, int, bool]]]:
+    """A chunk of `nbytes` at address `start`, uploaded from the caller's pages locked in place: the address
+    ranges to lock (its whole pages, in `parts`) and its upload's byte ranges (first, end, whether from the
+    locked pages). The partial pages at either end come from staging: a neighbouring chunk may hold them."""
+    first_page, end_page = -(-start // page), (start + nbytes) // page
+    bounds = [int(b) * page for b in np.linspace(first_page, end_page, parts + 1, dtype=np.int64)]
+    head, tail = bounds[0] - start, bounds[-1] - start
+    return list(zip(bounds, bounds[1:])), [(0, head, False), (head, tail, True), (tail, nbytes, False)]
+
+
 def _register(pointer: int, nbytes: int) -> int | None:
     """Lock `nbytes` of host memory at `pointer` (whole pages) for the GPU's DMA; its pointer, or None."""
     return pointer if int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0)) == 0 else None
@@ -162,14 +173,13 @@ class CudaPipeline:
         if not (batch.flags.c_contiguous and batch.flags.writeable and batch.dtype == np.float32
                 and batch.nbytes >= MIN_REGISTERED_BYTES):
             return None
-        start = batch.ctypes.data
-        inner = (-(-start // PAGE) * PAGE, (start + batch.nbytes) // PAGE * PAGE)
-        bounds = np.linspace(inner[0] // PAGE, inner[1] // PAGE, self._copy.threads + 1, dtype=np.int64) * PAGE
-        parts = [self._copy.submit(_register, int(first), int(last - first)) for first, last in zip(bounds, bounds[1:])]
+        ranges, slot.pieces = locked_pieces(batch.ctypes.data, batch.nbytes, self._copy.threads)
+        parts = [self._copy.submit(_register, first, end - first) for first, end in ranges]
         flat, staged = batch.reshape(-1).view(np.uint8), slot.host_in_array.reshape(-1).view(np.uint8)
-        head, tail = inner[0] - start, inner[1] - start
-        staged[:head], staged[tail : batch.nbytes] = flat[:head], flat[tail:]
-        slot.source, slot.pieces = batch, [(0, head, False), (head, tail, True), (tail, batch.nbytes, False)]
+        for first, end, in_place in slot.pieces:
+            if not in_place:
+                staged[first:end] = flat[first:end]
+        slot.source = batch
         slot.registered = [pointer for pointer in (part.result() for part in parts) if pointer is not None]
         if len(slot.registered) < len(parts):  # memory the driver cannot lock: copied instead
             slot.release()
