@@ -32,6 +32,7 @@ from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, format_table, key_change
 
 from .conftest import ROOT, SMALL_NETWORK
+from .test_models import _tiny_onnx
 
 
 class FaultyEngine(TVMEngine):
@@ -303,15 +304,22 @@ def _script(*args: str) -> subprocess.Popen:
 
 
 def test_two_processes_profiling_into_one_table_keep_both(tmp_path):
+    """Two networks of their own (the tiny ONNX network with two sets of weights: two keys), so that what the
+    processes share is the table, not a compile."""
+    models = tmp_path / "models"
+    models.mkdir()
+    paths = [models / f"tiny{seed}.onnx" for seed in (1, 2)]
+    for seed, path in zip((1, 2), paths):
+        _tiny_onnx(path, seed=seed)
     table = tmp_path / "table.json"
-    procs = [_script("--network", name, "--batch", "2", "--profile-batches", "1,2", "--table", str(table),
-                     "--no-progress") for name in (SMALL_NETWORK, "squeezenet_v1.0")]
+    procs = [_script("--network", str(path), "--batch", "2", "--profile-batches", "1,2", "--table", str(table),
+                     "--no-progress") for path in paths]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    assert {p.network for p in ProfileTable.load(table).profiles()} == {
-        hetero.get_network(name).key for name in (SMALL_NETWORK, "squeezenet_v1.0")}
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["table.json", "table.json.lock"]
+    keys = {hetero.get_network(path).key for path in paths}
+    assert len(keys) == 2 and {p.network for p in ProfileTable.load(table).profiles()} == keys
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["models", "table.json", "table.json.lock"]
 
 
 def test_ctrl_c_while_profiling_keeps_the_sizes_measured(tmp_path):

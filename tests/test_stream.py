@@ -104,20 +104,24 @@ def test_a_device_failing_mid_stream_loses_nothing(tmp_path, tiny, two_cpus):
     assert [f.device for f in report.faults] == ["cpu-a"] and "lost" in report.faults[0].error
 
 
+LONG = 20000  # samples of the long stream: ten times the short one's
+
+
 def test_host_memory_stays_flat_however_long_the_stream(tmp_path, tiny):
     model, _ = tiny
     cpu = hetero.parse_devices("cpu")
     peaks = []
-    for samples in (2000, 40000):
+    for samples in (2000, LONG):
         _inputs(tmp_path / f"x{samples}.npy", samples)
-        stream(str(model), cpu, tmp_path / f"x{samples}.npy", tmp_path / "warm.npy", table=tmp_path / "t.json",
-               profile_batches=[1, 64], progress=False)  # engines built and profiled outside the measurement
+    stream(str(model), cpu, tmp_path / "x2000.npy", tmp_path / "warm.npy", table=tmp_path / "t.json",
+           profile_batches=[1, 64], progress=False)  # engines built and profiled outside the measurement
+    for samples in (2000, LONG):
         tracemalloc.start()
         stream(str(model), cpu, tmp_path / f"x{samples}.npy", tmp_path / f"y{samples}.npy",
                table=tmp_path / "t.json", profile_batches=[1, 64], progress=False)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    input_bytes = 40000 * 3 * 8 * 8 * 4
+    input_bytes = LONG * 3 * 8 * 8 * 4  # a twentieth of the long stream's input: far more than its chunks hold
     assert peaks[1] < peaks[0] + input_bytes / 20, f"peak host memory grew with the stream: {peaks}"
 
 

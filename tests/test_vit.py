@@ -2,8 +2,7 @@
 engine that takes an ONNX file, imports from PyTorch too, and splits across engines like any CNN."""
 
 import dataclasses
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from hetero.engines import installed_engines, load_engine  # noqa: E402
 from hetero.execute import run_split  # noqa: E402
 from hetero.session import infer  # noqa: E402
 from hetero.vit import CONFIGS, ViT, export_onnx, vit  # noqa: E402
-
-from .conftest import ROOT  # noqa: E402
 
 TINY = CONFIGS["tiny"]
 
@@ -119,10 +116,26 @@ def test_a_split_across_engines_returns_what_one_engine_returns(tmp_path, cpu, o
     _close(report.outputs, reference)
 
 
-def test_the_benchmark_script_writes_a_file_the_benchmark_reads(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.vit", "--out", str(tmp_path), "--config", "tiny"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "checked: ONNX Runtime" in out.stdout or "onnxruntime is not installed" in out.stdout
+def test_the_benchmark_script_writes_a_file_the_benchmark_reads(tmp_path, capsys, monkeypatch, model, onnx_file):
+    """The script's main in this process, as `python -m benchmarks.vit --out DIR --config tiny --seed 1` runs it.
+    Its export is the fixture's (export_onnx is tested above; a second torch.onnx export of the same model costs
+    tens of seconds on 2 cores): the file is copied only where the script's model is the fixture's, weight for
+    weight, and the script then checks that file against its own model on ONNX Runtime."""
+    from benchmarks.vit import main
+
+    exported = []
+
+    def export_once(built, path, opset=18):
+        assert built.config == TINY and opset == 18
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))
+        exported.append(shutil.copyfile(onnx_file, path))
+        return str(path)
+
+    monkeypatch.setattr("hetero.vit.export_onnx", export_once)
+    assert main(["--out", str(tmp_path), "--config", "tiny", "--seed", "1"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert exported == [tmp_path / "vit-tiny.onnx"]
+    assert "checked: ONNX Runtime" in out or "onnxruntime is not installed" in out
     network = hetero.get_network(tmp_path / "vit-tiny.onnx")
     assert network.input_shape == TINY.input_shape and network.output_shape == (TINY.classes,)
