@@ -1,6 +1,7 @@
 """The three scripts, started the way the README starts them."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,23 +21,30 @@ def _one_error_line(result):
     return lines[0]
 
 
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["--network", "resnet-51", "--batch", "4"], "unknown network 'resnet-51'"),
-        (["--network", "resnet-18", "--batch", "0"], "at least 1"),
-        (["--network", "resnet-18", "--batch", "x"], "whole number"),
-        (["--network", "resnet-18", "--batch", "4", "--device", "gpuX"], "malformed device 'gpuX'"),
-        (["--network", "resnet-18", "--batch", "4", "--device", "gpu7"], "device 'gpu7' not found; devices here: cpu"),
-        (["--network", "resnet-18", "--batch", "4", "--device", "cpu,,cpu"], "malformed device ''"),
-        (["--network", "resnet-18"], "exactly one of --batch"),
-        (["--network", "resnet-18", "--batch", "2", "--profile-batches", "1,-2"], "at least 1"),
-        (["--network", "missing.onnx", "--batch", "2"], "missing.onnx"),
-        (["--batch", "2"], "--network is required"),
-    ],
-)
-def test_bad_input_gets_one_clear_line(args, expected):
-    assert expected in _one_error_line(run_script("Inference.py", *args))
+BAD_INPUT = [
+    (["--network", "resnet-51", "--batch", "4"], "unknown network 'resnet-51'"),
+    (["--network", "resnet-18", "--batch", "0"], "at least 1"),
+    (["--network", "resnet-18", "--batch", "x"], "whole number"),
+    (["--network", "resnet-18", "--batch", "4", "--device", "gpuX"], "malformed device 'gpuX'"),
+    (["--network", "resnet-18", "--batch", "4", "--device", "gpu7"], "device 'gpu7' not found; devices here: cpu"),
+    (["--network", "resnet-18", "--batch", "4", "--device", "cpu,,cpu"], "malformed device ''"),
+    (["--network", "resnet-18"], "exactly one of --batch"),
+    (["--network", "resnet-18", "--batch", "2", "--profile-batches", "1,-2"], "at least 1"),
+    (["--network", "missing.onnx", "--batch", "2"], "missing.onnx"),
+    (["--batch", "2"], "--network is required"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs():
+    """Inference.py run on each bad command line, a few processes at a time (each spends seconds importing)."""
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda case: run_script("Inference.py", *case[0]), BAD_INPUT))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[f"args{i}-{expected}" for i, (_, expected) in enumerate(BAD_INPUT)])
+def test_bad_input_gets_one_clear_line(bad_input_runs, case):
+    assert BAD_INPUT[case][1] in _one_error_line(bad_input_runs[case])
 
 
 def test_print_table_of_missing_and_corrupt_tables(tmp_path):
