@@ -49,7 +49,7 @@ from ..table import Profile
 REJECTED, EXPIRED, CANCELLED, ERROR = "rejected", "expired", "cancelled", "error"
 
 RECENT_BATCHES = 20  # a device's slowdown is a quantile over its latest batches
-RECENT_S = 10.0  # and over those of the last RECENT_S seconds
+RECENT_S = 3.0  # and over those of the last RECENT_S seconds: refusing everything, it is the profile again after that
 SLOWDOWN_QUANTILE = 0.9  # that quantile: most batches finish within their prediction
 TRUSTED_BATCHES = 3  # until it has run this many, 1.0 (its profile as measured) stands in for the rest
 HEAD_CANDIDATES = 16  # queued pieces a device looks through for one it should start with

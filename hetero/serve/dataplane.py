@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import HeteroError
 from ..inference import Fault
-from .batcher import Batcher, Expired, Rejected
+from .batcher import RECENT_S, Batcher, Expired, Rejected
 from .metrics import Metrics
 from .model import BadRequest, ServedModel, UnknownModel
 
@@ -26,7 +26,8 @@ log = logging.getLogger("hetero")
 # Each protocol extension the REST side implements, as /v2 names it.
 EXTENSIONS = ("binary_tensor_data",)
 # What each request keeps of its deadline to be answered once computed: this quantile of the seconds that took
-# for the latest ANSWERS answered requests
+# for the latest ANSWERS answered requests, of the last RECENT_S seconds (as the batcher's measurements: a server
+# refusing everything answers nothing, so old answers must expire for it to admit again)
 ANSWER_QUANTILE = 0.95
 ANSWERS = 100
 T = TypeVar("T")
@@ -60,7 +61,7 @@ class DataPlane:
         self.max_request_bytes = max_request_bytes
         self.left_out = list(left_out)  # devices that never joined the pool: failed to load or to profile
         self.draining = False  # set by a SIGTERM: in-flight requests finish, the server no longer claims readiness
-        self._answer_s: deque[float] = deque(maxlen=ANSWERS)  # from the batcher's outputs to the encoded answer
+        self._answers: deque[tuple[float, float]] = deque(maxlen=ANSWERS)  # (when, from the outputs to the answer)
 
     @property
     def ready(self) -> bool:
@@ -107,7 +108,9 @@ class DataPlane:
         """Seconds a request keeps of its deadline to be answered once the batcher has its outputs: the loop
         resuming its coroutine (late when the devices' threads hold the cores) and `encode`. A high quantile of
         what recent answers took, so that the batcher plans to finish that much before the deadline."""
-        return float(np.quantile(self._answer_s, ANSWER_QUANTILE)) if self._answer_s else 0.0
+        now = time.monotonic()
+        recent = [seconds for when, seconds in self._answers if now - when < RECENT_S]
+        return float(np.quantile(recent, ANSWER_QUANTILE)) if recent else 0.0
 
     async def infer(self, inputs: np.ndarray, deadline_s: float, encode: Callable[[np.ndarray], T]) -> T:
         """`encode` of the outputs of `inputs`, due by `deadline_s` (time.monotonic()). Rejected at once when the
@@ -119,5 +122,6 @@ class DataPlane:
         future.add_done_callback(lambda _: computed.append(time.monotonic()))  # on the batcher's thread
         outputs = await asyncio.wrap_future(future)
         answer = encode(np.ascontiguousarray(outputs, self.model.output.dtype))
-        self._answer_s.append(time.monotonic() - computed[0])
+        answered = time.monotonic()
+        self._answers.append((answered, answered - computed[0]))
         return answer
