@@ -304,10 +304,13 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}){gpus}"
 
 
-def markdown(args: argparse.Namespace, rows: list[Row], notes: list[str], command: str) -> str:
+def markdown(args: argparse.Namespace, network: str, rows: list[Row], notes: list[str], command: str) -> str:
+    """The run's section; its heading names the network, deadline and date, so that runs appended to one file
+    have headings of their own."""
     table = tabulate([_cells(row) for row in rows], HEADERS, tablefmt="github")
-    lines = [f"## Serving: hetero's server against Ray Serve, {machine()}", "",
-             f"{datetime.date.today().isoformat()}, `{command}`", "", *notes, "", table, ""]
+    today = datetime.date.today().isoformat()
+    lines = [f"## Serving {network} within {args.latency_ms:g} ms, {today}: hetero's server against Ray Serve, "
+             f"{machine()}", "", f"{today}, `{command}`", "", *notes, "", table, ""]
     if args.plot:
         lines += [f"![p99 latency against throughput]({args.plot})", ""]
     return "\n".join(lines)
@@ -440,7 +443,7 @@ def main(argv: list[str]) -> int:
         plot(rows, args.plot, args.latency_ms)
     if args.markdown:
         with open(args.markdown, "a") as out:
-            out.write("\n" + markdown(args, rows, notes, command))
+            out.write("\n" + markdown(args, net.name, rows, notes, command))
     return 0
 
 
