@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from .command import Parser, batch_list, nonnegative_seconds, positive_int, run_command
 from .errors import UsageError
-from .io import check_output, check_table, checked_path, read_inputs, write_outputs
+from .io import check_output, check_table, checked_path, read_inputs, read_named_inputs, write_outputs
 
 
 def _ms(seconds: float) -> str:
@@ -99,7 +99,8 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=positive_int, help="number of samples (random, deterministic)")
     # paths kept as typed, so that errors show them as the user wrote them ("out/", not "out")
     parser.add_argument("--input",
-                        help=".npy file of inputs (N, C, H, W), or a folder of JPEG/PNG images, instead of random samples")
+                        help=".npy file of inputs (N, C, H, W), or a folder of JPEG/PNG images, instead of random samples; "
+                             "for a network of named inputs (a BERT-style encoder), an .npz of arrays by name")
     parser.add_argument("--output", help="write the outputs, in input order, to this .npy file (exactly this name)")
     parser.add_argument("--table", default=str(DEFAULT_TABLE), help=f"profile table (default {DEFAULT_TABLE})")
     parser.add_argument("--partitioner", choices=sorted(PARTITIONERS), default="exact")
@@ -148,17 +149,23 @@ def inference_main(argv: list[str]) -> int:
     inputs = None
     if args.input is not None:
         input_path = checked_path("--input", args.input, lambda shown, path: None)
-        inputs = read_inputs(args.input, input_path, registered_input_shape(args.network),
-                             lambda: get_network(args.network).input_shape)
+        if args.input.lower().endswith(".npz"):
+            inputs = read_named_inputs(args.input, input_path)
+        else:
+            inputs = read_inputs(args.input, input_path, registered_input_shape(args.network),
+                                 lambda: get_network(args.network).input_shape)
     output = None if args.output is None else checked_path("--output", args.output, check_output)
     table = checked_path("--table", args.table, check_table)
     if args.stream and (inputs is None or output is None):
         raise UsageError("--stream needs --input FILE.npy and --output FILE.npy")
     if args.ray and (inputs is None or output is None):
         raise UsageError("--ray streams --input FILE.npy into --output FILE.npy; give both")
+    named = isinstance(inputs, dict)
+    if named and (args.stream or args.ray):
+        raise UsageError(f"--input {args.input}: named inputs (.npz) run as one batch; --stream and --ray take .npy")
     if isinstance(inputs, ImageFolder) and output is None:
         raise UsageError(f"--input {args.input}: a folder of images streams into --output FILE.npy; give one")
-    if inputs is not None and output is not None and (
+    if inputs is not None and output is not None and not named and (
             args.stream or args.ray or isinstance(inputs, ImageFolder) or streams(len(inputs), output)):
         return _stream_main(args, input_path, output, table)
     report = infer(

@@ -240,7 +240,7 @@ def feed(engine: Engine, queue: WorkQueue, read: Read, deliver: Deliver, stats: 
 def feed_batch(engine: Engine, batch: np.ndarray, step: int, stats: DeviceStream) -> np.ndarray:
     """`batch` through `engine` in calls of `step` samples, on the engine's worker thread: the outputs of the
     samples done, in order; all of them, unless `stats.error` says why the engine stopped."""
-    outputs = np.empty((len(batch), *engine.network.output_shape), engine.network.dtype)
+    outputs = np.empty((len(batch), *engine.network.output_shape), engine.network.output_dtype)
 
     def deliver(start: int, end: int, result: np.ndarray) -> None:
         outputs[start:end] = result

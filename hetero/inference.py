@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,8 +173,12 @@ def learn_company(table: ProfileTable, profiles: Sequence[Profile], results: Seq
     return True
 
 
-def check_request(net: Network, batch: int | None, inputs: np.ndarray | None, profile_batches: Sequence[int]) -> None:
+def check_request(net: Network, batch: int | None, inputs: np.ndarray | Mapping[str, np.ndarray] | None,
+                  profile_batches: Sequence[int]) -> None:
     """Refuse a run that cannot work before anything is compiled, profiled or allocated."""
+    if net.open_dimensions:
+        raise HeteroError(f"{net.name} leaves {', '.join(net.open_dimensions)} open: give its inputs by name "
+                          f"({', '.join(t.name for t in net.inputs)}), whose sizes fix it")
     if inputs is None:
         if batch is None or batch < 1:
             raise HeteroError(f"batch must be at least 1, got {batch}")

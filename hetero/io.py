@@ -269,6 +269,29 @@ def read_inputs(shown: str, path: Path, sample: tuple[int, ...] | None,
         raise refuse(f"a damaged .npy file ({one_line(exc)})") from None
 
 
+def read_named_inputs(shown: str, path: Path) -> dict[str, np.ndarray]:
+    """The --input .npz archive of a network of named inputs (numpy.savez's), its arrays by name, read whole: an
+    archive's members cannot be memory-mapped, and such a batch of token ids is small. Whether the names and shapes
+    fit the network is Network.check_inputs's to say; refusals here are UsageErrors naming `shown`."""
+
+    def refuse(what: str) -> UsageError:
+        return UsageError(f"--input {shown}: cannot read inputs: {what}")
+
+    try:
+        if not zipfile.is_zipfile(path):
+            raise refuse("not a .npz archive of arrays by name, as numpy.savez writes")
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except UsageError:
+        raise
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except OSError as exc:
+        raise refuse(_reason(exc)) from None
+    except Exception as exc:  # numpy raises many types for a damaged member or one of Python objects
+        raise refuse(f"a damaged .npz archive ({one_line(exc)})") from None
+
+
 # ------------------------------------------------------------------ writing files, and checking paths first
 
 def _reason(exc: OSError) -> str:

@@ -188,7 +188,7 @@ def _load(net: Network, jobs: Sequence[tuple[Candidate, Sequence[int]]]) -> list
                 continue
             for size in warm:
                 with suppress(Exception):  # a size that fails here is measured as failed by the probe
-                    candidate.engine.infer(np.zeros((size, *net.input_shape), net.dtype))
+                    candidate.engine.infer(np.zeros((size, *net.input_shape), net.input_dtype))
             took.append(f"{candidate.name} on {candidate.device.name} {time.perf_counter() - start:.1f} s")
         return failed
 

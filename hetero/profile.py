@@ -163,7 +163,7 @@ def measure_transfers(network: Network, device: Device, batches: Sequence[int], 
     rows = []
     for batch in batches:
         host_in = network.random_input(batch)
-        host_out = np.ones((batch, *network.output_shape), dtype=network.dtype)
+        host_out = np.ones((batch, *network.output_shape), dtype=network.output_dtype)
         out_on_device = tvm.runtime.tensor(host_out, dev)
         upload = Timer(lambda: tvm.runtime.tensor(host_in, dev), "h2d", sync=dev.sync)
         download = Timer(out_on_device.numpy, "d2h")

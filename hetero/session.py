@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -87,24 +87,31 @@ class Session:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def prepare(self, use: Hashable, pick: Pick | None) -> Ready:
-        """The engines and profiles for one use (a split of some size, a stream, serving), prepared once."""
-        if use not in self._prepared:
+    def prepare(self, use: Hashable, pick: Pick | None, network: Network | None = None) -> Ready:
+        """The engines and profiles for one use (a split of some size, a stream, serving) of `network` (the
+        session's, or the one its named inputs fixed the sequence length of), prepared once."""
+        network = network or self.network
+        if (network.key, use) not in self._prepared:
             o = self.options
-            self._prepared[use] = prepare_engines(self.network, self.devices, self.table, o.profile_batches,
-                                                  o.reprofile, o.budget_s, o.progress, o.load, o.precision, o.engine,
-                                                  o.tune_trials, o.tune_batch, pick)
-        return self._prepared[use]
+            self._prepared[network.key, use] = prepare_engines(
+                network, self.devices, self.table, o.profile_batches, o.reprofile, o.budget_s, o.progress, o.load,
+                o.precision, o.engine, o.tune_trials, o.tune_batch, pick)
+        return self._prepared[network.key, use]
 
-    def run(self, inputs: np.ndarray | None = None, batch: int | None = None) -> InferenceReport:
+    def run(self, inputs: np.ndarray | Mapping[str, np.ndarray] | None = None, batch: int | None = None) -> InferenceReport:
         """`inputs` (or `batch` deterministic random samples) split over the devices, each running its share
-        with the engine predicted fastest for it. A device that fails to load, runs no profiled size, or fails
-        on its share is reported in the faults while the others do its work; HeteroError only when none can."""
+        with the engine predicted fastest for it; a network of named inputs takes them by name, a mapping.
+        A device that fails to load, runs no profiled size, or fails on its share is reported in the faults
+        while the others do its work; HeteroError only when none can."""
         net, partitioner = self.network, self.options.partitioner
+        if isinstance(inputs, Mapping):  # named inputs fix the dimensions the network leaves open
+            net = net.fit(inputs)
         check_request(net, batch, inputs, self.options.profile_batches)
+        if isinstance(inputs, Mapping):
+            inputs = net.to_records(inputs)
         inputs = net.random_input(batch) if inputs is None else inputs
         ready = self.prepare(("split", len(inputs)),
-                             lambda options: choose_engines(options, len(inputs), partitioner)[0])
+                             lambda options: choose_engines(options, len(inputs), partitioner)[0], net)
         engines, profiles = choose_engines(ready.options, len(inputs), partitioner)
 
         def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:
@@ -165,9 +172,11 @@ class Session:
 
 
 def infer(network: str | Network, devices: str | Sequence[Device] = "cpu", batch: int | None = None,
-          inputs: np.ndarray | None = None, options: Options = Options(), **changes) -> InferenceReport:
+          inputs: np.ndarray | Mapping[str, np.ndarray] | None = None, options: Options = Options(),
+          **changes) -> InferenceReport:
     """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`, in one
-    call: :meth:`Session.run` of a session with `options` (keywords such as `precision="fp16"` change them)."""
+    call: :meth:`Session.run` of a session with `options` (keywords such as `precision="fp16"` change them).
+    A network of named inputs (a BERT-style encoder) takes `inputs` by name: {"input_ids": ..., ...}."""
     with Session(network, devices, replace(options, **changes)) as session:
         return session.run(inputs, batch)
 

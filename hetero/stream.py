@@ -191,11 +191,11 @@ def open_outputs(network: Network, data: np.ndarray | ImageFolder, inputs: str |
     room). A run that ends with no sample done leaves no partial file. Without an output file: both in memory."""
     shape = (len(data), *network.output_shape)
     if output is None:
-        yield open_ledger(network, data, inputs, None), np.empty(shape, network.dtype)
+        yield open_ledger(network, data, inputs, None), np.empty(shape, network.output_dtype)
         return
     with output_lock(output):
         ledger = open_ledger(network, data, inputs, output)
-        outputs = open_partial(output, network.dtype, shape, ledger.path if ledger.count() else None)
+        outputs = open_partial(output, network.output_dtype, shape, ledger.path if ledger.count() else None)
         try:
             yield ledger, outputs
         finally:

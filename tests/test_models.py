@@ -228,10 +228,8 @@ def test_onnx_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read ONNX model"):
         get_network(str(garbage))
     two = tmp_path / "two.onnx"
-    _tiny_onnx(two, n_outputs=2)
-    with pytest.raises(ValueError, match="single-input, single-output") as info:
-        get_network(str(two))
-    assert "\n" not in str(info.value)
+    _tiny_onnx(two, n_outputs=2)  # several outputs are run by name (tests/test_transformers.py), not refused
+    assert len(get_network(str(two)).outputs) == 2
     fixed = tmp_path / "fixed.onnx"
     _tiny_onnx(fixed, batch_dim=1, reshape=(1, -1))  # batch size baked into a Reshape
     with pytest.raises(ValueError, match="cannot make the batch dimension symbolic"):

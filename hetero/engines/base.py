@@ -232,7 +232,7 @@ class Engine(ABC):
         to the run. A failure here is left for the run itself to meet and report."""
         try:
             for size in sorted(self.call_sizes(samples, limit) - self._warm):
-                self.compute(np.zeros((size, *self.network.input_shape), self.network.dtype))
+                self.compute(np.zeros((size, *self.network.input_shape), self.network.input_dtype))
         except Exception:  # noqa: BLE001 -- the run retries on this device and re-plans if it fails again
             log.debug("preparing %s on %s failed", self.name, self.device.name, exc_info=True)
 

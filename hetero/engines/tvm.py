@@ -129,6 +129,12 @@ class TVMEngine(Engine):
         tuned = (tuning, compile_network(network, device, tuning=tuning)) if tuning else None
         return cls(network, device, compile_network(network, device), tuned)
 
+    @classmethod
+    def unsupported(cls, network: Network, device: Device) -> str | None:
+        if network.module is None:
+            return f"{network.name} takes named inputs, which TVM's engine does not: it has no Relax module"
+        return None
+
     @property
     def version(self) -> str:
         return self._version

@@ -8,9 +8,11 @@ its *origin* (a registered builder, an .onnx file, a PyTorch module: :mod:`.regi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,18 +62,45 @@ class Origin:
 
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """One named input or output of a network: one sample's shape and its dtype. A dimension of an input
+    that is not yet fixed (a sequence length) is named, such as "sequence", until :meth:`Network.fit`."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.name} (N, {', '.join(map(str, self.shape))}) {self.dtype}"
+
+
+def record_dtype(tensors: Sequence[Tensor]) -> np.dtype:
+    """The numpy dtype of one sample of several named tensors: a record with a field per tensor. A batch of
+    them is a 1-d array of records, which every part of the data path slices, concatenates and memory-maps
+    as it does a batch of one tensor, so only the engines look inside."""
+    return np.dtype([(t.name, t.dtype, t.shape) for t in tensors])
+
+
 @dataclass(frozen=True, eq=False)
 class Network:
-    """A network ready to compile: Relax module, weight values, per-sample shapes."""
+    """A network ready to compile: Relax module, weight values, per-sample shapes.
+
+    A network with several named inputs (a BERT-style encoder's input_ids and attention_mask) lists them in
+    `inputs`; one sample is then a record of them (:func:`record_dtype`) and `input_shape` is (). Likewise for
+    several outputs. Such a network has no Relax module yet: ONNX Runtime and OpenVINO run its ONNX form.
+    """
 
     name: str  # registry name, or the .onnx file's stem
-    module: tvm.IRModule  # one Relax function "main"(x, *weights) -> logits, batch dim symbolic
+    module: tvm.IRModule | None  # one Relax function "main"(x, *weights) -> logits, batch dim symbolic
     params: tuple[np.ndarray, ...]  # weights, in the order of main's parameters after x
     input_shape: tuple[int, ...]  # ONE sample, e.g. (3, 224, 224)
     output_shape: tuple[int, ...]  # ONE sample, e.g. (1000,)
-    dtype: str = "float32"
+    dtype: str = "float32"  # of the input and the output; of the outputs only where `inputs` names them
     # what the network was made from, which makes its ONNX and PyTorch forms
     origin: Origin = field(default_factory=Origin, repr=False)
+    inputs: tuple[Tensor, ...] = ()  # the named inputs of a network that takes several; () for one
+    outputs: tuple[Tensor, ...] = ()  # the named outputs of a network that gives several; () for one
 
     @functools.cached_property
     def digest(self) -> str:
@@ -81,7 +110,11 @@ class Network:
         cache and table entry that must not be shared between them is keyed by this, never by name.
         """
         h = hashlib.sha256()
-        h.update(f"{tvm_ffi.structural_hash(self.module)} {self.input_shape} {self.output_shape} {self.dtype}".encode())
+        graph = tvm_ffi.structural_hash(self.module) if self.module is not None else \
+            hashlib.sha256(self.onnx_bytes()).hexdigest()
+        h.update(f"{graph} {self.input_shape} {self.output_shape} {self.dtype}".encode())
+        if self.inputs or self.outputs:  # a sequence length is part of what a profile measured
+            h.update(f"{self.inputs} {self.outputs}".encode())
         for p in self.params:
             h.update(f"|{p.dtype} {p.shape}|".encode())
             h.update(np.ascontiguousarray(p).data)
@@ -94,20 +127,30 @@ class Network:
         return f"{self.name}@{self.digest}"
 
     @property
+    def input_dtype(self) -> np.dtype:
+        """The dtype of a batch's array of inputs: `dtype`, or a record of the named inputs."""
+        return record_dtype(self.inputs) if self.inputs else np.dtype(self.dtype)
+
+    @property
+    def output_dtype(self) -> np.dtype:
+        """The dtype of a batch's array of outputs: `dtype`, or a record of the named outputs."""
+        return record_dtype(self.outputs) if self.outputs else np.dtype(self.dtype)
+
+    @property
     def input_bytes(self) -> int:
         """Bytes of one sample's input."""
-        return int(np.prod(self.input_shape)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.input_shape)) * self.input_dtype.itemsize
 
     @property
     def output_bytes(self) -> int:
         """Bytes of one sample's output."""
-        return int(np.prod(self.output_shape)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.output_shape)) * self.output_dtype.itemsize
 
     @property
     def forms(self) -> tuple[str, ...]:
         """The forms this network has: "relax" always, "onnx" and "torch" as its origin allows
-        (whether their packages are installed is not checked)."""
-        return self.origin.forms
+        (whether their packages are installed is not checked); a network of named inputs has no Relax module."""
+        return tuple(form for form in self.origin.forms if form != "relax" or self.module is not None)
 
     def why_no_form(self, form: str) -> str | None:
         """Why this network has no `form` ("onnx", "torch") here, or None when it has one: what an engine
@@ -163,20 +206,111 @@ class Network:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         rng = np.random.default_rng(seed)
+        if self.inputs:
+            return self._random_records(batch, rng)
         x = rng.standard_normal((batch, *self.input_shape), dtype=np.float32)
         return x.astype(self.dtype, copy=False)
+
+    def _random_records(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        """Named inputs drawn in order: integers 0 or 1, which every integer input takes (token ids of any
+        vocabulary, attention masks, token type ids), floats from a standard normal."""
+        x = np.empty(batch, self.input_dtype)
+        for tensor in self.inputs:
+            if np.issubdtype(np.dtype(tensor.dtype), np.integer):
+                x[tensor.name] = rng.integers(0, 2, (batch, *tensor.shape))
+            else:
+                x[tensor.name] = rng.standard_normal((batch, *tensor.shape), dtype=np.float32)
+        return x
+
+    def fit(self, inputs: Mapping[str, Any]) -> Network:
+        """This network with the dimensions its inputs leave open (a sequence length) fixed to those of
+        `inputs`, checked by :meth:`check_inputs`; itself where none is open."""
+        self.check_inputs(inputs)
+        sizes = {dim: np.shape(inputs[t.name])[1 + axis] for t in self.inputs
+                 for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
+        if not sizes:
+            return self
+
+        def fixed(shape: tuple[int | str, ...]) -> tuple[int, ...]:
+            return tuple(sizes.get(dim, dim) if isinstance(dim, str) else dim for dim in shape)
+
+        return dataclasses.replace(self, output_shape=fixed(self.output_shape),
+                                   inputs=tuple(dataclasses.replace(t, shape=fixed(t.shape)) for t in self.inputs),
+                                   outputs=tuple(dataclasses.replace(t, shape=fixed(t.shape)) for t in self.outputs))
+
+    @property
+    def open_dimensions(self) -> list[str]:
+        """The dimensions of its inputs not yet fixed (such as "sequence"), which :meth:`fit` fixes."""
+        return list(dict.fromkeys(dim for t in self.inputs for dim in t.shape if isinstance(dim, str)))
+
+    def to_records(self, inputs: Mapping[str, Any]) -> np.ndarray:
+        """Named inputs, checked by :meth:`check_inputs`, as the array of records the data path splits."""
+        self.check_inputs(inputs)
+        batch = np.empty(len(next(iter(inputs.values()))), self.input_dtype)
+        for tensor in self.inputs:
+            batch[tensor.name] = inputs[tensor.name]
+        return batch
+
+    def input_arrays(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch of records as contiguous arrays by input name, as an engine hands them to its library."""
+        return {t.name: np.ascontiguousarray(batch[t.name]) for t in self.inputs}
+
+    def gathered(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """An engine's outputs, in the order of `outputs`, as one batch: the only one, or records of all."""
+        if not self.outputs:
+            return outputs[0]
+        batch = np.empty(len(outputs[0]), self.output_dtype)
+        for tensor, values in zip(self.outputs, outputs, strict=True):
+            batch[tensor.name] = values
+        return batch
 
     def check_inputs(self, inputs: Any) -> None:
         """Refuse, in one line, inputs this network cannot take: anything with a shape and a dtype (an array,
         a memory-mapped .npy file, a folder of images) that is not a batch of at least one sample of
-        ``input_shape`` in real numbers."""
+        ``input_shape`` in real numbers; for a network of named inputs, a mapping of name to such a batch
+        that misses a name, has one too many or one misshaped, or an array that is not of its records."""
+        if self.inputs:
+            self._check_named(inputs)
+            return
         if tuple(inputs.shape[1:]) != tuple(self.input_shape) or len(inputs) < 1:
             raise HeteroError(f"inputs of shape {tuple(inputs.shape)} do not fit {self.name}, which takes "
                               f"(N, {', '.join(map(str, self.input_shape))})")
         if not (np.issubdtype(inputs.dtype, np.integer) or np.issubdtype(inputs.dtype, np.floating)):
             raise HeteroError(f"inputs of dtype {inputs.dtype} are not real numbers")
 
+    def _check_named(self, inputs: Any) -> None:
+        """:meth:`check_inputs` for a network of named inputs."""
+        takes = f"{self.name} takes {'; '.join(map(str, self.inputs))}"
+        if not isinstance(inputs, Mapping):
+            if not self.open_dimensions and getattr(inputs, "dtype", None) == self.input_dtype \
+                    and inputs.ndim == 1 and len(inputs) >= 1:
+                return  # a batch already made records (a split's share, a memory-mapped .npy of records)
+            raise HeteroError(f"inputs of shape {tuple(getattr(inputs, 'shape', ()))} do not fit: {takes}, by name")
+        names = [t.name for t in self.inputs]
+        missing, extra = [n for n in names if n not in inputs], [n for n in inputs if n not in names]
+        if missing:
+            raise HeteroError(f"no input {', '.join(missing)}: {takes}")
+        if extra:
+            raise HeteroError(f"unknown input {', '.join(extra)}: {takes}")
+        sizes: dict[str, int] = {}  # an open dimension's size, as the first input that has it gives it
+        batch = (np.shape(inputs[names[0]]) or (0,))[0]  # every input's, as the first gives it
+        for tensor in self.inputs:
+            array = np.asarray(inputs[tensor.name])  # a list as well as an array (no copy of an array)
+            shape = array.shape
+            fits = len(shape) == len(tensor.shape) + 1 and shape[0] == batch >= 1 and all(
+                got == sizes.setdefault(dim, got) if isinstance(dim, str) else got == dim
+                for got, dim in zip(shape[1:], tensor.shape))
+            if not fits:
+                raise HeteroError(f"input {tensor.name} of shape {shape} does not fit: {takes}"
+                                  + (f", where {', '.join(f'{d}={n}' for d, n in sizes.items())}" if sizes else ""))
+            kind = np.dtype(tensor.dtype)
+            if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, kind.type)):
+                raise HeteroError(f"input {tensor.name} of dtype {array.dtype} does not fit: {takes}")
+
     def __repr__(self) -> str:
+        if self.inputs:
+            return (f"Network(name={self.name!r}, inputs=[{'; '.join(map(str, self.inputs))}], "
+                    f"outputs=[{'; '.join(map(str, self.outputs)) or (self.output_shape, self.dtype)}])")
         return (f"Network(name={self.name!r}, input_shape={self.input_shape}, "
                 f"output_shape={self.output_shape}, dtype={self.dtype!r}, "
                 f"params={len(self.params)} arrays / {self.num_params:,} values)")

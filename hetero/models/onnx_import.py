@@ -1,4 +1,6 @@
-"""Networks read from .onnx files: one input with a batch dimension, one output, weights as parameters."""
+"""Networks read from .onnx files: one input with a batch dimension, one output, weights as parameters; or
+several named inputs and outputs (a BERT-style encoder's input_ids and attention_mask), each with a batch
+dimension, whose other dimensions may be left open by name (a sequence length) until inputs fix them."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import tvm
 from tvm import relax
 
 from ..errors import HeteroError, one_line
-from .network import Network, Origin, readonly, require_package
+from .network import Network, Origin, Tensor, readonly, require_package
 
 
 class OnnxUnavailableError(HeteroError, ImportError):
@@ -116,8 +118,7 @@ def _convert_onnx(model, onnx, path: str, origin: Origin) -> Network:  # noqa: A
     initialized = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initialized]
     if len(inputs) != 1 or len(graph.output) != 1:
-        raise ValueError(f"ONNX model {path!r} has {len(inputs)} inputs and {len(graph.output)} "
-                         "outputs; only single-input, single-output models are supported")
+        return _named_network(inputs, list(graph.output), onnx, path, origin)
     inp = inputs[0]
     ttype = inp.type.tensor_type
     dims = list(ttype.shape.dim)
@@ -155,3 +156,39 @@ def _convert_onnx(model, onnx, path: str, origin: Origin) -> Network:  # noqa: A
         raise ValueError(f"ONNX model {path!r}: {len(main.params) - 1} weight parameters "
                          f"but {len(params)} values")
     return Network(file.stem, mod, params, sample, tuple(out_dims[1:]), dtype, origin)
+
+
+def _tensors(values: list, onnx, path: str, what: str, open_dimensions: set[str]) -> tuple[Tensor, ...]:  # noqa: ANN001
+    """The named tensors of an ONNX graph's inputs or outputs, each a batch: its first dimension is the batch,
+    any other a size or a name that `open_dimensions` (those the inputs leave open) holds."""
+    tensors = []
+    for value in values:
+        ttype = value.type.tensor_type
+        dims = list(ttype.shape.dim)
+        sample = [d.dim_value if d.dim_value > 0 else d.dim_param or "?" for d in dims[1:]]
+        if not value.type.HasField("tensor_type") or not ttype.HasField("shape") or not dims \
+                or any(isinstance(d, str) and d not in open_dimensions for d in sample):
+            shown = [d.dim_value or d.dim_param or "?" for d in dims]
+            raise ValueError(f"ONNX model {path!r}: {what} {value.name!r} must be a tensor (batch, ...) whose other "
+                             f"dimensions are sizes{' or ' + ', '.join(sorted(open_dimensions)) if open_dimensions else ''}"
+                             f", got {shown}")
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name
+        except (KeyError, ValueError):
+            raise ValueError(f"ONNX model {path!r}: {what} {value.name!r} has an unsupported "
+                             f"element type ({ttype.elem_type})") from None
+        tensors.append(Tensor(value.name, tuple(sample), dtype))
+    return tuple(tensors)
+
+
+def _named_network(inputs: list, outputs: list, onnx, path: str, origin: Origin) -> Network:  # noqa: ANN001
+    """The Network of an ONNX model of several inputs or outputs, run by name. TVM's engine takes one input, and
+    TVM 0.27's Relax ONNX frontend fails on the shape arithmetic of a PyTorch-exported attention (a Gather
+    from a runtime shape), so it has no Relax module: ONNX Runtime and OpenVINO run its ONNX form."""
+    open_dimensions = {d.dim_param for i in inputs for d in i.type.tensor_type.shape.dim[1:] if d.dim_param}
+    named_inputs = _tensors(inputs, onnx, path, "input", open_dimensions)
+    named_outputs = _tensors(outputs, onnx, path, "output", open_dimensions)
+    if len(named_outputs) == 1:  # one output is a plain array, as a single-input network's is
+        (output,) = named_outputs
+        return Network(Path(path).stem, None, (), (), output.shape, output.dtype, origin, named_inputs)
+    return Network(Path(path).stem, None, (), (), (), "float32", origin, named_inputs, named_outputs)
