@@ -24,7 +24,7 @@ import numpy as np
 
 from .devices import DEFAULT_PRECISION, Device
 from .engines import Engine
-from .errors import one_line
+from .errors import HeteroError, one_line
 from .execute import run_split
 from .images import ImageFolder
 from .inference import (
@@ -128,24 +128,34 @@ class Session:
                                predicted_s=max(predicted), wall_s=wall_s, shares=results, outputs=outputs,
                                profiled=ready.profiled, faults=faults, dropped=ready.dropped)
 
-    def stream(self, inputs: str | Path | np.ndarray | ImageFolder, output: str | Path | None = None,
-               ray: str | None = None) -> StreamReport:
-        """Every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of images) through the
-        network on all devices at once, the outputs written in input order to `output` (a .npy file) or
-        returned. With an output file an interrupted run resumes. With `ray` (a Ray cluster's address, or
-        "auto"), every node's devices take part: hetero.cluster."""
+    def stream(self, inputs: str | Path | np.ndarray | ImageFolder | Mapping[str, str | Path | np.ndarray],
+               output: str | Path | None = None, ray: str | None = None) -> StreamReport:
+        """Every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of images; for a network
+        of named inputs, a mapping of name to array or .npy file) through the network on all devices at once,
+        the outputs written in input order to `output` (a .npy file) or returned. With an output file an
+        interrupted run resumes. With `ray` (a Ray cluster's address, or "auto"), every node's devices take
+        part: hetero.cluster."""
+        net = self.network
+        if isinstance(inputs, Mapping):
+            if ray is not None:
+                raise HeteroError("named inputs stream on this machine's devices only, not over a Ray cluster")
+            # read into one array of records, as a split's are: token ids are small beside images
+            named = {name: np.load(value, mmap_mode="r", allow_pickle=False) if isinstance(value, (str, Path))
+                     else value for name, value in inputs.items()}
+            net = net.fit(named)
+            inputs = net.to_records(named)
         if ray is not None:
             from .cluster import stream as cluster_stream
 
             o = self.options
             return cluster_stream(self.network, self.devices, inputs, output, self.table, o.profile_batches,
                                   o.budget_s, o.progress, o.load, o.precision, o.engine, address=ray)
-        data = open_inputs(inputs, self.network)
+        data = open_inputs(inputs, net)
         output = Path(output) if output is not None else None
-        sample_bytes = self.network.input_bytes
-        with open_outputs(self.network, data, inputs, output) as (ledger, outputs):
-            ready = self.prepare("stream", lambda options: fastest_streaming(options, sample_bytes)[0])
-            return stream_into(self.network, ready, data, output, ledger, outputs, self.options.progress)
+        sample_bytes = net.input_bytes
+        with open_outputs(net, data, inputs, output) as (ledger, outputs):
+            ready = self.prepare("stream", lambda options: fastest_streaming(options, sample_bytes)[0], net)
+            return stream_into(net, ready, data, output, ledger, outputs, self.options.progress)
 
     def engines(self) -> list[tuple[Engine, Profile]]:
         """Per device that can run, its fastest engine at its largest profiled batch, with its profile."""
@@ -182,8 +192,9 @@ def infer(network: str | Network, devices: str | Sequence[Device] = "cpu", batch
 
 
 def stream(network: str | Network, devices: str | Sequence[Device] = "cpu",
-           inputs: str | Path | np.ndarray | ImageFolder = "", output: str | Path | None = None,
-           ray: str | None = None, options: Options = Options(), **changes) -> StreamReport:
+           inputs: str | Path | np.ndarray | ImageFolder | Mapping[str, str | Path | np.ndarray] = "",
+           output: str | Path | None = None, ray: str | None = None, options: Options = Options(),
+           **changes) -> StreamReport:
     """Every sample of `inputs` through `network` on all `devices`, in one call: :meth:`Session.stream`."""
     with Session(network, devices, replace(options, **changes)) as session:
         return session.stream(inputs, output, ray)

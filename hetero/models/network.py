@@ -60,6 +60,16 @@ class Origin:
         """The ONNX form serialized (:meth:`Network.onnx_bytes`)."""
         return self.onnx_model(net).SerializeToString()
 
+    def fixed(self, net: Network, sizes: dict[str, int]) -> Network:
+        """`net` with the dimensions its inputs leave open fixed to `sizes` (:meth:`Network.fit`)."""
+
+        def fixed(shape: tuple[int | str, ...]) -> tuple[int, ...]:
+            return tuple(sizes.get(dim, dim) if isinstance(dim, str) else dim for dim in shape)
+
+        return dataclasses.replace(net, output_shape=fixed(net.output_shape),
+                                   inputs=tuple(dataclasses.replace(t, shape=fixed(t.shape)) for t in net.inputs),
+                                   outputs=tuple(dataclasses.replace(t, shape=fixed(t.shape)) for t in net.outputs))
+
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,8 @@ class Network:
 
     A network with several named inputs (a BERT-style encoder's input_ids and attention_mask) lists them in
     `inputs`; one sample is then a record of them (:func:`record_dtype`) and `input_shape` is (). Likewise for
-    several outputs. Such a network has no Relax module yet: ONNX Runtime and OpenVINO run its ONNX form.
+    several outputs. While a dimension is open it has no Relax module (:meth:`fit` makes one where TVM's ONNX
+    frontend converts it); ONNX Runtime and OpenVINO run its ONNX form at any size.
     """
 
     name: str  # registry name, or the .onnx file's stem
@@ -149,7 +160,7 @@ class Network:
     @property
     def forms(self) -> tuple[str, ...]:
         """The forms this network has: "relax" always, "onnx" and "torch" as its origin allows
-        (whether their packages are installed is not checked); a network of named inputs has no Relax module."""
+        (whether their packages are installed is not checked); a network of named inputs may have no Relax module."""
         return tuple(form for form in self.origin.forms if form != "relax" or self.module is not None)
 
     def why_no_form(self, form: str) -> str | None:
@@ -228,15 +239,7 @@ class Network:
         self.check_inputs(inputs)
         sizes = {dim: np.shape(inputs[t.name])[1 + axis] for t in self.inputs
                  for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
-        if not sizes:
-            return self
-
-        def fixed(shape: tuple[int | str, ...]) -> tuple[int, ...]:
-            return tuple(sizes.get(dim, dim) if isinstance(dim, str) else dim for dim in shape)
-
-        return dataclasses.replace(self, output_shape=fixed(self.output_shape),
-                                   inputs=tuple(dataclasses.replace(t, shape=fixed(t.shape)) for t in self.inputs),
-                                   outputs=tuple(dataclasses.replace(t, shape=fixed(t.shape)) for t in self.outputs))
+        return self.origin.fixed(self, sizes) if sizes else self
 
     @property
     def open_dimensions(self) -> list[str]:

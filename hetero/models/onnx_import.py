@@ -4,16 +4,23 @@ dimension, whose other dimensions may be left open by name (a sequence length) u
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import io
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from ..errors import HeteroError, one_line
 from .network import Network, Origin, Tensor, readonly, require_package
+
+log = logging.getLogger(__name__)
 
 
 class OnnxUnavailableError(HeteroError, ImportError):
@@ -33,6 +40,8 @@ class OnnxOrigin(Origin):
     def __init__(self, raw: bytes | None, model: Any = None) -> None:
         self.raw = raw
         self.model = model
+        self._fixed: dict[tuple, Network] = {}  # a network of named inputs per size of its open dimensions
+        self._fixing = threading.Lock()
 
     def onnx_model(self, net: Network):  # noqa: ANN201
         require_package("onnx", "ONNX", net.name, "'hetero[onnx]'")
@@ -47,6 +56,17 @@ class OnnxOrigin(Origin):
     def onnx_bytes(self, net: Network) -> bytes:
         """The file's own bytes."""
         return self.raw if self.raw is not None else super().onnx_bytes(net)
+
+    def fixed(self, net: Network, sizes: dict[str, int]) -> Network:
+        """`net` with its open dimensions fixed, and its Relax module where TVM converts it: once per size in
+        this process, since every run of a session fixes its inputs' sequence length again."""
+        import onnx
+
+        key = (net.digest, tuple(sorted(sizes.items())))
+        with self._fixing:
+            if key not in self._fixed:
+                self._fixed[key] = _with_relax(super().fixed(net, sizes), self.onnx_model(net), onnx)
+            return self._fixed[key]
 
 
 def _int_initializers_as_constants(model, onnx):  # noqa: ANN001 - onnx types
@@ -118,7 +138,7 @@ def _convert_onnx(model, onnx, path: str, origin: Origin) -> Network:  # noqa: A
     initialized = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initialized]
     if len(inputs) != 1 or len(graph.output) != 1:
-        return _named_network(inputs, list(graph.output), onnx, path, origin)
+        return _named_network(model, inputs, onnx, path, origin)
     inp = inputs[0]
     ttype = inp.type.tensor_type
     dims = list(ttype.shape.dim)
@@ -181,14 +201,67 @@ def _tensors(values: list, onnx, path: str, what: str, open_dimensions: set[str]
     return tuple(tensors)
 
 
-def _named_network(inputs: list, outputs: list, onnx, path: str, origin: Origin) -> Network:  # noqa: ANN001
-    """The Network of an ONNX model of several inputs or outputs, run by name. TVM's engine takes one input, and
-    TVM 0.27's Relax ONNX frontend fails on the shape arithmetic of a PyTorch-exported attention (a Gather
-    from a runtime shape), so it has no Relax module: ONNX Runtime and OpenVINO run its ONNX form."""
+def _named_network(model, inputs: list, onnx, path: str, origin: Origin) -> Network:  # noqa: ANN001
+    """The Network of an ONNX model of several inputs or outputs, run by name: with its Relax module once every
+    dimension but the batch is fixed (at once, or when inputs fix the open ones: :meth:`OnnxOrigin.fixed`)."""
     open_dimensions = {d.dim_param for i in inputs for d in i.type.tensor_type.shape.dim[1:] if d.dim_param}
     named_inputs = _tensors(inputs, onnx, path, "input", open_dimensions)
-    named_outputs = _tensors(outputs, onnx, path, "output", open_dimensions)
+    named_outputs = _tensors(list(model.graph.output), onnx, path, "output", open_dimensions)
     if len(named_outputs) == 1:  # one output is a plain array, as a single-input network's is
         (output,) = named_outputs
-        return Network(Path(path).stem, None, (), (), output.shape, output.dtype, origin, named_inputs)
-    return Network(Path(path).stem, None, (), (), (), "float32", origin, named_inputs, named_outputs)
+        net = Network(Path(path).stem, None, (), (), output.shape, output.dtype, origin, named_inputs)
+    else:
+        net = Network(Path(path).stem, None, (), (), (), "float32", origin, named_inputs, named_outputs)
+    return net if open_dimensions else _with_relax(net, model, onnx)
+
+
+def _fold_static_shapes(model, inputs: tuple[Tensor, ...], onnx):  # noqa: ANN001, ANN202 - onnx types
+    """Copy of ``model`` with its inputs' sizes after the batch written in, and each size its graph reads from a
+    tensor's shape (``Gather(Shape(x), i)``, what ``x.shape[i]`` exports as) that is now known made a constant.
+
+    TVM 0.27's ONNX frontend turns a ``Range`` to a size read at run time (a BERT's position ids, up to the
+    sequence length) into a tensor of a new symbolic length, which then broadcasts with nothing; a constant
+    length keeps every shape known but the batch.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    sizes = {t.name: t.shape for t in inputs}
+    for value in m.graph.input:
+        for dim, size in zip(value.type.tensor_type.shape.dim[1:], sizes.get(value.name, ())):
+            dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(m)
+    known = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+             for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    constants = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    shape_of = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "Shape" and not n.attribute}
+    nodes = []
+    for node in m.graph.node:
+        if node.op_type == "Gather" and node.input[0] in shape_of and node.input[1] in constants:
+            index, dims = constants[node.input[1]], known.get(shape_of[node.input[0]], [])
+            if index.ndim == 0 and -len(dims) <= int(index) < len(dims) and dims[int(index)]:
+                size = onnx.numpy_helper.from_array(np.array(dims[int(index)], np.int64))
+                node = onnx.helper.make_node("Constant", [], [node.output[0]], value=size)
+        nodes.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def _with_relax(net: Network, model, onnx) -> Network:  # noqa: ANN001 - onnx types
+    """`net`, a network of named inputs whose every dimension but the batch is fixed, with the Relax module and
+    weights TVM's ONNX frontend converts its model to; `net` as it is where the frontend cannot (TVM's engine
+    then declines it, the others run its ONNX form)."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx
+
+    n = tvm.tirx.Var("n", "int64")
+    folded = _fold_static_shapes(_int_initializers_as_constants(model, onnx), net.inputs, onnx)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the frontend prints the node it failed on
+            mod = from_onnx(folded, shape_dict={t.name: [n, *t.shape] for t in net.inputs}, keep_params_in_input=True)
+    except Exception as err:  # noqa: BLE001 -- unsupported ops, shape errors: the network runs on the other engines
+        log.info("TVM cannot convert %s: %s", net.name, one_line(err))
+        return net
+    mod, detached = detach_params(mod)
+    return dataclasses.replace(net, module=mod, params=tuple(readonly(p.numpy()) for p in detached.get("main", [])))
