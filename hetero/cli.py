@@ -149,7 +149,8 @@ def inference_main(argv: list[str]) -> int:
     inputs = None
     if args.input is not None:
         input_path = checked_path("--input", args.input, lambda shown, path: None)
-        if args.input.lower().endswith(".npz"):
+        if args.input.lower().endswith(".npz") and registered_input_shape(args.network) is None \
+                and get_network(args.network).inputs:  # else refused as any file that is not a .npy one
             inputs = read_named_inputs(args.input, input_path)
         else:
             inputs = read_inputs(args.input, input_path, registered_input_shape(args.network),

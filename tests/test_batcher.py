@@ -32,7 +32,8 @@ class Sleepy(Engine):
     version = "1"
 
     def __init__(self, device, per_sample_s, fails_at=None):
-        super().__init__(SimpleNamespace(input_shape=(2,), output_shape=(1,), dtype="float32"),
+        super().__init__(SimpleNamespace(input_shape=(2,), output_shape=(1,), dtype="float32",
+                                         input_dtype=np.dtype("float32"), output_dtype=np.dtype("float32")),
                          SimpleNamespace(name=device))
         self.per_sample_s, self.fails_at = per_sample_s, fails_at
         self.seen, self.calls = [], 0

@@ -36,7 +36,8 @@ class Overlapping(Engine):
     version = "1"
 
     def __init__(self, in_flight=3, fail_at=None):
-        super().__init__(SimpleNamespace(output_shape=(2,), dtype="float32", input_shape=(3,)),
+        super().__init__(SimpleNamespace(output_shape=(2,), dtype="float32", input_shape=(3,),
+                                         input_dtype=np.dtype("float32"), output_dtype=np.dtype("float32")),
                          SimpleNamespace(name="fake"))
         self.in_flight, self.fail_at = in_flight, fail_at
         self.open = self.most_open = self.results = 0

@@ -165,6 +165,11 @@ def test_a_missing_extra_or_misshaped_input_is_one_line_naming_it(encoder, chang
     assert "\n" not in str(refused.value)
 
 
+def test_a_network_of_one_input_refuses_inputs_by_name():
+    with pytest.raises(HeteroError, match=r"takes one array of inputs \(N, 3, 224, 224\), not inputs by name \(x\)"):
+        hetero.get_network("squeezenet_v1.1").check_inputs({"x": np.zeros((1, 3, 224, 224), np.float32)})
+
+
 def test_random_samples_need_inputs_to_fix_the_sequence(encoder, tmp_path):
     with pytest.raises(HeteroError, match="tiny_bert leaves sequence open: give its inputs by name"):
         hetero.infer(str(encoder), "cpu", batch=4, table=tmp_path / "t.json", progress=False)

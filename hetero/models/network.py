@@ -275,6 +275,9 @@ class Network:
         if self.inputs:
             self._check_named(inputs)
             return
+        if isinstance(inputs, Mapping):
+            raise HeteroError(f"{self.name} takes one array of inputs (N, {', '.join(map(str, self.input_shape))}), "
+                              f"not inputs by name ({', '.join(inputs)})")
         if tuple(inputs.shape[1:]) != tuple(self.input_shape) or len(inputs) < 1:
             raise HeteroError(f"inputs of shape {tuple(inputs.shape)} do not fit {self.name}, which takes "
                               f"(N, {', '.join(map(str, self.input_shape))})")
