@@ -12,6 +12,11 @@ network's are random but deterministic; BatchNorm is folded into the preceding c
 downloaded.  One builder gives the network in every form an engine runs: the Relax module
 (``Network.module``), an ONNX model (``Network.onnx_model()``) and a PyTorch module
 (``Network.torch_module()``), all with the same weights.
+
+An .onnx file of several inputs or outputs (a BERT-style encoder's ``input_ids`` and ``attention_mask``) is a
+network of named :class:`~.network.Tensor` s (``Network.inputs``), its sequence length left open until inputs
+fix it (``Network.fit``); one sample is then a numpy record of its inputs, which the data path splits as it
+splits a batch of one tensor.
 """
 
 from . import zoo  # noqa: F401 - the built-in networks register themselves
