@@ -19,6 +19,7 @@ RUNS = 100
 # What the process may grow by over RUNS runs: measured growth is under 0.1 MiB (over 800 runs too), while
 # keeping even one input sample (0.6 MB) per run would add 60 MB.
 RSS_TOLERANCE = 4 * 2**20
+NATIVE_LATE_WORKERS = 2
 
 
 def test_split_runs_do_not_grow_memory_or_threads(tmp_path):
@@ -49,8 +50,11 @@ def test_split_runs_do_not_grow_memory_or_threads(tmp_path):
         gc.collect()
         grown = process.memory_info().rss - rss
         assert grown < RSS_TOLERANCE, f"RSS grew by {grown / 2**20:.1f} MiB over {RUNS} runs"
-        # Threads left by earlier tests may end meanwhile, so the count may fall, never rise.
-        assert threading.active_count() <= threads and process.num_threads() <= os_threads, "threads leaked"
+        # Threads left by earlier tests may end meanwhile, so the count may fall, never rise; a native pool
+        # (OpenMP's, TVM's) may still start a worker late, where a thread kept per run or per failure would
+        # add at least RUNS // 5.
+        assert threading.active_count() <= threads, "Python threads leaked"
+        assert process.num_threads() <= os_threads + NATIVE_LATE_WORKERS, "OS threads leaked"
         assert faults == (WARMUP + RUNS) // 5, "every fifth run had its failure recovered"
     finally:
         flaky.close()
