@@ -170,7 +170,7 @@ def available_devices() -> tuple[Device, ...]:
 
 
 @lru_cache(maxsize=1)
-def _the_cpu() -> tuple[Device, ...]:
+def the_cpu() -> tuple[Device, ...]:
     return tuple(CPUBackend.discover())
 
 
@@ -183,7 +183,7 @@ def parse_devices(spec: str) -> list[Device]:
     """Turn `cpu,igpu,gpu0` into devices, failing with one line that names the devices found."""
     names = [part.strip() for part in spec.split(",")]
     # the CPU alone needs no search of OpenCL platforms (importing pyopencl took 0.14 s of a 1-second run)
-    found = _the_cpu() if set(names) == {"cpu"} else available_devices()
+    found = the_cpu() if set(names) == {"cpu"} else available_devices()
     here = {device.name: device for device in found}
     found_line = ", ".join(here) or "none"
     devices = []

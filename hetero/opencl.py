@@ -228,7 +228,7 @@ def _initialise_runtime() -> None:
         _ = tvm.opencl(0).exist
 
 
-def _tvm_devices() -> list[CLDevice]:
+def tvm_devices() -> list[CLDevice]:
     """The devices TVM's OpenCL runtime numbers, as it describes them."""
     _initialise_runtime()
     found = []
@@ -253,7 +253,7 @@ def _tvm_devices() -> list[CLDevice]:
 def tvm_numbering(devices: Sequence[CLDevice]) -> list[tuple[int, CLDevice]]:
     """(TVM index, device) for each device TVM can run on: asked of TVM when its runtime is loaded."""
     if runtime_available():
-        return match_tvm_numbering(devices, _tvm_devices())
+        return match_tvm_numbering(devices, tvm_devices())
     return list(enumerate(tvm_reachable(devices)))
 
 

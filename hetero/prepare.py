@@ -166,7 +166,7 @@ class Candidate:
         return [by_batch[s].total_median if s in by_batch and by_batch[s].error is None else math.inf for s in sizes]
 
 
-def _load(net: Network, jobs: Sequence[tuple[Candidate, Sequence[int]]]) -> list[tuple[Candidate, str]]:
+def load_candidates(net: Network, jobs: Sequence[tuple[Candidate, Sequence[int]]]) -> list[tuple[Candidate, str]]:
     """Load each job's candidate, then run it once at each of the job's sizes (what a first call costs:
     torch.compile compiling, cuDNN choosing its algorithms, is paid here rather than in a probe); the
     candidates that failed to load, with why.
@@ -220,12 +220,12 @@ def _without(candidates: list[Candidate], failed: Sequence[tuple[Candidate, str]
     return [c for c in candidates if all(c is not f for f, _ in failed)]
 
 
-def _load_engines(
+def load_engines(
     net: Network, devices: Sequence[Device], choice: dict[str, str], table: ProfileTable, batches: Sequence[int],
     reprofile: bool, trials: int = 0, tune_batch: int = DEFAULT_TUNE_BATCH,
 ) -> tuple[list[list[Candidate]], list[Fault]]:
     """Per device, its candidate engines (hetero.selection), each keyed and looked up in the table without being
-    loaded. Loaded now (:func:`_load`: several at once) are the ones a probe or a profile must measure,
+    loaded. Loaded now (:func:`load_candidates`: several at once) are the ones a probe or a profile must measure,
     and TVM's where a tuning applies; a device none of whose engines loads is left out and reported, not fatal."""
     options, jobs, tuned, scheduled = [], [], set(), set()
     for device in devices:
@@ -250,7 +250,7 @@ def _load_engines(
                  or not (c.complete or sizes and c.probed(sizes) or c.key in scheduled)]
         scheduled.update(c.key for c in candidates)
         options.append(candidates)
-    failed = _load(net, jobs)
+    failed = load_candidates(net, jobs)
     kept, faults = [], []
     for candidates in options:
         device = candidates[0].device
@@ -288,7 +288,7 @@ def _settle(net: Network, candidates: list[Candidate], table: ProfileTable, batc
     if len(candidates) > 1:
         sizes = probe_sizes(batches)
         unprobed = [c for c in candidates if not c.complete and not c.probed(sizes)]
-        failed = _load(net, [(c, sizes) for c in unprobed if c.engine is None])
+        failed = load_candidates(net, [(c, sizes) for c in unprobed if c.engine is None])
         for candidate, error in failed:
             log.warning(f"{device.name}: engine {candidate.name}: {error}; running the others")
         candidates = _without(candidates, failed)
@@ -304,7 +304,7 @@ def _settle(net: Network, candidates: list[Candidate], table: ProfileTable, batc
                 notes.append(f"{device.name}: {loser.name} not profiled further, {reason}")
                 log.warning(notes[-1])
         candidates = [c for k, c in enumerate(candidates) if c.complete or k not in losers]
-    failed = _load(net, [(c, ()) for c in candidates if not c.complete and c.engine is None])
+    failed = load_candidates(net, [(c, ()) for c in candidates if not c.complete and c.engine is None])
     for candidate, error in failed:
         log.warning(f"{device.name}: engine {candidate.name}: {error}; running the others")
     candidates = _without(candidates, failed)
@@ -369,7 +369,7 @@ def _load_picked(net: Network, options: list[list[tuple[Candidate, Profile]]], p
     candidate that fails to load is left out and the pick made again among the others."""
     while True:
         picked = pick(options) if pick is not None else [c for pairs in options for c, _ in pairs]
-        failed = _load(net, [(c, ()) for c in picked if c.engine is None])
+        failed = load_candidates(net, [(c, ()) for c in picked if c.engine is None])
         if not failed:
             return [[(c.engine, p) for c, p in pairs if any(c is chosen for chosen in picked)] for pairs in options]
         remaining = []
@@ -428,7 +428,7 @@ def prepare_engines(
         return Ready(table, _runnable(net, [[(e, next(profiled)) for e in engines] for engines in made], faults),
                      faults, measured)
     choice = parse_engine_choice(engine or default_engine_choice(), chosen)
-    candidates, faults = _load_engines(net, chosen, choice, table, profile_batches, reprofile, tune_trials,
+    candidates, faults = load_engines(net, chosen, choice, table, profile_batches, reprofile, tune_trials,
                                        tune_batch)
     settled, dropped, measured = [], [], []
     for device_candidates in candidates:

@@ -21,7 +21,7 @@ NAMES, FAILING = ("cpu0", "cpu1"), "cpu1"
 
 
 def available_devices() -> tuple[devices.Device, ...]:
-    (cpu,) = devices._the_cpu()
+    (cpu,) = devices.the_cpu()
     return tuple(dataclasses.replace(cpu, name=name, threads=1) for name in NAMES)
 
 

@@ -20,7 +20,7 @@ from hetero.serve import batcher as batcher_module
 from hetero.serve.batcher import Batcher, Expired, Rejected
 from hetero.table import Measurement, Profile
 
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 
 class Sleepy(Engine):
@@ -281,7 +281,7 @@ def test_close_without_drain_fails_what_is_queued():
 
 def test_a_real_engine_answers_each_request(tmp_path):
     pytest.importorskip("onnx")
-    _tiny_onnx(tmp_path / "tiny.onnx")
+    tiny_onnx(tmp_path / "tiny.onnx")
     network = hetero.get_network(str(tmp_path / "tiny.onnx"))
     engine = load_engine(network, hetero.parse_devices("cpu")[0], "tvm")
     x = np.random.default_rng(0).standard_normal((9, *network.input_shape)).astype(np.float32)

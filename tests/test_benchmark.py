@@ -13,7 +13,7 @@ from hetero.inference import plan
 from hetero.table import ProfileTable
 
 from .conftest import SMALL_NETWORK, run_script
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 # the baseline CI can run beside TVM's engine (torch.compile compiles for minutes on 2 cores)
 ENGINES = "+".join(["tvm"] + [name for name in ("onnxruntime",) if name in installed_engines()])
@@ -21,7 +21,7 @@ ENGINES = "+".join(["tvm"] + [name for name in ("onnxruntime",) if name in insta
 
 def test_benchmark_prints_and_records_every_device_and_the_split(tmp_path):
     """On the tiny ONNX network: what is checked is what the command writes, not how fast a network runs."""
-    _tiny_onnx(tmp_path / "tiny.onnx")
+    tiny_onnx(tmp_path / "tiny.onnx")
     network = str(tmp_path / "tiny.onnx")
     markdown = tmp_path / "BENCHMARKS.md"
     result = run_script(

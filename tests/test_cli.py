@@ -13,7 +13,7 @@ from hetero.engines import load_engine
 from .conftest import SMALL_NETWORK, run_script
 
 
-def _one_error_line(result):
+def one_error_line(result):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -44,21 +44,21 @@ def bad_input_runs():
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[f"args{i}-{expected}" for i, (_, expected) in enumerate(BAD_INPUT)])
 def test_bad_input_gets_one_clear_line(bad_input_runs, case):
-    assert BAD_INPUT[case][1] in _one_error_line(bad_input_runs[case])
+    assert BAD_INPUT[case][1] in one_error_line(bad_input_runs[case])
 
 
 def test_print_table_of_missing_and_corrupt_tables(tmp_path):
-    assert "no-such.json" in _one_error_line(run_script("print_table.py", str(tmp_path / "no-such.json")))
+    assert "no-such.json" in one_error_line(run_script("print_table.py", str(tmp_path / "no-such.json")))
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text("{not json")
-    _one_error_line(run_script("print_table.py", str(corrupt)))
+    one_error_line(run_script("print_table.py", str(corrupt)))
     assert corrupt.read_text() == "{not json"
 
 
 def test_corrupt_table_is_refused_and_kept(tmp_path):
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"something": "else"}')
-    _one_error_line(run_script("Inference.py", "--network", SMALL_NETWORK, "--batch", "2", "--table", str(corrupt)))
+    one_error_line(run_script("Inference.py", "--network", SMALL_NETWORK, "--batch", "2", "--table", str(corrupt)))
     assert corrupt.read_text() == '{"something": "else"}'
 
 

@@ -20,7 +20,7 @@ import pytest
 import hetero
 
 from .conftest import ROOT, run_script
-from .test_models import _tiny_onnx, _tiny_reference
+from .test_models import tiny_onnx, tiny_reference
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("onnx")
@@ -55,7 +55,7 @@ def local_cluster():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    weights = _tiny_onnx(folder / "tiny.onnx")
+    weights = tiny_onnx(folder / "tiny.onnx")
     return folder / "tiny.onnx", weights
 
 
@@ -101,7 +101,7 @@ def test_a_stream_over_two_nodes_equals_one_machine_sample_by_sample(tmp_path, t
     report = hetero.stream(str(model), "cpu", x, table=tmp_path / "t.json", profile_batches=[1, 8, 64], progress=False,
                            ray=local_cluster.address)
     np.testing.assert_array_equal(report.outputs, local.outputs)
-    np.testing.assert_allclose(report.outputs, _tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(report.outputs, tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
     assert sorted(d.device for d in report.devices) == ["node0/cpu", "node1/cpu"]
     assert all(d.samples for d in report.devices), "both nodes pulled chunks"
     assert sum(d.samples for d in report.devices) == report.computed == 50000 and not report.faults
@@ -215,7 +215,7 @@ def test_the_command_line_streams_over_the_cluster(tmp_path, tiny, local_cluster
     report = json.loads(result.stdout)
     assert sorted(d["device"] for d in report["devices"]) == ["node0/cpu", "node1/cpu"]
     assert report["computed"] == 3000 and not report["faults"]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.json.lock", "x.npy", "y.npy"]
 
 
@@ -223,9 +223,9 @@ def test_a_cluster_hetero_starts_listens_on_loopback_only():
     """What `--ray auto` starts when no cluster runs: every server of it on 127.0.0.1."""
     script = (
         "import os, psutil\n"
-        "from hetero.cluster.connect import _start_local, listening_beyond_loopback, ray_module\n"
+        "from hetero.cluster.connect import start_local, listening_beyond_loopback, ray_module\n"
         "ray = ray_module()\n"
-        "_start_local(ray, {'log_to_driver': False, 'num_cpus': 1})\n"
+        "start_local(ray, {'log_to_driver': False, 'num_cpus': 1})\n"
         "me = psutil.Process()\n"
         "tree = {me.pid} | {c.pid for c in me.children(recursive=True)}\n"
         "listening = [c.laddr.ip for c in psutil.net_connections('inet') if c.status == 'LISTEN' and c.pid in tree]\n"

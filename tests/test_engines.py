@@ -19,7 +19,7 @@ from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, engine_of
 
 from .conftest import ROOT, SMALL_NETWORK
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 # every installed engine that runs on the CPU, held against hetero's own; torch.compile compiles for minutes on 2
 # cores, so it runs on the tiny model only
@@ -53,9 +53,9 @@ def test_each_engine_computes_what_tvm_computes(cpu, engine):
 
 @pytest.mark.parametrize("engine", installed_engines())
 def test_an_onnx_file_runs_on_every_engine_that_takes_it(tmp_path, cpu, engine):
-    from .test_models import _tiny_reference
+    from .test_models import tiny_reference
 
-    weights = _tiny_onnx(tmp_path / "tiny.onnx")
+    weights = tiny_onnx(tmp_path / "tiny.onnx")
     network = hetero.get_network(str(tmp_path / "tiny.onnx"))
     form = ENGINES[engine].form
     if form and form not in network.forms:  # PyTorch's engines: an .onnx file has no PyTorch form
@@ -64,7 +64,7 @@ def test_an_onnx_file_runs_on_every_engine_that_takes_it(tmp_path, cpu, engine):
         return
     inputs = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
     outputs, _ = load_engine(network, cpu, engine).infer(inputs)
-    np.testing.assert_allclose(outputs, _tiny_reference(inputs, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outputs, tiny_reference(inputs, weights), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif("onnxruntime" not in installed_engines(), reason="onnxruntime is not installed")
@@ -85,7 +85,7 @@ def test_a_split_across_engines_returns_what_one_engine_returns(tmp_path, cpu, t
 
 def test_auto_profiles_every_installed_engine_and_reports_the_chosen_one(tmp_path, capsys):
     table = tmp_path / "t.json"
-    _tiny_onnx(tmp_path / "tiny.onnx")
+    tiny_onnx(tmp_path / "tiny.onnx")
     rc = cli.inference(["--network", str(tmp_path / "tiny.onnx"), "--batch", "4", "--profile-batches", "1,4",
                         "--table", str(table), "--engine", AUTO, "--no-progress", "--json"])
     captured = capsys.readouterr()

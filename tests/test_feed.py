@@ -13,7 +13,7 @@ from hetero.engines.tvm import TVMEngine
 from hetero.errors import UnreadableInput
 from hetero.feed import ChunkSizer, DeviceStream, WorkQueue, feed
 
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 
 class Deferred:
@@ -116,7 +116,7 @@ def test_near_the_end_each_device_takes_its_part_of_what_is_left_by_its_throughp
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    _tiny_onnx(folder / "tiny.onnx")
+    tiny_onnx(folder / "tiny.onnx")
     return hetero.get_network(str(folder / "tiny.onnx"))
 
 

@@ -79,9 +79,9 @@ def test_tensor_core_precisions_stay_within_the_stated_error(precision, bound, l
 def test_a_gpu_tuning_records_and_its_module_computes_the_same(tmp_path):
     from hetero import tune
 
-    from .test_models import _tiny_onnx
+    from .test_models import tiny_onnx
 
-    _tiny_onnx(tmp_path / "tiny.onnx")
+    tiny_onnx(tmp_path / "tiny.onnx")
     network = hetero.get_network(str(tmp_path / "tiny.onnx"))
     tuning = tune.tuning_for(tmp_path / "t.json", network, GPUS[0], 2)
     tune.tune(network, GPUS[0], tuning, trials=4)

@@ -54,7 +54,7 @@ def test_names() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_module_structure(name: str) -> None:
     # The module alone (no weight values), so vgg's 138M weights are not generated here.
-    built = registry._build(name)
+    built = registry.build_registered(name)
     mod = built.module
     relax.analysis.well_formed(mod)  # raises on a violation
     main = mod["main"]
@@ -85,7 +85,7 @@ def test_network_and_weights(name: str) -> None:
     for p, w in zip(net.params, weights, strict=True):
         assert p.dtype == np.float32 and list(p.shape) == _shape(w.ty)
         assert np.isfinite(p).all() and not p.flags.writeable
-    assert net.num_params == registry._build(name).graph.num_weights()
+    assert net.num_params == registry.build_registered(name).graph.num_weights()
     assert len(repr(net)) < 200
 
     fresh = registry._registered.__wrapped__(name)  # bypasses the cache: weights generated again
@@ -152,7 +152,7 @@ def test_squeezenet_runs_any_batch(squeezenet_exe) -> None:
 # ----------------------------------------------------------------------- ONNX
 
 
-def _tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1,
+def tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1,
                reshape: tuple[int, int] = (0, -1), seed: int = 7) -> dict[str, np.ndarray]:
     """Conv(3->4, 3x3, stride 2, pad 1) -> ReLU -> global avg pool -> Reshape -> Gemm(4->5), with
     weights drawn from `seed`."""
@@ -185,7 +185,7 @@ def _tiny_onnx(path: Path, batch_dim: str | int = "N", n_outputs: int = 1,
     return w
 
 
-def _tiny_reference(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+def tiny_reference(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
     win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))[:, :, ::2, ::2]
     conv = np.einsum("nchwij,ocij->nohw", win, w["W"]) + w["B"][None, :, None, None]
@@ -196,7 +196,7 @@ def _tiny_reference(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
 @pytest.mark.parametrize("batch_dim", ["N", 1])
 def test_onnx_model(tmp_path: Path, batch_dim: str | int) -> None:
     path = tmp_path / "tiny.onnx"
-    w = _tiny_onnx(path, batch_dim)
+    w = tiny_onnx(path, batch_dim)
     net = get_network(path if batch_dim == 1 else str(path))  # a Path works as well as a str
     assert net.name == "tiny" and net.dtype == "float32"
     assert net.input_shape == (3, 8, 8) and net.output_shape == (5,)
@@ -209,7 +209,7 @@ def test_onnx_model(tmp_path: Path, batch_dim: str | int) -> None:
     ex = relax.build(net.module, _target())
     for batch in (1, 3):
         x = net.random_input(batch)
-        np.testing.assert_allclose(_run(net, ex, x), _tiny_reference(x, w), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(_run(net, ex, x), tiny_reference(x, w), rtol=1e-4, atol=1e-4)
 
 
 def test_onnx_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,10 +228,10 @@ def test_onnx_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read ONNX model"):
         get_network(str(garbage))
     two = tmp_path / "two.onnx"
-    _tiny_onnx(two, n_outputs=2)  # several outputs are run by name (tests/test_transformers.py), not refused
+    tiny_onnx(two, n_outputs=2)  # several outputs are run by name (tests/test_transformers.py), not refused
     assert len(get_network(str(two)).outputs) == 2
     fixed = tmp_path / "fixed.onnx"
-    _tiny_onnx(fixed, batch_dim=1, reshape=(1, -1))  # batch size baked into a Reshape
+    tiny_onnx(fixed, batch_dim=1, reshape=(1, -1))  # batch size baked into a Reshape
     with pytest.raises(ValueError, match="cannot make the batch dimension symbolic"):
         get_network(str(fixed))
 

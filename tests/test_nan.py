@@ -83,10 +83,10 @@ def test_nan_sample_gives_nan_outputs_and_leaves_the_others_alone(tmp_path, devi
 def test_tiny_onnx_model_as_onnxruntime(tmp_path, bad):
     """An ONNX model with a NaN or infinity in one sample gives what ONNX Runtime gives."""
     ort = pytest.importorskip("onnxruntime")
-    from .test_models import _tiny_onnx
+    from .test_models import tiny_onnx
 
     path = tmp_path / "tiny.onnx"
-    _tiny_onnx(path)
+    tiny_onnx(path)
     x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
     x[1, 2, 4, 4] = bad
     out = hetero.infer(str(path), "cpu", inputs=x, table=tmp_path / "t.json", profile_batches=[1, 3],

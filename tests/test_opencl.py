@@ -22,7 +22,7 @@ from hetero.opencl import CLDevice
 from hetero.session import infer
 
 from .conftest import ROOT, SMALL_NETWORK, run_script
-from .test_cli import _one_error_line
+from .test_cli import one_error_line
 
 PLATFORM_DEVICES = opencl.platform_devices()
 OPENCL_DEVICES = [d for d in hetero.available_devices() if d.kind == "opencl"]
@@ -85,7 +85,7 @@ def test_devices_only_tvm_sees_are_offered_and_explained(monkeypatch):
     h100 = _cl("H100", platform=opencl.TVM_ONLY_PLATFORM)
     monkeypatch.setattr(opencl, "platform_devices", lambda: [pocl])
     monkeypatch.setattr(opencl, "runtime_available", lambda: True)
-    monkeypatch.setattr(opencl, "_tvm_devices", lambda: [h100, h100])
+    monkeypatch.setattr(opencl, "tvm_devices", lambda: [h100, h100])
     numbered = opencl.tvm_numbering([pocl])
     assert [name for name, _, _ in opencl.name_devices(numbered)] == ["igpu", "igpu1"]
     notes = OpenCLBackend.notes()
@@ -141,7 +141,7 @@ def test_igpu_is_compiled_for_its_own_limits_and_listed_with_them():
 def test_igpu_without_tvm_opencl_runtime_is_one_clear_line():
     with pytest.raises(DeviceError, match="USE_OPENCL=ON"):
         hetero.parse_devices("cpu,igpu")
-    line = _one_error_line(run_script("Inference.py", "--network", SMALL_NETWORK, "--batch", "2", "--device", "igpu"))
+    line = one_error_line(run_script("Inference.py", "--network", SMALL_NETWORK, "--batch", "2", "--device", "igpu"))
     assert opencl.RUNTIME_LIBRARY in line and "USE_OPENCL=ON" in line
 
 

@@ -21,7 +21,7 @@ from hetero.session import stream
 from hetero.stream import PARTIAL, PROGRESS
 
 from .conftest import ROOT
-from .test_models import _tiny_onnx, _tiny_reference
+from .test_models import tiny_onnx, tiny_reference
 from .test_reliability import FaultyEngine
 
 pytest.importorskip("onnx")
@@ -33,7 +33,7 @@ LOCK = ".lock"
 def tiny(tmp_path_factory):
     """The tiny ONNX network, and one profile table for the module's runs, so that each profiles once."""
     folder = tmp_path_factory.mktemp("tiny")
-    weights = _tiny_onnx(folder / "tiny.onnx")
+    weights = tiny_onnx(folder / "tiny.onnx")
     return folder / "tiny.onnx", weights, folder / "t.json"
 
 
@@ -108,7 +108,7 @@ def test_the_command_line_refuses_a_second_stream_into_an_output_in_one_line(tmp
     assert refusal.startswith(f"error: {tmp_path / 'y.npy'}: another run is writing into it (pid {holder.pid} ")
     assert "Inference.py --network" in refusal
     assert holder.returncode == 0, err
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "y.npy"]
 
 
@@ -190,7 +190,7 @@ def test_an_interrupted_stream_resumes_into_its_reserved_partial_file(tmp_path, 
     report = _stream(tiny, tmp_path)
     assert 0 < report.resumed < 600 and report.computed == 600 - report.resumed
     assert reserved == [(str(partial), partial_bytes)], "the partial file of the earlier run reserved whole"
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "y.npy"]
 
 

@@ -15,12 +15,12 @@ from hetero.devices import DEFAULT_PRECISION, parse_devices, with_precision
 from hetero.engines import ENGINES, Entry, engine_key, installed_engines, load_engine
 from hetero.engines.tvm import TVMEngine
 from hetero.inference import reserve_cores
-from hetero.prepare import Candidate, _load
+from hetero.prepare import Candidate, load_candidates
 from hetero.selection import probe_losers
 from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, engine_of
 
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 SLOW_S = 0.05  # what the slow engine adds to every call: far more than the tiny network's call takes
 
@@ -48,7 +48,7 @@ def slow(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("probe") / "tiny.onnx"
-    _tiny_onnx(path)
+    tiny_onnx(path)
     return hetero.get_network(str(path))
 
 
@@ -165,6 +165,6 @@ def test_engines_of_one_device_load_at_the_same_time(monkeypatch, cpu):
 
     monkeypatch.setattr(hetero.prepare, "load_engine", loading)
     jobs = [(Candidate(name, cpu, name), ()) for name in ("a", "b", "broken")]
-    failed = _load(None, jobs)
+    failed = load_candidates(None, jobs)
     assert max(most) == 3
     assert [(c.name, error) for c, error in failed] == [("broken", "no such engine")]

@@ -32,7 +32,7 @@ from hetero.session import infer
 from hetero.table import Measurement, Profile, ProfileTable, format_table, key_change
 
 from .conftest import ROOT, SMALL_NETWORK
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 
 class FaultyEngine(TVMEngine):
@@ -310,7 +310,7 @@ def test_two_processes_profiling_into_one_table_keep_both(tmp_path):
     models.mkdir()
     paths = [models / f"tiny{seed}.onnx" for seed in (1, 2)]
     for seed, path in zip((1, 2), paths):
-        _tiny_onnx(path, seed=seed)
+        tiny_onnx(path, seed=seed)
     table = tmp_path / "table.json"
     procs = [_script("--network", str(path), "--batch", "2", "--profile-batches", "1,2", "--table", str(table),
                      "--no-progress") for path in paths]

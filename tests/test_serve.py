@@ -24,7 +24,7 @@ import hetero
 
 from .conftest import ROOT
 from .faulty_server import FAIL, FAILING, NAMES, SLOW, SLOW_S
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 pytest.importorskip("onnx")
 httpx = pytest.importorskip("httpx")
@@ -86,7 +86,7 @@ def _serving(folder: Path, main: list[str], device: str) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
-    _tiny_onnx(folder / "tiny.onnx")
+    tiny_onnx(folder / "tiny.onnx")
     with _serving(folder, ["-m", "hetero.serve"], "cpu") as started:
         yield started
 

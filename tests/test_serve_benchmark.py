@@ -64,9 +64,9 @@ def test_one_sweep_point_against_a_real_server(tmp_path):
     pytest.importorskip("uvicorn")
     from hetero.serve.benchmark import hetero_server, plain_loop, triton_target
 
-    from .test_models import _tiny_onnx
+    from .test_models import tiny_onnx
 
-    _tiny_onnx(tmp_path / "tiny.onnx")
+    tiny_onnx(tmp_path / "tiny.onnx")
     args = type("Args", (), {"network": str(tmp_path / "tiny.onnx"), "latency_ms": 5000.0, "engine": "onnxruntime",
                              "table": str(tmp_path / "table.json"), "profile_batches": [1, 8], "seconds": 0.5})()
     x = np.zeros((2, 3, 8, 8), np.float32)

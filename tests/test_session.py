@@ -11,13 +11,13 @@ import hetero.session
 from hetero.engines.tvm import profile_key
 from hetero.table import ProfileTable
 
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    _tiny_onnx(folder / "tiny.onnx")
+    tiny_onnx(folder / "tiny.onnx")
     return hetero.get_network(str(folder / "tiny.onnx"))
 
 

@@ -18,7 +18,7 @@ from hetero.session import infer
 from hetero.table import ProfileTable
 
 from .conftest import SMALL_NETWORK
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_a_device_the_plan_leaves_idle_counts_the_splits_it_sits_out(tmp_path, t
 
 
 def test_an_accelerators_call_runs_in_chunks_with_the_same_outputs_in_order(tmp_path):
-    _tiny_onnx(tmp_path / "tiny.onnx")  # the chunks' logic on a network whose 67 samples take no time
+    tiny_onnx(tmp_path / "tiny.onnx")  # the chunks' logic on a network whose 67 samples take no time
     network = hetero.get_network(tmp_path / "tiny.onnx")
     cpu = hetero.parse_devices("cpu")[0]
     inputs = network.random_input(2 * tvm_engine.PIPELINE_MIN_CHUNK + 3, seed=5)

@@ -19,7 +19,7 @@ from hetero.session import stream
 from hetero.stream import PARTIAL, PROGRESS
 
 from .conftest import ROOT, SMALL_NETWORK
-from .test_models import _tiny_onnx, _tiny_reference
+from .test_models import tiny_onnx, tiny_reference
 from .test_reliability import FaultyEngine
 
 pytest.importorskip("onnx")
@@ -28,7 +28,7 @@ pytest.importorskip("onnx")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    weights = _tiny_onnx(folder / "tiny.onnx")
+    weights = tiny_onnx(folder / "tiny.onnx")
     return folder / "tiny.onnx", weights
 
 
@@ -50,7 +50,7 @@ def test_a_stream_over_two_devices_writes_every_output_in_order(tmp_path, tiny, 
     report = stream(str(model), two_cpus, tmp_path / "x.npy", tmp_path / "y.npy", table=tmp_path / "t.json",
                     profile_batches=[1, 8, 64], progress=False)
     y = np.load(tmp_path / "y.npy")
-    np.testing.assert_allclose(y, _tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
     assert report.computed == 5000 and sum(d.samples for d in report.devices) == 5000
     assert all(d.samples for d in report.devices), "both devices pulled chunks"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.json.lock", "x.npy", "y.npy"]
@@ -74,7 +74,7 @@ def test_arrays_arriving_in_pieces_come_out_in_order(tmp_path, tiny):
                                         profile_batches=[1, 8], progress=False))
     assert [len(out) for out in outputs] == [7, 130, 1]
     for piece, out in zip(pieces, outputs):
-        np.testing.assert_allclose(out, _tiny_reference(piece, weights), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out, tiny_reference(piece, weights), rtol=1e-4, atol=1e-4)
 
 
 def test_a_device_failing_mid_stream_loses_nothing(tmp_path, tiny, two_cpus):
@@ -100,7 +100,7 @@ def test_a_device_failing_mid_stream_loses_nothing(tmp_path, tiny, two_cpus):
 
     report = stream(network, two_cpus, tmp_path / "x.npy", tmp_path / "y.npy", table=tmp_path / "t.json",
                     profile_batches=[1, 8, 64], progress=False, load=load)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), tiny_reference(x, weights), rtol=1e-4, atol=1e-4)
     assert [f.device for f in report.faults] == ["cpu-a"] and "lost" in report.faults[0].error
 
 

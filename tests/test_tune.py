@@ -21,7 +21,7 @@ from hetero.session import infer
 from hetero.table import ProfileTable
 from hetero.tune import Tuning, TuningError, tuning_for
 
-from .test_models import _tiny_onnx
+from .test_models import tiny_onnx
 
 TUNED_BATCH = 2
 
@@ -30,7 +30,7 @@ TUNED_BATCH = 2
 def tuned(tmp_path_factory):
     """The tiny network, its table path and its tuning, after 4 real MetaSchedule trials."""
     folder = tmp_path_factory.mktemp("tune")
-    _tiny_onnx(folder / "tiny.onnx")
+    tiny_onnx(folder / "tiny.onnx")
     network = hetero.get_network(str(folder / "tiny.onnx"))
     cpu = hetero.parse_devices("cpu")[0]
     table = folder / "t.json"

@@ -128,7 +128,7 @@ def _running_cluster() -> str | None:
     return None
 
 
-def _start_local(ray: Any, options: dict) -> None:
+def start_local(ray: Any, options: dict) -> None:
     """A cluster of this machine alone, every server on 127.0.0.1, checked once it runs."""
     with loopback_only():
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **options)
@@ -157,7 +157,7 @@ def connect(address: str) -> bool:
     if address == AUTO:
         found = _running_cluster()
         if found is None:
-            _start_local(ray, options)
+            start_local(ray, options)
             return True
         address = found
     if not address.startswith("ray://") and (why := _reachable(address)) is not None:

@@ -119,7 +119,7 @@ def _seed(name: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Built:
+class Built:
     module: tvm.IRModule
     graph: RelaxGraph
     input_shape: tuple[int, ...]
@@ -127,11 +127,11 @@ class _Built:
 
 
 @functools.cache
-def _build(name: str) -> _Built:
+def build_registered(name: str) -> Built:
     """The Relax module of a registered network and its weight recipe (no weight values yet)."""
     entry = _REGISTRY[name]
     mod, g, output_shape = build_module(entry.build, entry.input_shape)
-    return _Built(mod, g, entry.input_shape, output_shape)
+    return Built(mod, g, entry.input_shape, output_shape)
 
 
 def get_network(name_or_path: str | os.PathLike[str]) -> Network:
@@ -154,7 +154,7 @@ def get_network(name_or_path: str | os.PathLike[str]) -> Network:
 
 @functools.cache
 def _registered(name: str) -> Network:
-    built = _build(name)
+    built = build_registered(name)
     params = built.graph.init_weights(np.random.default_rng(_seed(name)))
     return Network(name, built.module, params, built.input_shape, built.output_shape,
                    origin=BuilderOrigin(_REGISTRY[name].build))
