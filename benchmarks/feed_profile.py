@@ -26,23 +26,16 @@ from hetero.devices import Device, with_precision
 from hetero.engines.base import ParallelCopy
 from hetero.engines.pytorch import CudaPipeline, TorchCompileEngine
 from hetero.models import Network
+from hetero.timer import Timer
 
 
 def rate(seconds: float, nbytes: int) -> str:
     return f"{nbytes / seconds / 1e9:.1f} GB/s"
 
 
-def timed(action: Callable[[], object], repeats: int = 3) -> float:
-    """The median seconds of `action` after one untimed call, the GPU synchronized around each."""
-    action()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        begun = time.perf_counter()
-        action()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - begun)
-    return statistics.median(times)
+def timed(action: Callable[[], object]) -> float:
+    """The median seconds of `action` over 3 calls after one untimed, the GPU synchronized after each."""
+    return Timer(action, sync=torch.cuda.synchronize).timeit(3).median
 
 
 def copies(chunk: np.ndarray) -> None:

@@ -131,22 +131,22 @@ class CudaPipeline:
         self._upload = torch.cuda.Stream(device)
         self._compute = torch.cuda.Stream(device)
         self.trace: list[CallTrace] | None = None  # kept from start_trace() on
-        self._origin = (0.0, torch.cuda.Event(enable_timing=True))
+        self._origin_s, self._origin = 0.0, torch.cuda.Event(enable_timing=True)  # the trace's start, host and GPU
 
     def start_trace(self) -> None:
         """Keep a CallTrace of every later call (where a stream's time goes: benchmarks/feed_profile.py)."""
         torch.cuda.synchronize(self._device)
-        self._origin[1].record(self._upload)
-        self._origin[1].synchronize()  # the GPU is idle: the event's time is the host's now
-        self._origin = (time.perf_counter(), self._origin[1])
+        self._origin.record(self._upload)
+        self._origin.synchronize()  # the GPU is idle: the event's time is the host's now
+        self._origin_s = time.perf_counter()
         self.trace = []
 
     def gpu_ms(self, event: torch.cuda.Event) -> float:
         """A traced call's event, in milliseconds since the trace began (the host's clock as far as known)."""
-        return self._origin[1].elapsed_time(event)
+        return self._origin.elapsed_time(event)
 
     def _host_ms(self) -> float:
-        return (time.perf_counter() - self._origin[0]) * 1e3
+        return (time.perf_counter() - self._origin_s) * 1e3
 
     def launch(self, batch: np.ndarray) -> _PipelinedCall:
         slot = self._slots[self._turn]
@@ -192,7 +192,7 @@ class CudaPipeline:
         that mark the start and end of its upload, the start and end of its computation, and the end of its
         download (which starts as the computation ends)."""
         wait_all(copies)
-        staged_ms = self._host_ms()
+        staged_ms = self._host_ms() if trace is not None else 0.0
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] + [slot.done]
         with torch.inference_mode():
             with torch.cuda.stream(self._upload):
