@@ -158,6 +158,13 @@ class Network:
         return int(np.prod(self.output_shape)) * self.output_dtype.itemsize
 
     @property
+    def rate_unit(self) -> str:
+        """What this network's throughput counts, as reports print it: "img/s" for an image network (one input,
+        its samples (3, H, W)), else "samples/s" (a text network's sequences)."""
+        image = not self.inputs and len(self.input_shape) == 3 and self.input_shape[0] == 3
+        return "img/s" if image else "samples/s"
+
+    @property
     def forms(self) -> tuple[str, ...]:
         """The forms this network has: "relax" always, "onnx" and "torch" as its origin allows
         (whether their packages are installed is not checked); a network of named inputs may have no Relax module."""
