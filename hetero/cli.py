@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .buckets import DEFAULT_BUCKETS, parse_buckets, row_lengths
 from .command import Parser, batch_list, nonnegative_seconds, positive_int, run_command
 from .errors import UsageError
 from .io import check_output, check_table, checked_path, read_inputs, read_named_inputs, write_outputs
@@ -36,12 +37,15 @@ def _share_note(share) -> str:
 
 
 def format_report(report) -> str:
-    """The run as a table per share, then what went wrong and a summary, for people."""
+    """The run as a table per share (with its sequence length, where sequence buckets ran), then what went wrong
+    and a summary, for people."""
+    lengths = row_lengths(report.buckets)
     rows = []
-    for share in report.shares:
+    for index, share in enumerate(report.shares):
         timing = share.timing
         rows.append(
-            [
+            ([lengths[index]] if lengths else [])
+            + [
                 share.device.name,
                 share.engine,
                 share.device.hardware,
@@ -54,7 +58,8 @@ def format_report(report) -> str:
             ]
         )
     table = tabulate(
-        rows, headers=["device", "engine", "hardware", "samples", "predicted ms", "measured ms", "I/O ms", "compile s", "note"]
+        rows, headers=(["sequence"] if lengths else [])
+        + ["device", "engine", "hardware", "samples", "predicted ms", "measured ms", "I/O ms", "compile s", "note"]
     )
     lines = [table]
     for fault in report.faults:
@@ -66,9 +71,12 @@ def format_report(report) -> str:
         lines.append(f"fault: {fault.device} failed at {fault.stage}: {fault.error}; {fate}")
     summary = (
         f"{report.network}, batch {report.batch}: wall {_ms(report.wall_s)} ms, "
-        f"{report.throughput:.1f} img/s, predicted {_ms(report.predicted_s)} ms; "
+        f"{report.throughput:.1f} {report.unit}, predicted {_ms(report.predicted_s)} ms; "
         f"{report.partitioner} partitioning took {report.partition_s * 1e6:.0f} us"
     )
+    if report.buckets:
+        summary += "; sequence buckets: " + ", ".join(f"{b.length} ({b.samples} samples, {_ms(b.wall_s)} ms)"
+                                                     for b in report.buckets)
     if report.profiled:
         summary += f"; profiled now: {', '.join(report.profiled)}"
     lines.append(summary)
@@ -127,6 +135,10 @@ def inference_main(argv: list[str]) -> int:
     parser.add_argument("--stream", action="store_true",
                         help="stream --input into --output in chunks every device pulls, resumable, even when the input "
                              "is short (longer inputs always stream)")
+    parser.add_argument("--buckets", type=parse_buckets, default=DEFAULT_BUCKETS, metavar="LENGTHS",
+                        help="named inputs with an attention_mask run in sequence buckets of these lengths, each sample "
+                             "cut after its mask's last 1 to the shortest that holds it: e.g. 32,64,128, or none "
+                             f"(all at the input's length; default {','.join(map(str, DEFAULT_BUCKETS))})")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--list-devices", action="store_true", help="print the devices found here and exit")
     parser.add_argument("--ray", metavar="ADDRESS",
@@ -162,10 +174,12 @@ def inference_main(argv: list[str]) -> int:
     if args.ray and (inputs is None or output is None):
         raise UsageError("--ray streams --input FILE.npy into --output FILE.npy; give both")
     named = isinstance(inputs, dict)
-    if named and (args.stream or args.ray):
-        raise UsageError(f"--input {args.input}: named inputs (.npz) run as one batch; --stream and --ray take .npy")
+    if named and args.ray:
+        raise UsageError(f"--input {args.input}: named inputs (.npz) run on this machine's devices; --ray takes .npy")
     if isinstance(inputs, ImageFolder) and output is None:
         raise UsageError(f"--input {args.input}: a folder of images streams into --output FILE.npy; give one")
+    if named and output is not None and (args.stream or streams(len(next(iter(inputs.values()))), output)):
+        return _stream_main(args, inputs, output, table)
     if inputs is not None and output is not None and not named and (
             args.stream or args.ray or isinstance(inputs, ImageFolder) or streams(len(inputs), output)):
         return _stream_main(args, input_path, output, table)
@@ -184,6 +198,7 @@ def inference_main(argv: list[str]) -> int:
         engine=args.engine,
         tune_trials=args.tune or 0,
         tune_batch=args.tune_batch,
+        buckets=args.buckets,
     )
     if output is not None:
         write_outputs(output, report.outputs, args.output)
@@ -201,13 +216,13 @@ def format_stream_report(report) -> str:
             f"{report.wall_s:.2f} s, {report.throughput:.1f} img/s")
 
 
-def _stream_main(args: argparse.Namespace, input_path: Path, output: Path, table: Path) -> int:
+def _stream_main(args: argparse.Namespace, inputs: Path | dict, output: Path, table: Path) -> int:
     from .session import stream
 
     devices = args.device or ("all" if args.ray else "cpu")
-    report = stream(args.network, devices, input_path, output, table=table, profile_batches=args.profile_batches,
+    report = stream(args.network, devices, inputs, output, table=table, profile_batches=args.profile_batches,
                     budget_s=args.budget, progress=not args.no_progress and not args.json, precision=args.precision,
-                    engine=args.engine, ray=args.ray)
+                    engine=args.engine, ray=args.ray, buckets=args.buckets)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_stream_report(report))
     return 0
 

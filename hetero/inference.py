@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from .buckets import BucketRun, row_lengths
 from .devices import Device
 from .engines import Engine, copy_threads
 from .errors import HeteroError
@@ -54,6 +55,8 @@ class InferenceReport:
     profiled: list[str]
     faults: list[Fault] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # engines a probe dropped in this run, in words
+    unit: str = "img/s"  # what its throughput counts: Network.rate_unit
+    buckets: list[BucketRun] = field(default_factory=list)  # sequence buckets, one split each, the shares in order
 
     @property
     def throughput(self) -> float:
@@ -67,7 +70,8 @@ class InferenceReport:
             "partition_ms": self.partition_s * 1e3,
             "predicted_ms": self.predicted_s * 1e3,
             "wall_ms": self.wall_s * 1e3,
-            "throughput_img_s": self.throughput,
+            "throughput_img_s": self.throughput,  # the key programs read, whatever the unit
+            "unit": self.unit,
             "profiled": self.profiled,
             "devices": [
                 {
@@ -87,8 +91,10 @@ class InferenceReport:
                     "error": r.error,
                     "takes_over_from": r.takes_over_from,
                 }
-                for r in self.shares
+                | ({"sequence": length} if length else {})
+                for r, length in zip(self.shares, row_lengths(self.buckets) or [0] * len(self.shares), strict=True)
             ],
+            "buckets": [dataclasses.asdict(b) for b in self.buckets],
             "faults": [dataclasses.asdict(f) for f in self.faults],
             "dropped": self.dropped,
         }

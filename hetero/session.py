@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .buckets import DEFAULT_BUCKETS, BucketRun, Buckets
 from .devices import DEFAULT_PRECISION, Device
 from .engines import Engine
 from .errors import HeteroError, one_line
@@ -66,6 +67,7 @@ class Options:
     tune_trials: int = 0
     tune_batch: int = DEFAULT_TUNE_BATCH
     partitioner: str = "exact"
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # the sequence lengths named inputs run at; (): each batch at its own
 
 
 class Session:
@@ -100,18 +102,24 @@ class Session:
 
     def run(self, inputs: np.ndarray | Mapping[str, np.ndarray] | None = None, batch: int | None = None) -> InferenceReport:
         """`inputs` (or `batch` deterministic random samples) split over the devices, each running its share
-        with the engine predicted fastest for it; a network of named inputs takes them by name, a mapping.
+        with the engine predicted fastest for it; a network of named inputs takes them by name, a mapping,
+        run in sequence buckets (hetero.buckets) as the options say, one split per bucket.
         A device that fails to load, runs no profiled size, or fails on its share is reported in the faults
         while the others do its work; HeteroError only when none can."""
-        net, partitioner = self.network, self.options.partitioner
         if isinstance(inputs, Mapping):  # named inputs fix the dimensions the network leaves open
-            net = net.fit(inputs)
-        check_request(net, batch, inputs, self.options.profile_batches)
-        if isinstance(inputs, Mapping):
-            inputs = net.to_records(inputs)
-        inputs = net.random_input(batch) if inputs is None else inputs
-        ready = self.prepare(("split", len(inputs)),
-                             lambda options: choose_engines(options, len(inputs), partitioner)[0], net)
+            check_request(self.network.fit(inputs), batch, inputs, self.options.profile_batches)
+            return self._run_buckets(Buckets(self.network, inputs, self.options.buckets))
+        check_request(self.network, batch, inputs, self.options.profile_batches)
+        inputs = self.network.random_input(batch) if inputs is None else inputs
+        return self._split(self.network, inputs, self._ready_to_split(self.network, len(inputs)))
+
+    def _ready_to_split(self, net: Network, samples: int) -> Ready:
+        partitioner = self.options.partitioner
+        return self.prepare(("split", samples), lambda options: choose_engines(options, samples, partitioner)[0], net)
+
+    def _split(self, net: Network, inputs: np.ndarray, ready: Ready) -> InferenceReport:
+        """One split of `inputs` over the engines `ready` holds."""
+        partitioner = self.options.partitioner
         engines, profiles = choose_engines(ready.options, len(inputs), partitioner)
 
         def replan(survivors: list[int], samples: int) -> tuple[list[int], list[float]]:
@@ -126,7 +134,31 @@ class Session:
         faults = ready.faults + [Fault(r.device.name, "run", r.error, r.size - r.completed) for r in results if r.error]
         return InferenceReport(network=net.name, batch=len(inputs), partitioner=partitioner, partition_s=partition_s,
                                predicted_s=max(predicted), wall_s=wall_s, shares=results, outputs=outputs,
-                               profiled=ready.profiled, faults=faults, dropped=ready.dropped)
+                               profiled=ready.profiled, faults=faults, dropped=ready.dropped, unit=net.rate_unit)
+
+    def _run_buckets(self, grouping: Buckets) -> InferenceReport:
+        """One split per bucket, shortest first, after every bucket's engines are ready; the outputs in input
+        order at the batch's length, the wall time that of them all, cutting and padding included."""
+        if len(grouping.buckets) == 1 and grouping.buckets[0].network is grouping.full:
+            return self._split(grouping.full, grouping.records, self._ready_to_split(grouping.full, len(grouping.records)))
+        ready = [self._ready_to_split(b.network, len(b.samples)) for b in grouping.buckets]
+        outputs = np.empty(len(grouping.records), grouping.full.output_dtype)
+        reports = []
+        start = time.perf_counter()
+        for bucket, bucket_ready in zip(grouping.buckets, ready, strict=True):
+            report = self._split(bucket.network, grouping.inputs_of(bucket), bucket_ready)
+            grouping.place(outputs, bucket, report.outputs)
+            reports.append(report)
+        wall_s = time.perf_counter() - start
+        return InferenceReport(
+            network=grouping.full.name, batch=len(outputs), partitioner=self.options.partitioner,
+            partition_s=sum(r.partition_s for r in reports), predicted_s=sum(r.predicted_s for r in reports),
+            wall_s=wall_s, shares=[share for r in reports for share in r.shares], outputs=outputs,
+            profiled=list(dict.fromkeys(p for r in reports for p in r.profiled)),
+            faults=list({(f.device, f.stage, f.error): f for r in reports for f in r.faults}.values()),
+            dropped=list(dict.fromkeys(d for r in reports for d in r.dropped)), unit=grouping.full.rate_unit,
+            buckets=[BucketRun(b.length, len(b.samples), r.wall_s, len(r.shares))
+                     for b, r in zip(grouping.buckets, reports, strict=True)])
 
     def stream(self, inputs: str | Path | np.ndarray | ImageFolder | Mapping[str, str | Path | np.ndarray],
                output: str | Path | None = None, ray: str | None = None) -> StreamReport:

@@ -57,18 +57,22 @@ class TinyEncoder(torch.nn.Module):
         return x, torch.tanh(self.pool(x[:, 0]))
 
 
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    """The .onnx file of the tiny encoder, batch and sequence dynamic."""
-    path = tmp_path_factory.mktemp("bert") / "tiny_bert.onnx"
+def export_tiny_encoder(path, input_names=("input_ids", "attention_mask")):
+    """The tiny encoder written to `path` as ONNX, batch and sequence dynamic, its inputs named `input_names`."""
     torch.manual_seed(0)
     example = (torch.zeros((2, 8), dtype=torch.int64), torch.ones((2, 8), dtype=torch.int64))
     axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(TinyEncoder().eval(), example, str(path), input_names=["input_ids", "attention_mask"],
+    torch.onnx.export(TinyEncoder().eval(), example, str(path), input_names=list(input_names),
                       output_names=["last_hidden_state", "pooler_output"], dynamo=False,
-                      dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes,
+                      dynamic_axes={**{name: axes for name in input_names}, "last_hidden_state": axes,
                                     "pooler_output": {0: "batch"}})
     return path
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """The .onnx file of the tiny encoder, batch and sequence dynamic."""
+    return export_tiny_encoder(tmp_path_factory.mktemp("bert") / "tiny_bert.onnx")
 
 
 @pytest.fixture(scope="module")
