@@ -60,6 +60,11 @@ class Origin:
         """The ONNX form serialized (:meth:`Network.onnx_bytes`)."""
         return self.onnx_model(net).SerializeToString()
 
+    def graph_digest(self, net: Network) -> str:
+        """What identifies the graph of a network that has no Relax module (its sequence open): the digest of
+        its ONNX form."""
+        return hashlib.sha256(self.onnx_bytes(net)).hexdigest()
+
     def fixed(self, net: Network, sizes: dict[str, int]) -> Network:
         """`net` with the dimensions its inputs leave open fixed to `sizes` (:meth:`Network.fit`)."""
 
@@ -121,8 +126,7 @@ class Network:
         cache and table entry that must not be shared between them is keyed by this, never by name.
         """
         h = hashlib.sha256()
-        graph = tvm_ffi.structural_hash(self.module) if self.module is not None else \
-            hashlib.sha256(self.onnx_bytes()).hexdigest()
+        graph = tvm_ffi.structural_hash(self.module) if self.module is not None else self.origin.graph_digest(self)
         h.update(f"{graph} {self.input_shape} {self.output_shape} {self.dtype}".encode())
         if self.inputs or self.outputs:  # a sequence length is part of what a profile measured
             h.update(f"{self.inputs} {self.outputs}".encode())
