@@ -1,15 +1,17 @@
 """The layers of hetero's built-in networks, written once over a few abstract primitives.
 
-A :class:`Graph` is handed to a network builder (``fn(g, x) -> logits``, see
-:mod:`hetero.models`), which composes it from the layer methods here: ``conv``
-(with folded BatchNorm, bias, ReLU), ``batch_norm``, ``linear``, ``relu``, ``add``,
-``concat``, ``max_pool``, ``avg_pool``, ``flatten``, ``global_pool``,
-``classifier``.  Every layer method is expressed in the primitives an emitter
-implements (``_conv2d``, ``_add``, ``_multiply``, ``_matmul``, ``_relu``,
-``_concat``, ``_max_pool``, ``_avg_pool``, ``_global_avg_pool``, ``_flatten``,
-``_shape``, ``_param``), so one builder gives the same network in every form:
-Relax (:mod:`hetero.layers.relax`), ONNX (:mod:`hetero.layers.onnx`) and
-PyTorch (:mod:`hetero.layers.torch`).
+A :class:`Graph` is handed to a network builder (``fn(g, x) -> logits``, or
+``fn(g, *inputs) -> (outputs...)`` for a network of named inputs, see
+:mod:`hetero.models`), which composes it from the layer methods here.  The CNNs'
+are ``conv`` (with folded BatchNorm, bias, ReLU), ``batch_norm``, ``linear``,
+``relu``, ``add``, ``concat``, ``max_pool``, ``avg_pool``, ``flatten``,
+``global_pool``, ``classifier``; a transformer encoder's are ``embedding``,
+``position_embedding``, ``layer_norm``, ``attention_bias``, ``self_attention``,
+``linear`` over the last axis, ``gelu``, ``tanh`` and ``first_token``.  Every
+layer method is expressed in the primitives an emitter implements (the abstract
+methods, named with one leading underscore), so one builder gives the same
+network in every form: Relax (:mod:`hetero.layers.relax`), ONNX
+(:mod:`hetero.layers.onnx`) and PyTorch (:mod:`hetero.layers.torch`).
 
 Each layer declares its weights, in order, by name (``conv3.weight``) and with
 a recipe that produces their values from a numpy ``Generator``.  Building the
@@ -23,7 +25,9 @@ get random but plausible statistics (gamma ~ 1, beta ~ 0, mean ~ 0, var ~ 1)
 and are folded on the host into the preceding conv, so the graph holds only
 conv + bias.  The one exception is a pre-activation BatchNorm (DenseNet), which
 sits on a concatenation of several convs' outputs and has no single conv to be
-folded into; it becomes a per-channel scale and shift.
+folded into; it becomes a per-channel scale and shift.  A transformer's weights
+are BERT's initializer instead (normal, std 0.02), which its LayerNorms keep at
+scale however deep it is.
 
 This module imports only numpy: the emitters import their own packages.
 """
@@ -37,12 +41,21 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["Builder", "Graph", "IntPair"]
+from ..errors import HeteroError
+
+__all__ = ["Builder", "Graph", "IntPair", "SequenceTooLongError"]
 
 T = TypeVar("T")  # an emitter's tensor: a Relax expression, an ONNX value name, a torch.Tensor
 IntPair = int | tuple[int, int]
 Init = Callable[[np.random.Generator], Sequence[np.ndarray]]
-Builder = Callable[["Graph", Any], Any]  # fn(g, x) -> logits
+Builder = Callable[..., Any]  # fn(g, x) -> logits, or fn(g, *inputs) -> (outputs...)
+# The additive attention bias of a masked position: exp() of it is 0 in float32, and it stays finite in
+# float16 (whose largest value is 65504), so a float16 build adds no inf - inf = NaN.
+MASKED = -1e4
+
+
+class SequenceTooLongError(HeteroError):
+    """A sequence longer than the positions a network embeds."""
 
 
 def _pair(v: IntPair) -> tuple[int, int]:
@@ -78,6 +91,7 @@ class Graph(ABC, Generic[T]):
     def __init__(self, dtype: str = "float32") -> None:
         self.dtype = dtype
         self.bn_eps = 1e-5
+        self.ln_eps = 1e-12  # BERT's
         self.weight_names: list[str] = []  # in declaration (= parameter) order
         self.weight_shapes: list[tuple[int, ...]] = []
         self._inits: list[tuple[Init, list[tuple[int, ...]]]] = []
@@ -107,7 +121,7 @@ class Graph(ABC, Generic[T]):
 
     @abstractmethod
     def _matmul(self, a: T, b: T) -> T:
-        """(n, k) @ (k, m)."""
+        """(..., n, k) @ (k, m) or (..., n, k) @ (..., k, m), batched over the leading axes."""
 
     @abstractmethod
     def _relu(self, x: T) -> T: ...
@@ -130,6 +144,57 @@ class Graph(ABC, Generic[T]):
     @abstractmethod
     def _flatten(self, x: T) -> T:
         """(n, ...) -> (n, -1)."""
+
+    @abstractmethod
+    def _gather(self, table: T, ids: T) -> T:
+        """Rows of ``table`` (rows, width) at the integer ``ids``: shape ``(*ids.shape, width)``."""
+
+    @abstractmethod
+    def _first_rows(self, table: T, x: T) -> T:
+        """Rows ``0 .. s - 1`` of ``table``, ``s`` the size of ``x``'s axis 1 (its sequence, static or not)."""
+
+    @abstractmethod
+    def _layer_norm(self, x: T, gamma: T, beta: T, eps: float) -> T:
+        """Normalized over the last axis, then scaled by ``gamma`` and shifted by ``beta``."""
+
+    @abstractmethod
+    def _softmax(self, x: T) -> T:
+        """Softmax over the last axis."""
+
+    @abstractmethod
+    def _gelu(self, x: T) -> T:
+        """Exact GELU, ``x * (1 + erf(x / sqrt(2))) / 2`` (BERT's, not the tanh approximation)."""
+
+    @abstractmethod
+    def _tanh(self, x: T) -> T: ...
+
+    @abstractmethod
+    def _transpose(self, x: T, axes: tuple[int, ...]) -> T:
+        """The axes of ``x`` permuted: output axis i is input axis ``axes[i]``."""
+
+    @abstractmethod
+    def _split_last(self, x: T, parts: int) -> T:
+        """(..., k) -> (..., parts, k / parts)."""
+
+    @abstractmethod
+    def _merge_last(self, x: T) -> T:
+        """(..., a, b) -> (..., a * b)."""
+
+    @abstractmethod
+    def _expand_dims(self, x: T, axes: tuple[int, ...]) -> T:
+        """``x`` with axes of size 1 inserted at ``axes`` (positions in the output)."""
+
+    @abstractmethod
+    def _select(self, x: T, axis: int, index: int) -> T:
+        """The slice of ``x`` at ``index`` along ``axis``, that axis dropped."""
+
+    @abstractmethod
+    def _scalar(self, value: float) -> T:
+        """A constant of the graph's dtype that broadcasts with any tensor."""
+
+    @abstractmethod
+    def _cast(self, x: T) -> T:
+        """``x`` (integers) in the graph's dtype."""
 
     # ---------------------------------------------------------------- plumbing
     def shape(self, x: T) -> list:
@@ -211,16 +276,22 @@ class Graph(ABC, Generic[T]):
         scale, shift = self._declare("bn", {"scale": (c, 1, 1), "shift": (c, 1, 1)}, init)
         return self._add(self._multiply(x, scale), shift)
 
-    def linear(self, x: T, cout: int, *, relu: bool = False) -> T:
-        """Fully connected layer; the weight is stored (in, out) so the graph is matmul + add.
+    def linear(self, x: T, cout: int, *, relu: bool = False, std: float | None = None) -> T:
+        """Fully connected layer over the last axis; the weight is stored (in, out) so the graph is
+        matmul + add.
 
-        A hidden layer (``relu``) gets He gain 2; the logits layer gain 1.
+        Weights are He-normal unless ``std`` is given (a transformer's: normal with that std): a
+        hidden layer (``relu``) gets He gain 2; the logits layer gain 1.
         """
-        cin = self.shape(x)[1]
+        cin = self.shape(x)[-1]
         gain = 2.0 if relu else 1.0
 
         def init(rng: np.random.Generator) -> list[np.ndarray]:
-            return [_he_normal(rng, (cin, cout), cin, gain), rng.normal(0.0, 0.01, cout)]
+            if std is None:
+                weight = _he_normal(rng, (cin, cout), cin, gain)
+            else:
+                weight = rng.normal(0.0, std, (cin, cout))
+            return [weight, rng.normal(0.0, 0.01, cout)]
 
         w, b = self._declare("fc", {"weight": (cin, cout), "bias": (cout,)}, init)
         y = self._add(self._matmul(x, w), b)
@@ -253,3 +324,71 @@ class Graph(ABC, Generic[T]):
     def classifier(self, x: T, classes: int = 1000) -> T:
         """Global average pool, then the logits layer."""
         return self.linear(self.global_pool(x), classes)
+
+    # ------------------------------------------------------ transformer layers
+    def embedding(self, ids: T, rows: int, width: int, *, std: float = 0.02) -> T:
+        """A learned table of ``rows`` vectors of ``width``, looked up at the integer ``ids``."""
+
+        def init(rng: np.random.Generator) -> list[np.ndarray]:
+            return [rng.normal(0.0, std, (rows, width))]
+
+        (table,) = self._declare("embedding", {"weight": (rows, width)}, init)
+        return self._gather(table, ids)
+
+    def position_embedding(self, x: T, rows: int, *, std: float = 0.02) -> T:
+        """``x`` (n, sequence, width) plus a learned vector per position, from a table of ``rows`` positions.
+
+        Raises SequenceTooLongError where the sequence is known and longer than ``rows``.
+        """
+        _, length, width = self.shape(x)
+        if isinstance(length, int) and length > rows:
+            raise SequenceTooLongError(f"a sequence of {length} is longer than the {rows} positions it embeds")
+
+        def init(rng: np.random.Generator) -> list[np.ndarray]:
+            return [rng.normal(0.0, std, (rows, width))]
+
+        (table,) = self._declare("embedding", {"weight": (rows, width)}, init)
+        return self._add(x, self._first_rows(table, x))
+
+    def layer_norm(self, x: T) -> T:
+        """LayerNorm over the last axis, with a random but plausible scale (~1) and shift (~0)."""
+        width = self.shape(x)[-1]
+
+        def init(rng: np.random.Generator) -> list[np.ndarray]:
+            return [rng.normal(1.0, 0.05, width), rng.normal(0.0, 0.05, width)]
+
+        gamma, beta = self._declare("ln", {"weight": (width,), "bias": (width,)}, init)
+        return self._layer_norm(x, gamma, beta, self.ln_eps)
+
+    def gelu(self, x: T) -> T:
+        return self._gelu(x)
+
+    def tanh(self, x: T) -> T:
+        return self._tanh(x)
+
+    def attention_bias(self, mask: T) -> T:
+        """The additive bias of an attention mask (n, sequence) of 1 (attend) and 0 (padding), as BERT
+        makes it: ``(1 - mask) * MASKED``, shaped (n, 1, 1, sequence) to broadcast over heads and queries."""
+        bias = self._add(self._multiply(self._cast(mask), self._scalar(-MASKED)), self._scalar(MASKED))
+        return self._expand_dims(bias, (1, 2))
+
+    def self_attention(self, x: T, bias: T, heads: int, *, std: float = 0.02) -> T:
+        """Multi-head self-attention of ``x`` (n, sequence, width) with an :meth:`attention_bias`: the
+        query, key, value and output projections (in that order), scaled dot products per head."""
+        width = self.shape(x)[-1]
+        if width % heads:
+            raise ValueError(f"a width of {width} does not split into {heads} heads")
+
+        def per_head(y: T) -> T:  # (n, sequence, width) -> (n, heads, sequence, width / heads)
+            return self._transpose(self._split_last(y, heads), (0, 2, 1, 3))
+
+        q, k, v = (per_head(self.linear(x, width, std=std)) for _ in range(3))
+        scores = self._multiply(self._matmul(q, self._transpose(k, (0, 1, 3, 2))),
+                                self._scalar(1.0 / math.sqrt(width // heads)))
+        weights = self._softmax(self._add(scores, bias))
+        context = self._merge_last(self._transpose(self._matmul(weights, v), (0, 2, 1, 3)))
+        return self.linear(context, width, std=std)
+
+    def first_token(self, x: T) -> T:
+        """(n, sequence, width) -> (n, width): the first position's vector (BERT's [CLS])."""
+        return self._select(x, 1, 0)

@@ -1,7 +1,8 @@
 """The PyTorch emitter: a builder's network as a ``torch.nn.Module``.
 
 The module holds the weights (``nn.ParameterList``, in declaration order) and its
-``forward`` re-runs the builder with a :class:`TorchGraph` that consumes them, so
+``forward`` (one tensor per input of the network, in order; one tensor or a tuple
+of them back) re-runs the builder with a :class:`TorchGraph` that consumes them, so
 there is no second description of the network to drift from the first.  The
 builder is plain Python over tensors: ``torch.compile`` traces through it, and the
 module may be converted with ``module.to(memory_format=torch.channels_last)``
@@ -74,15 +75,57 @@ class TorchGraph(Graph[torch.Tensor]):
     def _flatten(self, x):  # noqa: ANN001, ANN202
         return torch.flatten(x, 1)
 
+    def _gather(self, table, ids):  # noqa: ANN001, ANN202
+        return F.embedding(ids, table)
+
+    def _first_rows(self, table, x):  # noqa: ANN001, ANN202
+        return table[: x.shape[1]]
+
+    def _layer_norm(self, x, gamma, beta, eps):  # noqa: ANN001, ANN202
+        return F.layer_norm(x, gamma.shape, gamma, beta, eps)
+
+    def _softmax(self, x):  # noqa: ANN001, ANN202
+        return torch.softmax(x, -1)
+
+    def _gelu(self, x):  # noqa: ANN001, ANN202
+        return F.gelu(x)  # the erf form, PyTorch's default
+
+    def _tanh(self, x):  # noqa: ANN001, ANN202
+        return torch.tanh(x)
+
+    def _transpose(self, x, axes):  # noqa: ANN001, ANN202
+        return x.permute(*axes)
+
+    def _split_last(self, x, parts):  # noqa: ANN001, ANN202
+        return x.unflatten(-1, (parts, -1))
+
+    def _merge_last(self, x):  # noqa: ANN001, ANN202
+        return x.flatten(-2)
+
+    def _expand_dims(self, x, axes):  # noqa: ANN001, ANN202
+        for axis in sorted(axes):
+            x = x.unsqueeze(axis)
+        return x
+
+    def _select(self, x, axis, index):  # noqa: ANN001, ANN202
+        return x.select(axis, index)
+
+    def _scalar(self, value):  # noqa: ANN001, ANN202 - a Python number broadcasts on any device
+        return value
+
+    def _cast(self, x):  # noqa: ANN001, ANN202
+        return x.to(getattr(torch, self.dtype))
+
 
 class BuiltModule(nn.Module):
-    """``builder``'s network as a module: ``forward(x)`` with ``x`` of shape ``(batch, *input_shape)``.
+    """``builder``'s network as a module: ``forward(x)`` with ``x`` of shape ``(batch, *input_shape)``,
+    or ``forward(*inputs)`` for a builder of several inputs (``input_shape`` then describes each).
 
     ``params`` are the weight values in declaration order (a Network's ``params``); they are
     copied into ``self.weights`` (not trainable).  The module is returned in eval mode.
     """
 
-    def __init__(self, builder: Builder, input_shape: Sequence[int], params: Sequence[np.ndarray],
+    def __init__(self, builder: Builder, input_shape: Sequence[int | str], params: Sequence[np.ndarray],
                  *, name: str = "hetero", dtype: str = "float32") -> None:
         super().__init__()
         self.builder = builder
@@ -94,9 +137,9 @@ class BuiltModule(nn.Module):
             for p in params)
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         g = TorchGraph(self.weights, self.dtype)
-        y = self.builder(g, x)
+        y = self.builder(g, *inputs)
         if g.used != len(self.weights):
             raise ValueError(f"{self.name}: the network declares {g.used} weights, "
                              f"the module holds {len(self.weights)}")

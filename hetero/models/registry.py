@@ -12,49 +12,82 @@ through the depth.  The families register in :mod:`.zoo`; :func:`get_network` is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tvm
+import tvm_ffi
 
-from ..layers import Graph
-from ..layers.relax import RelaxGraph, build_module
+from ..layers.base import SequenceTooLongError
+from ..layers.relax import RelaxGraph, build_function
 from .network import Network, Origin, require_package
+from .network import Tensor as NamedTensor
 from .onnx_import import load_onnx
 
 Tensor = Any  # what a builder's Graph works on: a Relax expression, an ONNX value, a torch.Tensor
-Builder = Callable[[Graph, Tensor], Tensor]
+Builder = Callable[..., Any]  # fn(g: Graph, x: Tensor) -> Tensor, or fn(g, *inputs) -> tuple of Tensors
 
 
 class UnknownNetworkError(ValueError):
     """A network name that is neither registered nor a path to an .onnx file."""
 
 
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    build: Builder
+    input_shape: tuple[int, ...]  # one sample's, for a network of one input; () for named inputs
+    inputs: tuple[NamedTensor, ...]  # the named inputs, their open dimensions named ("sequence")
+    outputs: tuple[str, ...]  # the names of the outputs of a network of named inputs
+
+    def input_specs(self, inputs: tuple[NamedTensor, ...] | None = None) -> list[tuple]:
+        """(name, one sample's shape, dtype) of each input, as the emitters take them: `inputs`' shapes
+        (a network's, its sequence fixed or open), or the registered ones."""
+        if not self.inputs:
+            return [("x", self.input_shape, "float32")]
+        return [(t.name, t.shape, t.dtype) for t in (inputs or self.inputs)]
+
+    def output_names(self) -> list[str]:
+        return list(self.outputs) or ["y"]
+
+
 class BuilderOrigin(Origin):
-    """A registered builder: every form is emitted from it, with the network's params."""
+    """A registered builder: every form is emitted from it, with the network's params.
+
+    A network of named inputs has its Relax module only once its open dimensions are fixed (:meth:`fixed`,
+    once per size in this process); its ONNX and PyTorch forms leave them open, so every size shares one
+    ONNX form, that of the network it was fixed from (`opened`)."""
 
     forms = ("relax", "onnx", "torch")
 
-    def __init__(self, builder: Builder) -> None:
-        self.builder = builder
+    def __init__(self, entry: _Entry, opened: Network | None = None) -> None:
+        self.entry = entry
+        self.opened = opened
+        self._fixed: dict[tuple, Network] = {}
+        self._fixing = threading.Lock()
 
     def onnx_model(self, net: Network):  # noqa: ANN201
         require_package("onnx", "ONNX", net.name, "'hetero[onnx]'")
-        from ..layers.onnx import build_model
+        from ..layers.onnx import build_named_model
 
-        return build_model(self.builder, net.input_shape, net.params, name=net.name, dtype=net.dtype)
+        net = self.opened or net
+        return build_named_model(self.entry.build, self.entry.input_specs(net.inputs), self.entry.output_names(),
+                                 net.params, name=net.name, dtype=net.dtype)
 
     def onnx_bytes(self, net: Network) -> bytes:
-        """Kept in hetero's cache under the network's digest, the digest of the code that emits it
-        (hetero/layers) and onnx's version."""
+        """Kept in hetero's cache under the network's digest (that of the network it was fixed from), the
+        digest of the code that emits it (hetero/layers) and onnx's version."""
+        net = self.opened or net
         if net.why_no_form("onnx"):
             return self.onnx_model(net).SerializeToString()
         from ..cache import cache_dir, code_digest
@@ -79,25 +112,43 @@ class BuilderOrigin(Origin):
         require_package("torch", "PyTorch", net.name, "'hetero[torch]'")
         from ..layers.torch import BuiltModule
 
-        return BuiltModule(self.builder, net.input_shape, net.params, name=net.name, dtype=net.dtype)
+        described = tuple(map(str, net.inputs)) or net.input_shape
+        return BuiltModule(self.entry.build, described, net.params, name=net.name, dtype=net.dtype)
 
+    def graph_digest(self, net: Network) -> str:
+        """The structural hash of the Relax module whose open dimensions are symbolic variables."""
+        return str(tvm_ffi.structural_hash(build_registered(self.entry.name).module))
 
-@dataclass(frozen=True)
-class _Entry:
-    build: Builder
-    input_shape: tuple[int, ...]
+    def fixed(self, net: Network, sizes: dict[str, int]) -> Network:
+        """`net` with its open dimensions fixed to `sizes` and the Relax module for them, built once per size.
+
+        Raises HeteroError (one line) for a size the network cannot take (a sequence longer than its positions).
+        """
+        key = (net.digest, tuple(sorted(sizes.items())))
+        with self._fixing:
+            if key not in self._fixed:
+                fixed = super().fixed(net, sizes)
+                try:
+                    module, _, _ = build_function(self.entry.build, self.entry.input_specs(fixed.inputs), net.dtype)
+                except SequenceTooLongError as err:
+                    raise SequenceTooLongError(f"{net.name} cannot take these inputs: {err}") from None
+                self._fixed[key] = dataclasses.replace(fixed, module=module, origin=BuilderOrigin(self.entry, net))
+            return self._fixed[key]
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register(name: str, *, input_shape: tuple[int, ...] = (3, 224, 224)) -> Callable[[Builder], Builder]:
-    """Decorator: record ``fn(g: Graph, x) -> logits`` as the builder of network ``name``."""
+def register(name: str, *, input_shape: tuple[int, ...] = (3, 224, 224), inputs: Sequence[NamedTensor] = (),
+             outputs: Sequence[str] = ()) -> Callable[[Builder], Builder]:
+    """Decorator: record ``fn(g: Graph, x) -> logits`` as the builder of network ``name``, or, given the
+    named ``inputs`` (one sample's shape each, an open dimension named) and the names of its ``outputs``,
+    ``fn(g, *inputs) -> (outputs...)``."""
 
     def deco(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"network {name!r} is registered twice")
-        _REGISTRY[name] = _Entry(fn, tuple(input_shape))
+        _REGISTRY[name] = _Entry(name, fn, () if inputs else tuple(input_shape), tuple(inputs), tuple(outputs))
         return fn
 
     return deco
@@ -109,9 +160,10 @@ def network_names() -> list[str]:
 
 
 def registered_input_shape(name: str) -> tuple[int, ...] | None:
-    """One sample's shape for a registered network, known without building it; None for any other name."""
+    """One sample's shape for a registered network of one input, known without building it; None for any
+    other name and for a network of named inputs."""
     entry = _REGISTRY.get(name)
-    return entry.input_shape if entry else None
+    return entry.input_shape if entry and not entry.inputs else None
 
 
 def _seed(name: str) -> int:
@@ -120,18 +172,26 @@ def _seed(name: str) -> int:
 
 @dataclass(frozen=True)
 class Built:
-    module: tvm.IRModule
+    module: tvm.IRModule  # for named inputs, with their open dimensions as symbolic variables
     graph: RelaxGraph
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # () for named inputs
+    output_shape: tuple[int, ...]  # () for named outputs
+    inputs: tuple[NamedTensor, ...] = ()
+    outputs: tuple[NamedTensor, ...] = ()
 
 
 @functools.cache
 def build_registered(name: str) -> Built:
     """The Relax module of a registered network and its weight recipe (no weight values yet)."""
     entry = _REGISTRY[name]
-    mod, g, output_shape = build_module(entry.build, entry.input_shape)
-    return Built(mod, g, entry.input_shape, output_shape)
+    mod, g, output_shapes = build_function(entry.build, entry.input_specs())
+    if not entry.inputs:
+        return Built(mod, g, entry.input_shape, output_shapes[0])
+    if len(output_shapes) != len(entry.outputs):
+        raise ValueError(f"network {name!r} gives {len(output_shapes)} outputs, {len(entry.outputs)} are named")
+    outputs = tuple(NamedTensor(output, tuple(d if isinstance(d, int) else d.name for d in shape), g.dtype)
+                    for output, shape in zip(entry.outputs, output_shapes))
+    return Built(mod, g, (), (), entry.inputs, outputs)
 
 
 def get_network(name_or_path: str | os.PathLike[str]) -> Network:
@@ -156,5 +216,7 @@ def get_network(name_or_path: str | os.PathLike[str]) -> Network:
 def _registered(name: str) -> Network:
     built = build_registered(name)
     params = built.graph.init_weights(np.random.default_rng(_seed(name)))
-    return Network(name, built.module, params, built.input_shape, built.output_shape,
-                   origin=BuilderOrigin(_REGISTRY[name].build))
+    origin = BuilderOrigin(_REGISTRY[name])
+    if built.inputs:  # no Relax module until its inputs fix the sequence: BuilderOrigin.fixed
+        return Network(name, None, params, (), (), "float32", origin, built.inputs, built.outputs)
+    return Network(name, built.module, params, built.input_shape, built.output_shape, origin=origin)
