@@ -1,4 +1,5 @@
-"""Pictures of a profile table: img/s against batch size, one line per device, engine and network.
+"""Pictures of a profile table: rate (img/s, or samples/s for a text network) against batch size, one line per
+device, engine and network.
 
 matplotlib is an optional extra (``pip install 'hetero[plot]'``), imported only here.
 """
@@ -17,7 +18,8 @@ def _label(device_key: str, network: str) -> str:
 
 
 def plot_table(table: ProfileTable, path: Path) -> None:
-    """Draw every profile of `table` (img/s against batch size, sizes that failed left out) into `path`."""
+    """Draw every profile of `table` (its rate, img/s or samples/s, against batch size, sizes that failed left out)
+    into `path`."""
     try:
         import matplotlib
 
@@ -36,7 +38,7 @@ def plot_table(table: ProfileTable, path: Path) -> None:
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel("batch size (samples per call)")
-    axes.set_ylabel("img/s, copies included")
+    axes.set_ylabel(f"{' or '.join(sorted({p.unit for p in profiles}))}, copies included")
     axes.set_title(f"profiles in {table.path.name}")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")

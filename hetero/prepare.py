@@ -299,7 +299,8 @@ def _settle(net: Network, candidates: list[Candidate], table: ProfileTable, batc
         for index, (winner, reason) in losers.items():
             loser, winner = candidates[index], candidates[winner]
             if not loser.complete:  # a whole profile costs nothing to keep as an option
-                table.put(Profile(loser.key, net.key, loser.measured(), dropped=reason, beaten_by=winner.key))
+                table.put(Profile(loser.key, net.key, loser.measured(), dropped=reason, beaten_by=winner.key,
+                                  unit=net.rate_unit))
                 table.save()
                 notes.append(f"{device.name}: {loser.name} not profiled further, {reason}")
                 log.warning(notes[-1])

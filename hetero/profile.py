@@ -139,11 +139,12 @@ def profile_engine(
     except KeyboardInterrupt:
         done = ", ".join(str(m.batch) for m in measurements) or "none"
         partial = Profile(engine.profile_key, engine.network.key, measurements,
-                          f"interrupted by the user; sizes measured: {done}", interrupted=True)
+                          f"interrupted by the user; sizes measured: {done}", interrupted=True,
+                          unit=engine.network.rate_unit)
         raise ProfilingInterrupted(partial) from None
     finally:
         bar.close()
-    return Profile(engine.profile_key, engine.network.key, measurements, stopped)
+    return Profile(engine.profile_key, engine.network.key, measurements, stopped, unit=engine.network.rate_unit)
 
 
 @dataclass(frozen=True)

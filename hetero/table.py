@@ -108,6 +108,7 @@ class Profile:
     idle_splits: int = 0
     dropped: str | None = None  # why the probe dropped this engine (hetero.inference), None for a profile
     beaten_by: str | None = None  # the key of the profile it was measured against
+    unit: str = "img/s"  # what its rates count: the network's rate_unit (samples/s for a text network)
 
     COMPANY_KEPT = 8
     COMPANY_TRUSTED = 3
@@ -198,6 +199,7 @@ def _profile_to_json(profile: Profile) -> dict:
         "company": profile.company,
         "idle_splits": profile.idle_splits,
         **({"dropped": profile.dropped, "beaten_by": profile.beaten_by} if profile.dropped is not None else {}),
+        **({"unit": profile.unit} if profile.unit != "img/s" else {}),
     }
 
 
@@ -276,7 +278,11 @@ def _profile_from_json(device_key: str, network: str, entry: dict) -> Profile:
     for name, value in (("dropped", dropped), ("beaten_by", beaten_by)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name} must be text or null, got {value!r:.60}")
-    return Profile(device_key, network, measurements, stopped, interrupted, company, idle_splits, dropped, beaten_by)
+    unit = entry.get("unit", "img/s")  # tables from before text networks
+    if unit not in ("img/s", "samples/s"):
+        raise ValueError(f"unit must be img/s or samples/s, got {unit!r:.60}")
+    return Profile(device_key, network, measurements, stopped, interrupted, company, idle_splits, dropped, beaten_by,
+                   unit)
 
 
 def _parse(raw: bytes, path: Path) -> dict[Key, Profile]:
@@ -426,7 +432,7 @@ def format_table(table: ProfileTable) -> str:
             header += f"  idle in the last {profile.idle_splits} splits"
         rows = tabulate(
             [_row(m) for m in profile.measurements],
-            headers=["batch", "ms/sample", "img/s", "exec ms", "H2D ms", "D2H ms", "note"],
+            headers=["batch", "ms/sample", profile.unit, "exec ms", "H2D ms", "D2H ms", "note"],
             floatfmt=("", ".3f", ".1f", ".3f", ".3f", ".3f", ""),
         )
         blocks.append(f"{header}\n{rows}")
