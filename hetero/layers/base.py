@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import HeteroError
 
-__all__ = ["Builder", "Graph", "IntPair", "SequenceTooLongError"]
+__all__ = ["MASKED", "Builder", "Graph", "IntPair"]
 
 T = TypeVar("T")  # an emitter's tensor: a Relax expression, an ONNX value name, a torch.Tensor
 IntPair = int | tuple[int, int]
@@ -52,10 +52,6 @@ Builder = Callable[..., Any]  # fn(g, x) -> logits, or fn(g, *inputs) -> (output
 # The additive attention bias of a masked position: exp() of it is 0 in float32, and it stays finite in
 # float16 (whose largest value is 65504), so a float16 build adds no inf - inf = NaN.
 MASKED = -1e4
-
-
-class SequenceTooLongError(HeteroError):
-    """A sequence longer than the positions a network embeds."""
 
 
 def _pair(v: IntPair) -> tuple[int, int]:
@@ -338,11 +334,12 @@ class Graph(ABC, Generic[T]):
     def position_embedding(self, x: T, rows: int, *, std: float = 0.02) -> T:
         """``x`` (n, sequence, width) plus a learned vector per position, from a table of ``rows`` positions.
 
-        Raises SequenceTooLongError where the sequence is known and longer than ``rows``.
+        Raises HeteroError where the sequence is known and longer than ``rows`` (a Relax form would read
+        past the table).
         """
         _, length, width = self.shape(x)
         if isinstance(length, int) and length > rows:
-            raise SequenceTooLongError(f"a sequence of {length} is longer than the {rows} positions it embeds")
+            raise HeteroError(f"a sequence of {length} is longer than the {rows} positions it embeds")
 
         def init(rng: np.random.Generator) -> list[np.ndarray]:
             return [rng.normal(0.0, std, (rows, width))]

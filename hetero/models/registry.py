@@ -19,7 +19,7 @@ import importlib.metadata
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import numpy as np
 import tvm
 import tvm_ffi
 
-from ..layers.base import SequenceTooLongError
+from ..errors import HeteroError
 from ..layers.relax import RelaxGraph, build_function
 from .network import Network, Origin, require_package
 from .network import Tensor as NamedTensor
@@ -49,6 +49,7 @@ class _Entry:
     input_shape: tuple[int, ...]  # one sample's, for a network of one input; () for named inputs
     inputs: tuple[NamedTensor, ...]  # the named inputs, their open dimensions named ("sequence")
     outputs: tuple[str, ...]  # the names of the outputs of a network of named inputs
+    max_sizes: dict[str, int]  # the largest size an open dimension takes (a sequence: the positions embedded)
 
     def input_specs(self, inputs: tuple[NamedTensor, ...] | None = None) -> list[tuple]:
         """(name, one sample's shape, dtype) of each input, as the emitters take them: `inputs`' shapes
@@ -122,16 +123,16 @@ class BuilderOrigin(Origin):
     def fixed(self, net: Network, sizes: dict[str, int]) -> Network:
         """`net` with its open dimensions fixed to `sizes` and the Relax module for them, built once per size.
 
-        Raises HeteroError (one line) for a size the network cannot take (a sequence longer than its positions).
+        Raises HeteroError (one line) for a size larger than the network takes (a sequence longer than its positions).
         """
+        for dim, size in sizes.items():
+            if size > self.entry.max_sizes.get(dim, size):
+                raise HeteroError(f"{net.name} takes a {dim} of at most {self.entry.max_sizes[dim]}, not {size}")
         key = (net.digest, tuple(sorted(sizes.items())))
         with self._fixing:
             if key not in self._fixed:
                 fixed = super().fixed(net, sizes)
-                try:
-                    module, _, _ = build_function(self.entry.build, self.entry.input_specs(fixed.inputs), net.dtype)
-                except SequenceTooLongError as err:
-                    raise SequenceTooLongError(f"{net.name} cannot take these inputs: {err}") from None
+                module, _, _ = build_function(self.entry.build, self.entry.input_specs(fixed.inputs), net.dtype)
                 self._fixed[key] = dataclasses.replace(fixed, module=module, origin=BuilderOrigin(self.entry, net))
             return self._fixed[key]
 
@@ -140,15 +141,16 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register(name: str, *, input_shape: tuple[int, ...] = (3, 224, 224), inputs: Sequence[NamedTensor] = (),
-             outputs: Sequence[str] = ()) -> Callable[[Builder], Builder]:
+             outputs: Sequence[str] = (), max_sizes: Mapping[str, int] | None = None) -> Callable[[Builder], Builder]:
     """Decorator: record ``fn(g: Graph, x) -> logits`` as the builder of network ``name``, or, given the
-    named ``inputs`` (one sample's shape each, an open dimension named) and the names of its ``outputs``,
-    ``fn(g, *inputs) -> (outputs...)``."""
+    named ``inputs`` (one sample's shape each, an open dimension named), the names of its ``outputs`` and
+    the largest size of each open dimension (``max_sizes``, where it has one), ``fn(g, *inputs) -> (outputs...)``."""
 
     def deco(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"network {name!r} is registered twice")
-        _REGISTRY[name] = _Entry(name, fn, () if inputs else tuple(input_shape), tuple(inputs), tuple(outputs))
+        _REGISTRY[name] = _Entry(name, fn, () if inputs else tuple(input_shape), tuple(inputs), tuple(outputs),
+                                 dict(max_sizes or {}))
         return fn
 
     return deco

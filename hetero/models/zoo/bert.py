@@ -28,11 +28,11 @@ def _bert(g: Graph, input_ids: Tensor, attention_mask: Tensor, layers: int, hidd
     return x, g.tanh(g.linear(g.first_token(x), hidden, std=STD))
 
 
-@register("bert-tiny", inputs=TOKENS, outputs=OUTPUTS)
+@register("bert-tiny", inputs=TOKENS, outputs=OUTPUTS, max_sizes={"sequence": MAX_POSITIONS})
 def bert_tiny(g: Graph, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     return _bert(g, input_ids, attention_mask, layers=2, hidden=128, heads=2, intermediate=512)
 
 
-@register("bert-base", inputs=TOKENS, outputs=OUTPUTS)
+@register("bert-base", inputs=TOKENS, outputs=OUTPUTS, max_sizes={"sequence": MAX_POSITIONS})
 def bert_base(g: Graph, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     return _bert(g, input_ids, attention_mask, layers=12, hidden=768, heads=12, intermediate=3072)
