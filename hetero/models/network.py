@@ -85,9 +85,17 @@ class Tensor:
     name: str
     shape: tuple[int | str, ...]
     dtype: str
+    # where set, an integer input takes only values 0 .. values_below - 1 (token ids: the vocabulary's size),
+    # which every engine must refuse alike: ONNX's Gather wraps -1 around, OpenVINO reads a wrong row
+    values_below: int | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         return f"{self.name} (N, {', '.join(map(str, self.shape))}) {self.dtype}"
+
+    def check_values(self, values: np.ndarray, takes: str) -> None:
+        """Refuse, in one line saying what the network `takes`, values outside 0 .. values_below - 1."""
+        if self.values_below is not None and values.size and (values.min() < 0 or values.max() >= self.values_below):
+            raise HeteroError(f"input {self.name} holds values outside 0 .. {self.values_below - 1}: {takes}")
 
 
 def record_dtype(tensors: Sequence[Tensor]) -> np.dtype:
@@ -301,6 +309,8 @@ class Network:
         if not isinstance(inputs, Mapping):
             if not self.open_dimensions and getattr(inputs, "dtype", None) == self.input_dtype \
                     and inputs.ndim == 1 and len(inputs) >= 1:
+                for tensor in self.inputs:
+                    tensor.check_values(inputs[tensor.name], takes)
                 return  # a batch already made records (a split's share, a memory-mapped .npy of records)
             raise HeteroError(f"inputs of shape {tuple(getattr(inputs, 'shape', ()))} do not fit: {takes}, by name")
         names = [t.name for t in self.inputs]
@@ -323,6 +333,7 @@ class Network:
             kind = np.dtype(tensor.dtype)
             if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, kind.type)):
                 raise HeteroError(f"input {tensor.name} of dtype {array.dtype} does not fit: {takes}")
+            tensor.check_values(array, takes)
 
     def __repr__(self) -> str:
         if self.inputs:
