@@ -12,7 +12,8 @@ from ..registry import Tensor, register
 VOCABULARY = 30522  # bert-base-uncased's WordPiece vocabulary
 MAX_POSITIONS = 512
 STD = 0.02  # BERT's initializer_range
-TOKENS = (NamedTensor("input_ids", ("sequence",), "int64"), NamedTensor("attention_mask", ("sequence",), "int64"))
+TOKENS = (NamedTensor("input_ids", ("sequence",), "int64", values_below=VOCABULARY),
+          NamedTensor("attention_mask", ("sequence",), "int64"))
 OUTPUTS = ("last_hidden_state", "pooler_output")
 
 
