@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -36,6 +37,7 @@ def _cuda(arch: str) -> tvm.target.Target:
 
 
 _CPU = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512", "num-cores": 16})
+SEQUENCE = 128  # the length a network of open sequence is built at
 CONFIGS = {  # name: (target, precision); sm_90 as hetero targets it (sm_90a, with wgmma), sm_75 for wmma
     "cpu": (_CPU, "fp32"),
     "sm90a-fp32": (with_wgmma(_cuda("sm_90")), "fp32"),
@@ -54,7 +56,7 @@ def generated(network: str, config: str) -> str:
     """The scheduled kernels of ``network`` for ``config``, and for CUDA the source generated from them."""
     target, precision = CONFIGS[config]
     device = Device("generated", target.kind.name.replace("llvm", "cpu"), 0, "none", target, precision=precision)
-    module = get_network(network).module
+    module = _module(network)
     with target, tvm.transform.PassContext(opt_level=3):
         scheduled = relax_pipeline(device)(module)
     text = "\n".join(func.script() for gv, func in sorted(scheduled.functions_items(), key=lambda kv: kv[0].name_hint)
@@ -63,6 +65,15 @@ def generated(network: str, config: str) -> str:
         executable = relax.build(module, target, relax_pipeline=relax_pipeline(device), tir_pipeline=tir_pipeline(device))
         text += "\n".join(m.inspect_source() for m in _modules(executable.mod) if m.kind == "cuda")
     return text
+
+
+def _module(network: str) -> tvm.IRModule:
+    """The network's Relax module; a network of open sequence (a BERT)'s at :data:`SEQUENCE`."""
+    net = get_network(network)
+    if net.open_dimensions:
+        net = net.fit({t.name: np.zeros((1, *(SEQUENCE if isinstance(d, str) else d for d in t.shape)), t.dtype)
+                       for t in net.inputs})
+    return net.module
 
 
 def _modules(module) -> list:

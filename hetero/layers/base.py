@@ -29,7 +29,7 @@ folded into; it becomes a per-channel scale and shift.  A transformer's weights
 are BERT's initializer instead (normal, std 0.02), which its LayerNorms keep at
 scale however deep it is.
 
-This module imports only numpy: the emitters import their own packages.
+This module imports only numpy (and hetero.errors): the emitters import their own packages.
 """
 
 from __future__ import annotations
