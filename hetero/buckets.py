@@ -92,7 +92,7 @@ class Buckets:
     """A batch of named inputs (a mapping of name to array) for `network`, grouped by the lengths in `lengths`
     (() runs the whole batch at its length L; lengths above L are of no use, and L is always one). `full` is the
     network fitted to L and `records` the batch as its records; `buckets` are the non-empty buckets, shortest
-    first; `order` is their samples one bucket after the other, the order a stream computes them in."""
+    first."""
 
     def __init__(self, network: Network, inputs: Mapping[str, np.ndarray], lengths: Sequence[int] = DEFAULT_BUCKETS):
         self.full = network.fit(inputs)
@@ -101,11 +101,11 @@ class Buckets:
         self.input_axes = {t.name: _sequence_axes(t.shape, self.dimension) for t in network.inputs}
         self.output_axes = {t.name: _sequence_axes(t.shape, self.dimension) for t in network.outputs} or \
             {None: _sequence_axes(network.output_shape, self.dimension)}
-        self.length = next((np.shape(inputs[t.name])[1 + axis] for t in network.inputs
-                            for axis, dim in enumerate(t.shape) if isinstance(dim, str)), 0)
+        self.length = np.shape(inputs[MASK])[1] if self.dimension else \
+            next((np.shape(inputs[t.name])[1 + axis] for t in network.inputs
+                  for axis, dim in enumerate(t.shape) if isinstance(dim, str)), 0)
         self.buckets = [Bucket(self.length, self.full, np.arange(len(self.records)))] if self.dimension is None \
             else self._grouped(network, inputs, lengths)
-        self.order = np.concatenate([bucket.samples for bucket in self.buckets])
 
     @staticmethod
     def _dimension(network: Network) -> str | None:

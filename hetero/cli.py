@@ -207,13 +207,16 @@ def inference_main(argv: list[str]) -> int:
 
 
 def format_stream_report(report) -> str:
-    """A stream as a table per device, then a summary."""
-    rows = [[d.device, d.engine, d.chunk, d.chunks, d.samples, f"{d.throughput:.1f}", d.error or ""]
-            for d in report.devices]
-    table = tabulate(rows, headers=["device", "engine", "chunk", "chunks", "samples", "img/s busy", "error"])
+    """A stream as a table per device (per sequence bucket and device, where buckets ran), then a summary."""
+    lengths = row_lengths(report.buckets)
+    rows = [([lengths[index]] if lengths else []) + [d.device, d.engine, d.chunk, d.chunks, d.samples,
+                                                      f"{d.throughput:.1f}", d.error or ""]
+            for index, d in enumerate(report.devices)]
+    table = tabulate(rows, headers=(["sequence"] if lengths else [])
+                     + ["device", "engine", "chunk", "chunks", "samples", f"{report.unit} busy", "error"])
     resumed = f" ({report.resumed} done by an earlier run)" if report.resumed else ""
     return (f"{table}\n{report.network}, {report.samples} samples{resumed}: {report.computed} computed in "
-            f"{report.wall_s:.2f} s, {report.throughput:.1f} img/s")
+            f"{report.wall_s:.2f} s, {report.throughput:.1f} {report.unit}")
 
 
 def _stream_main(args: argparse.Namespace, inputs: Path | dict, output: Path, table: Path) -> int:
@@ -233,7 +236,8 @@ def print_table_main(argv: list[str]) -> int:
     parser = Parser(prog="print_table.py", description="Print a profile table.")
     parser.add_argument("table", type=Path, help="profile table (JSON)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                        help="also draw img/s against batch size per device and engine (needs matplotlib)")
+                        help="also draw each profile's rate (img/s, samples/s) against batch size per device and engine "
+                             "(needs matplotlib)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     table = ProfileTable.load(args.table)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .buckets import DEFAULT_BUCKETS, BucketRun, Buckets
+from .buckets import DEFAULT_BUCKETS, Bucket, BucketRun, Buckets
 from .devices import DEFAULT_PRECISION, Device
 from .engines import Engine
-from .errors import HeteroError, one_line
+from .errors import one_line
 from .execute import run_split
 from .images import ImageFolder
 from .inference import (
@@ -44,7 +44,7 @@ from .models import Network, get_network
 from .prepare import Pick, Ready, prepare_engines
 from .profile import SEED_BATCHES
 from .selection import fastest_per_device
-from .stream import StreamReport, fastest_streaming, open_inputs, open_outputs, stream_into
+from .stream import Pass, StreamReport, fastest_streaming, open_inputs, open_outputs, stream_into, whole_input
 from .table import Profile, ProfileTable, TableError
 
 log = logging.getLogger(__name__)
@@ -165,33 +165,65 @@ class Session:
         """Every sample of `inputs` (an array, a .npy file, memory-mapped, or a folder of images; for a network
         of named inputs, a mapping of name to array or .npy file) through the network on all devices at once,
         the outputs written in input order to `output` (a .npy file) or returned. With an output file an
-        interrupted run resumes. With `ray` (a Ray cluster's address, or "auto"), every node's devices take
-        part: hetero.cluster."""
+        interrupted run resumes. Named inputs run in sequence buckets (hetero.buckets) as the options say, one
+        pass over the devices per bucket. With `ray` (a Ray cluster's address, or "auto"), every node's devices
+        take part: hetero.cluster."""
         net = self.network
         if isinstance(inputs, Mapping):
-            if ray is not None:
-                raise HeteroError("named inputs stream on this machine's devices only, not over a Ray cluster")
             # read into one array of records, as a split's are: token ids are small beside images
             named = {name: np.load(value, mmap_mode="r", allow_pickle=False) if isinstance(value, (str, Path))
                      else value for name, value in inputs.items()}
+            if ray is None:
+                return self._stream_buckets(Buckets(self.network, named, self.options.buckets), output)
+            # over a Ray cluster, in one stream at the inputs' own length: every node fits the network to it
             net = net.fit(named)
             inputs = net.to_records(named)
         if ray is not None:
             from .cluster import stream as cluster_stream
 
             o = self.options
-            return cluster_stream(self.network, self.devices, inputs, output, self.table, o.profile_batches,
+            return cluster_stream(net, self.devices, inputs, output, self.table, o.profile_batches,
                                   o.budget_s, o.progress, o.load, o.precision, o.engine, address=ray)
         data = open_inputs(inputs, net)
         output = Path(output) if output is not None else None
-        sample_bytes = net.input_bytes
         with open_outputs(net, data, inputs, output) as (ledger, outputs):
-            ready = self.prepare("stream", lambda options: fastest_streaming(options, sample_bytes)[0], net)
-            return stream_into(net, ready, data, output, ledger, outputs, self.options.progress)
+            part = whole_input(net, lambda: self._ready_to_stream(net), data, outputs)
+            return stream_into(net.name, [part], len(data), output, ledger, outputs, self.options.progress,
+                               net.rate_unit)
 
-    def engines(self) -> list[tuple[Engine, Profile]]:
-        """Per device that can run, its fastest engine at its largest profiled batch, with its profile."""
-        ready = self.prepare("serve", fastest_per_device)
+    def _ready_to_stream(self, net: Network) -> Ready:
+        return self.prepare("stream", lambda options: fastest_streaming(options, net.input_bytes)[0], net)
+
+    def _stream_buckets(self, grouping: Buckets, output: str | Path | None) -> StreamReport:
+        """A stream of named inputs, one pass per sequence bucket, shortest first. Its record of the samples done
+        counts positions in that order, so it says which buckets it was made with: a resumed run has the same."""
+        full = grouping.full
+        output = Path(output) if output is not None else None
+        order = {"buckets": [bucket.length for bucket in grouping.buckets]}
+        with open_outputs(full, grouping.records, grouping.records, output, order) as (ledger, outputs):
+            passes, start = [], 0
+            for bucket in grouping.buckets:
+                passes.append(self._bucket_pass(grouping, bucket, start, outputs))
+                start += len(bucket.samples)
+            return stream_into(full.name, passes, len(grouping.records), output, ledger, outputs,
+                               self.options.progress, full.rate_unit)
+
+    def _bucket_pass(self, grouping: Buckets, bucket: Bucket, start: int, outputs: np.ndarray) -> Pass:
+        """The pass of one bucket, whose samples are the positions [start, start + its samples) of the order."""
+
+        def read(first: int, end: int) -> np.ndarray:
+            return grouping.inputs_of(bucket, first - start, end - start)
+
+        def write(first: int, end: int, result: np.ndarray) -> None:
+            grouping.place(outputs, bucket, result, first - start)
+
+        return Pass(bucket.network, lambda: self._ready_to_stream(bucket.network), start,
+                    start + len(bucket.samples), read, write, bucket.length)
+
+    def engines(self, network: Network | None = None) -> list[tuple[Engine, Profile]]:
+        """Per device that can run, its fastest engine at its largest profiled batch, with its profile: for the
+        session's network, or `network` (the session's fitted to a sequence length)."""
+        ready = self.prepare("serve", fastest_per_device, network)
         return [pairs[0] for pairs in ready.options]
 
     @property

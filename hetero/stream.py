@@ -17,13 +17,14 @@ reserved on disk (hetero.io).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .buckets import BucketRun, row_lengths
 from .engines import Engine
 from .errors import HeteroError, UnreadableInput, one_line
-from .feed import TARGET_CHUNK_S, ChunkSizer, DeviceStream, WorkQueue, chunk_cap, feed
+from .feed import TARGET_CHUNK_S, ChunkSizer, Deliver, DeviceStream, Range, Read, WorkQueue, chunk_cap, feed
 from .images import ImageFolder
 from .inference import Fault, plan, share_limits
 from .io import PARTIAL, open_partial, output_lock, write_atomically
@@ -67,6 +69,8 @@ class StreamReport:
     outputs: np.ndarray | None  # when no output file was given
     profiled: list[str] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    unit: str = "img/s"  # what its throughputs count: Network.rate_unit
+    buckets: list[BucketRun] = field(default_factory=list)  # sequence buckets, one pass each, the devices in order
 
     @property
     def computed(self) -> int:
@@ -79,9 +83,12 @@ class StreamReport:
     def to_dict(self) -> dict:
         return {
             "network": self.network, "samples": self.samples, "resumed": self.resumed, "computed": self.computed,
-            "wall_ms": self.wall_s * 1e3, "throughput_img_s": self.throughput, "profiled": self.profiled,
-            "devices": [vars(d) | {"img_s": d.throughput, "timing": vars(d.timing)} for d in self.devices],
+            "wall_ms": self.wall_s * 1e3, "throughput_img_s": self.throughput, "unit": self.unit,
+            "profiled": self.profiled,
+            "devices": [vars(d) | {"img_s": d.throughput, "timing": vars(d.timing)} | ({"sequence": n} if n else {})
+                        for d, n in zip(self.devices, row_lengths(self.buckets) or [0] * len(self.devices), strict=True)],
             "faults": [vars(f) for f in self.faults],
+            "buckets": [dataclasses.asdict(b) for b in self.buckets],
         }
 
 
@@ -159,7 +166,7 @@ def open_inputs(inputs: str | Path | np.ndarray | ImageFolder, network: Network)
 
 def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path | None) -> dict:
     """What an output file's samples depend on: the network and the input (a file's path, size and time,
-    a folder's images, or an array's bytes)."""
+    a folder's images, or an array's bytes); the order they are computed in is the caller's to add."""
     if isinstance(inputs, ImageFolder):
         what = inputs.identity()
     elif source is not None:
@@ -171,22 +178,23 @@ def _identity(network: Network, inputs: np.ndarray | ImageFolder, source: Path |
 
 
 def open_ledger(network: Network, data: np.ndarray | ImageFolder, inputs: str | Path | np.ndarray | ImageFolder,
-                output: Path | None) -> Ledger:
+                output: Path | None, order: Mapping = {}) -> Ledger:
     """The record of the samples done for `output` (that of an earlier, interrupted run into it), or an
     empty one kept in memory when the outputs are returned rather than written: the input is then not
-    digested, since nothing is resumed.  `data` is what :func:`open_inputs` made of `inputs`."""
+    digested, since nothing is resumed.  `data` is what :func:`open_inputs` made of `inputs`; `order` says
+    what else the record's positions depend on (the sequence buckets the samples are computed in)."""
     if output is None:
         return Ledger(None, {}, [])
     source = Path(inputs) if isinstance(inputs, (str, Path)) else None
-    return Ledger.open(output.with_name(output.name + PROGRESS), _identity(network, data, source))
+    return Ledger.open(output.with_name(output.name + PROGRESS), _identity(network, data, source) | dict(order))
 
 
 @contextmanager
 def open_outputs(network: Network, data: np.ndarray | ImageFolder, inputs: str | Path | np.ndarray | ImageFolder,
-                 output: Path | None) -> Iterator[tuple[Ledger, np.ndarray]]:
+                 output: Path | None, order: Mapping = {}) -> Iterator[tuple[Ledger, np.ndarray]]:
     """The record of the samples done and the array the outputs go to, for as long as the stream runs. With
     an output file, before any work: the output locked against other runs (a HeteroError naming the one
-    that holds it), the record of an earlier, interrupted run into it read (:func:`open_ledger`), and
+    that holds it), the record of an earlier, interrupted run into it read (:func:`open_ledger`, with `order`), and
     "<output>.partial" memory-mapped with its whole size reserved on disk (a HeteroError where it has no
     room). A run that ends with no sample done leaves no partial file. Without an output file: both in memory."""
     shape = (len(data), *network.output_shape)
@@ -194,7 +202,7 @@ def open_outputs(network: Network, data: np.ndarray | ImageFolder, inputs: str |
         yield open_ledger(network, data, inputs, None), np.empty(shape, network.output_dtype)
         return
     with output_lock(output):
-        ledger = open_ledger(network, data, inputs, output)
+        ledger = open_ledger(network, data, inputs, output, order)
         outputs = open_partial(output, network.output_dtype, shape, ledger.path if ledger.count() else None)
         try:
             yield ledger, outputs
@@ -270,42 +278,100 @@ def fastest_streaming(options: Sequence[Sequence[tuple[Engine, Profile]]], sampl
     return engines, profiles
 
 
-def stream_into(net: Network, ready: Ready, data: np.ndarray | ImageFolder, output: Path | None, ledger: Ledger,
-                outputs: np.ndarray, progress: bool) -> StreamReport:
-    """A stream on this machine over the engines `ready` holds, once its outputs are held (:func:`open_outputs`):
-    every device pulls chunks through the data path until none is left."""
+@dataclass
+class Pass:
+    """One network streamed over the positions [start, end) of the order a stream computes its samples in: the
+    whole input in its order, or the samples of one sequence bucket (hetero.buckets), read from and written to
+    where they are. Its engines are prepared only when something of it is left to compute."""
+
+    network: Network
+    prepare: Callable[[], Ready]
+    start: int
+    end: int
+    read: Read  # the inputs at positions [start, end) of the order
+    write: Deliver  # their outputs, to where those samples' outputs go
+    length: int = 0  # a bucket's sequence length; 0 for a stream of one network
+    decodes: bool = False  # reading decodes (images): the next chunk is read while one computes
+
+
+def whole_input(network: Network, prepare: Callable[[], Ready], data: np.ndarray | ImageFolder,
+                outputs: np.ndarray) -> Pass:
+    """The one pass of a stream that computes its samples in input order."""
+
+    def write(start: int, end: int, result: np.ndarray) -> None:
+        outputs[start:end] = result
+
+    # a view of an array or a memory-mapped file: the engine copies from it
+    return Pass(network, prepare, 0, len(data), lambda start, end: data[start:end], write,
+                decodes=isinstance(data, ImageFolder))
+
+
+def _within(ranges: Sequence[Range], start: int, end: int) -> list[Range]:
+    """The parts of `ranges` inside [start, end)."""
+    return [(max(first, start), min(last, end)) for first, last in ranges if first < end and last > start]
+
+
+def stream_into(name: str, passes: Sequence[Pass], samples: int, output: Path | None, ledger: Ledger,
+                outputs: np.ndarray, progress: bool, unit: str = "img/s") -> StreamReport:
+    """A stream on this machine, once its outputs are held (:func:`open_outputs`): pass after pass, every device
+    pulls chunks of what is left of it through the data path until none is; `unit` is what its rates count."""
     resumed = ledger.count()
-    sample_bytes = net.input_bytes
+    unreadable: list[str] = []
+    stats: list[DeviceStream] = []
+    faults: list[Fault] = []
+    profiled: list[str] = []
+    runs: list[BucketRun] = []
+    wall_s = 0.0
+    for part in passes:
+        ranges = _within(ledger.pending(samples), part.start, part.end)
+        if not ranges:
+            continue
+        ready = part.prepare()
+        profiled += ready.profiled
+        faults += ready.faults
+        seconds, done = _stream_pass(name, part, ready, ranges, ledger, samples, outputs, progress, unit, unreadable)
+        wall_s += seconds
+        stats += done
+        runs.append(BucketRun(part.length, sum(end - start for start, end in ranges), seconds, len(done)))
+        if unreadable:
+            break
+    faults += [Fault(s.device, "run", s.error) for s in stats if s.error]
+    outputs = finish_stream(unreadable, stats, ledger, samples, output, outputs)
+    return StreamReport(name, samples, resumed, wall_s, stats, outputs, list(dict.fromkeys(profiled)),
+                        list({(f.device, f.stage, f.error): f for f in faults}.values()), unit,
+                        runs if any(part.length for part in passes) else [])
+
+
+def _stream_pass(name: str, part: Pass, ready: Ready, ranges: list[Range], ledger: Ledger, samples: int,
+                 outputs: np.ndarray, progress: bool, unit: str, unreadable: list[str]) -> tuple[float, list[DeviceStream]]:
+    """One pass over `ranges` with the engines `ready` holds: its seconds and what each device did; an input
+    that did not read is added to `unreadable`."""
+    sample_bytes = part.network.input_bytes
     engines, profiles = fastest_streaming(ready.options, sample_bytes)
-    taking = _stream_devices(engines, profiles, len(data) - resumed, sample_bytes)
-    queue = WorkQueue(ledger.pending(len(data)))
+    left = sum(end - start for start, end in ranges)
+    taking = _stream_devices(engines, profiles, left, sample_bytes)
+    queue = WorkQueue(ranges)
     stats = [DeviceStream(e.device.name, e.name, sizer.size) for e, sizer in taking]
     for engine, sizer in taking:
         engine.on_worker(engine.prepare, sizer.size).result()
-    bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name}", disable=not progress, leave=False)
+    size = part.end - part.start
+    bar = tqdm(total=size, initial=size - left, unit=unit.removesuffix("/s"), disable=not progress, leave=False,
+               desc=f"{name}, sequence {part.length}" if part.length else name)
 
     def deliver(start: int, end: int, result: np.ndarray) -> None:
-        outputs[start:end] = result
+        part.write(start, end, result)
         if isinstance(outputs, np.memmap):
             outputs.flush()  # on disk before it is recorded as done
         ledger.record(start, end)
         bar.update(end - start)
-        bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in stats))
+        bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} {unit}" for s in stats))
 
     def run_device(engine: Engine, sizer: ChunkSizer, stat: DeviceStream) -> None:
         try:
-            engine.on_worker(feed, engine, queue, read, deliver, stat, sizer, decodes).result()
+            engine.on_worker(feed, engine, queue, part.read, deliver, stat, sizer, part.decodes).result()
         except UnreadableInput as exc:
             unreadable.append(str(exc))
 
-    def read(start: int, end: int) -> np.ndarray:
-        return data[start:end]  # a view of an array or a memory-mapped file: the engine copies from it
-
-    unreadable: list[str] = []
-    decodes = isinstance(data, ImageFolder)
     threads = [threading.Thread(target=run_device, args=(engine, sizer, stat), name=f"hetero-stream-{engine.device.name}")
                for (engine, sizer), stat in zip(taking, stats)]
-    wall_s = run_device_threads(threads, queue, ledger, len(data), bar)
-    faults = ready.faults + [Fault(s.device, "run", s.error) for s in stats if s.error]
-    outputs = finish_stream(unreadable, stats, ledger, len(data), output, outputs)
-    return StreamReport(net.name, len(data), resumed, wall_s, stats, outputs, ready.profiled, faults)
+    return run_device_threads(threads, queue, ledger, samples, bar), stats

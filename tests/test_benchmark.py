@@ -6,7 +6,8 @@ import re
 import pytest
 
 import hetero
-from hetero.benchmark import benchmark
+from hetero.benchmark import benchmark, main
+from hetero.command import run_command
 from hetero.engines import installed_engines
 from hetero.engines.tvm import profile_key
 from hetero.inference import plan
@@ -63,3 +64,28 @@ def test_benchmark_times_the_split_planned_with_learned_slowdowns(tmp_path):
     shares, predicted, _ = plan([learned, learned], 4)
     assert [d.share for d in result.devices] == shares
     assert [d.predicted_s for d in result.devices] == pytest.approx(predicted)
+
+
+def test_benchmark_runs_a_text_network_at_a_sequence_and_mixed_lengths_in_buckets(tmp_path, capsys):
+    """On the tiny BERT-style ONNX encoder: --sequence fixes its length, rates read samples/s, and --lengths
+    mixed streams samples of lengths 1..L in buckets beside the same stream all at L."""
+    pytest.importorskip("onnxruntime")
+    from .test_transformers import export_tiny_encoder
+
+    network = str(export_tiny_encoder(tmp_path / "tiny_bert.onnx"))
+    markdown = tmp_path / "BENCHMARKS.md"
+    common = ["--network", network, "--device", "cpu", "--profile-batches", "1,4", "--repeats", "1", "--warmup",
+              "0", "--engine", "onnxruntime", "--table", str(tmp_path / "t.json"), "--markdown", str(markdown),
+              "--machine", "test-box"]
+    assert run_command(main, [*common, "--sequence", "16", "--batch", "4", "--lengths", "mixed", "--stream", "24",
+                              "--buckets", "4,8"]) == 0
+    text = markdown.read_text()
+    assert f"### {network}, sequence 16, batch 4, `cpu`" in text and "onnxruntime samples/s" in text
+    assert "img/s" not in text and re.search(r"split [\d.]+ samples/s", text)
+    assert re.search(rf"mixed lengths 1..16 \(uniform, seed 0\), 24 samples of {re.escape(network)} streamed over "
+                     r"`cpu`: in buckets [\d.]+ samples/s \(4: \d+, 8: \d+, 16: \d+\); all at 16 [\d.]+ samples/s; "
+                     r"buckets/all-at-16 [\d.]+", text)
+    capsys.readouterr()
+    assert run_command(main, [*common, "--batch", "4"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: tiny_bert takes inputs by name with sequence open: give --sequence L"]
