@@ -292,3 +292,42 @@ def test_a_real_engine_answers_each_request(tmp_path):
     outputs = np.concatenate([future.result(30) for future in futures])
     batcher.close()
     np.testing.assert_allclose(outputs, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_requests_of_different_keys_never_share_a_batch():
+    """A network served at two sequence lengths: each length's requests run on that length's own engine of the one
+    device, batched with requests of that length only, however they arrive."""
+    short, long = Sleepy("cpu", 0.001), Sleepy("cpu", 0.002)
+    recorder = Recorder()
+    gate = hold([(short, None), (long, None)])
+    batcher = Batcher({8: [(short, linear(0.001, "cpu"))], 16: [(long, linear(0.002, "cpu"))]}, latency_s=2.0,
+                      observer=recorder)
+    blocker = batcher.submit(samples(1000), key=8)  # taken at once, then waits behind the gate
+    time.sleep(0.05)
+    futures = {first: batcher.submit(samples(first, 2), key=8 if first % 20 else 16) for first in range(10, 90, 10)}
+    gate.set()
+    for first, future in futures.items():
+        np.testing.assert_array_equal(future.result(2), samples(first, 2).sum(axis=1, keepdims=True))
+    assert blocker.result(2)[0, 0] == 1001
+    batcher.close()
+    assert sorted(int(value) // 10 * 10 for value in short.seen) == [10, 10, 30, 30, 50, 50, 70, 70, 1000]
+    assert sorted(int(value) // 10 * 10 for value in long.seen) == [20, 20, 40, 40, 60, 60, 80, 80]
+    assert [size for _, size in recorder.batches] == [1, 8, 8], "each length's requests in one batch of their own"
+    assert batcher.status()["devices"]["cpu"]["engine"] == "sleepy"
+
+
+def test_admission_counts_work_queued_at_another_key_at_what_it_costs():
+    """10 samples of a length that costs 10 ms a sample, queued ahead: a request of 250 samples of a length that
+    costs 1 ms is predicted done after 100 + 250 ms, not 10 + 250, and refused for a 310 ms deadline."""
+    short, long = Sleepy("cpu", 0.001), Sleepy("cpu", 0.01)
+    gate = hold([(short, None), (long, None)])
+    batcher = Batcher({8: [(short, linear(0.001, "cpu"))], 16: [(long, linear(0.01, "cpu"))]}, latency_s=2.0)
+    blocker = batcher.submit(samples(0), key=8)  # taken at once, then waits behind the gate
+    time.sleep(0.05)
+    queued = batcher.submit(samples(10, 10), 0.3, key=16)
+    with pytest.raises(Rejected, match="after the 10 samples queued ahead of it"):
+        batcher.submit(samples(100, 250), 0.31, key=8)
+    admitted = batcher.submit(samples(100, 50), 0.31, key=8)
+    gate.set()
+    assert len(blocker.result(2)) == 1 and len(queued.result(2)) == 10 and len(admitted.result(2)) == 50
+    batcher.close()

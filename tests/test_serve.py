@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,14 +58,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def _serving(folder: Path, main: list[str], device: str) -> Iterator[Server]:
+def _serving(folder: Path, main: list[str], device: str, model: str = "tiny.onnx",
+             options: Sequence[str] = ()) -> Iterator[Server]:
     """The server started by `main` (python -m hetero.serve, as the README starts it) on `device`, serving folder's
-    tiny.onnx with folder's table; killed at the end if it still runs."""
+    `model` with folder's table and `options`; killed at the end if it still runs."""
     log = folder / "server.log"
     # --latency-ms: a deadline no request misses on a busy CI machine; the timeout tests name their own
-    command = [sys.executable, *main, "--network", str(folder / "tiny.onnx"), "--device", device,
+    command = [sys.executable, *main, "--network", str(folder / model), "--device", device,
                "--http-port", "0", "--grpc-port", "0", "--table", str(folder / "table.json"),
-               "--profile-batches", "1,8,64", "--latency-ms", "5000", "--max-request-mb", str(MAX_REQUEST_MB)]
+               "--profile-batches", "1,8,64", "--latency-ms", "5000", "--max-request-mb", str(MAX_REQUEST_MB), *options]
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT,
                                    env={**os.environ, "HETERO_ENGINE": "tvm"})
@@ -74,7 +75,7 @@ def _serving(folder: Path, main: list[str], device: str) -> Iterator[Server]:
         line = process.stdout.readline() if ready else ""
         ports = re.search(r"http://127\.0\.0\.1:(\d+), gRPC at 127\.0\.0\.1:(\d+)", line)
         assert ports, f"the server did not start: {line!r}\n{log.read_text()}"
-        yield Server(process, f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}", folder / "tiny.onnx",
+        yield Server(process, f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}", folder / model,
                      folder / "table.json", log)
     finally:
         if process.poll() is None:
@@ -429,3 +430,155 @@ def test_sigterm_answers_a_grpc_request_in_flight_and_exits_0(faulty):
     np.testing.assert_allclose(answers[0].as_numpy("output"), faulty.output_of(x), rtol=1e-5, atol=1e-5)
     assert faulty.process.wait(60) == 0, faulty.log.read_text()
     assert time.monotonic() - signalled < SLOW_S + 30
+
+
+# -- a BERT-style encoder of two named inputs (tests/test_transformers.py's tiny export) at sequence buckets 8 and 16
+
+BERT_BUCKETS = "8,16"
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """The tiny encoder served on ONNX Runtime at sequence buckets 8 and 16, by the server started as the README
+    says."""
+    from .test_transformers import export_tiny_encoder  # torch and onnxruntime, or these tests are skipped
+
+    folder = tmp_path_factory.mktemp("bert")
+    export_tiny_encoder(folder / "tiny_bert.onnx")
+    with _serving(folder, ["-m", "hetero.serve"], "cpu", "tiny_bert.onnx",
+                  ["--buckets", BERT_BUCKETS, "--engine", "onnxruntime"]) as started:
+        yield started
+
+
+def _bert_reference(server, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ONNX Runtime's outputs of `inputs` on the served file: last_hidden_state, pooler_output."""
+    from .test_transformers import reference
+
+    return reference(server.model, inputs)
+
+
+def _tokens(batch: int, sequence: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids and masks padding each sample's end by a different length, but the first sample's, which
+    attends to every position: the request runs at the bucket that holds its whole length."""
+    from .test_transformers import tokens
+
+    inputs = tokens(batch, sequence, seed)
+    inputs["attention_mask"][0] = 1
+    return inputs
+
+
+def _named(client_module, inputs: dict[str, np.ndarray], **data_options) -> list:
+    tensors = []
+    for name, values in inputs.items():
+        tensors.append(client_module.InferInput(name, list(values.shape), "INT64"))
+        tensors[-1].set_data_from_numpy(values, **data_options)
+    return tensors
+
+
+def test_a_bert_style_model_lists_every_named_input_and_output(bert):
+    expected_inputs = [("input_ids", "INT64", [-1, -1]), ("attention_mask", "INT64", [-1, -1])]
+    expected_outputs = [("last_hidden_state", "FP32", [-1, -1, 16]), ("pooler_output", "FP32", [-1, 16])]
+    metadata = triton_http.InferenceServerClient(bert.http).get_model_metadata("tiny_bert")
+    for listed, expected in [(metadata["inputs"], expected_inputs), (metadata["outputs"], expected_outputs)]:
+        assert [(t["name"], t["datatype"], t["shape"]) for t in listed] == expected
+    metadata = triton_grpc.InferenceServerClient(bert.grpc).get_model_metadata("tiny_bert", as_json=True)
+    for listed, expected in [(metadata["inputs"], expected_inputs), (metadata["outputs"], expected_outputs)]:
+        assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in listed] == expected
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_http_named_inputs_give_every_output_of_onnx_runtime(bert, binary):
+    """Length 8 is a bucket; 12 runs padded to 16 and comes back at 12."""
+    client = triton_http.InferenceServerClient(bert.http)
+    for sequence in (8, 12):
+        inputs = _tokens(3, sequence, seed=sequence)
+        outputs = None if binary else [triton_http.InferRequestedOutput(name, binary_data=False)
+                                       for name in ("last_hidden_state", "pooler_output")]
+        result = client.infer("tiny_bert", _named(triton_http, inputs, binary_data=binary), outputs=outputs)
+        hidden, pooled = _bert_reference(bert, inputs)
+        assert result.as_numpy("last_hidden_state").shape == (3, sequence, 16)
+        np.testing.assert_allclose(result.as_numpy("last_hidden_state"), hidden, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(result.as_numpy("pooler_output"), pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_grpc_requests_of_several_lengths_at_once_each_get_their_own_outputs(bert):
+    """Sent together, requests of lengths 8, 12 and 16 are batched by bucket only: a batch of mixed lengths would
+    not even concatenate, and each answer equals ONNX Runtime's for its own inputs. One asks for one output."""
+    requests = [_tokens(2, sequence, seed=20 + index) for index, sequence in enumerate((8, 12, 16, 8, 12, 16))]
+    answers: dict[int, object] = {}
+
+    def send(index: int) -> None:
+        client = triton_grpc.InferenceServerClient(bert.grpc)
+        outputs = [triton_grpc.InferRequestedOutput("pooler_output")] if index == 0 else None
+        answers[index] = client.infer("tiny_bert", _named(triton_grpc, requests[index]), outputs=outputs)
+
+    senders = [threading.Thread(target=send, args=(index,)) for index in range(len(requests))]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(60)
+    assert sorted(answers) == list(range(len(requests)))
+    for index, inputs in enumerate(requests):
+        hidden, pooled = _bert_reference(bert, inputs)
+        np.testing.assert_allclose(answers[index].as_numpy("pooler_output"), pooled, rtol=1e-4, atol=1e-4)
+        if index == 0:
+            assert answers[index].as_numpy("last_hidden_state") is None, "only the output asked for"
+        else:
+            np.testing.assert_allclose(answers[index].as_numpy("last_hidden_state"), hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_a_request_longer_than_the_longest_bucket_runs_cut_to_what_its_mask_holds(bert):
+    """Length 24, every sample's mask ending by position 16: run at 16, the hidden states beyond it zeros, those
+    before it and the pooled output ONNX Runtime's for the whole 24."""
+    inputs = _tokens(2, 24, seed=5)
+    inputs["attention_mask"][:, 16:] = 0
+    result = triton_grpc.InferenceServerClient(bert.grpc).infer("tiny_bert", _named(triton_grpc, inputs))
+    hidden, pooled = _bert_reference(bert, inputs)
+    served = result.as_numpy("last_hidden_state")
+    assert served.shape == (2, 24, 16) and not served[:, 16:].any()
+    np.testing.assert_allclose(served[:, :16], hidden[:, :16], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(result.as_numpy("pooler_output"), pooled, rtol=1e-4, atol=1e-4)
+
+
+def _bert_json(**tensors) -> dict:
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": list(values.shape),
+                        "data": values.ravel().tolist()} for name, (datatype, values) in tensors.items()]}
+
+
+BERT_IDS, BERT_MASK = np.arange(16, dtype=np.int64).reshape(2, 8), np.ones((2, 8), np.int64)
+BAD_BERT_REQUESTS = {
+    "missing input": (_bert_json(input_ids=("INT64", BERT_IDS)), "no input 'attention_mask'"),
+    "extra input": (_bert_json(input_ids=("INT64", BERT_IDS), attention_mask=("INT64", BERT_MASK),
+                               token_type_ids=("INT64", BERT_MASK)), "unknown input 'token_type_ids'"),
+    "batch sizes differ": (_bert_json(input_ids=("INT64", BERT_IDS), attention_mask=("INT64", BERT_MASK[:1])),
+                           "different numbers of samples (input_ids 2, attention_mask 1)"),
+    "lengths differ": (_bert_json(input_ids=("INT64", BERT_IDS), attention_mask=("INT64", BERT_MASK[:, :6])),
+                       "input attention_mask of shape (2, 6) does not fit"),
+    "wrong datatype": (_bert_json(input_ids=("FP32", BERT_IDS), attention_mask=("INT64", BERT_MASK)),
+                       "input 'input_ids' has datatype 'FP32'; the model takes INT64"),
+    "above the maximum": (_bert_json(input_ids=("INT64", np.zeros((1, 20), np.int64)),
+                                     attention_mask=("INT64", np.ones((1, 20), np.int64))),
+                          "need sequence length 20, above the model's maximum of 16"),
+    "mask not 0 or 1": (_bert_json(input_ids=("INT64", BERT_IDS), attention_mask=("INT64", BERT_MASK * 2)),
+                        "must hold 0 and 1 only"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BERT_REQUESTS)
+def test_a_bad_request_of_named_inputs_gets_400_with_one_line_and_the_server_goes_on(bert, case):
+    request, message = BAD_BERT_REQUESTS[case]
+    answer = httpx.post(f"http://{bert.http}/v2/models/tiny_bert/infer", json=request, timeout=60)
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    assert "\n" not in answer.json()["error"]
+    inputs = _tokens(1, 8, seed=8)
+    result = triton_grpc.InferenceServerClient(bert.grpc).infer("tiny_bert", _named(triton_grpc, inputs))
+    np.testing.assert_allclose(result.as_numpy("pooler_output"), _bert_reference(bert, inputs)[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_bad_grpc_request_of_named_inputs_gets_invalid_argument(bert):
+    inputs = _tokens(2, 8, seed=9)
+    inputs["attention_mask"] = inputs["attention_mask"][:1]
+    with pytest.raises(InferenceServerException) as refused:
+        triton_grpc.InferenceServerClient(bert.grpc).infer("tiny_bert", _named(triton_grpc, inputs))
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "different numbers of samples (input_ids 2, attention_mask 1)" in refused.value.message()

@@ -372,7 +372,7 @@ class _Feeder:
 
     def __init__(self, ray: Any, net: Network, data: Any, queue: WorkQueue, ledger: Ledger, outputs: np.ndarray,
                  bar: tqdm, slots: Sequence[_Slot], sample_bytes: int, io_bytes: int, chunk_s: float):
-        self.ray, self.data, self.dtype = ray, data, np.dtype(net.dtype)
+        self.ray, self.data, self.dtype = ray, data, net.input_dtype
         self.queue, self.ledger, self.outputs, self.bar = queue, ledger, outputs, bar
         self.sample_bytes, self.io_bytes, self.chunk_s = sample_bytes, io_bytes, chunk_s
         self.stats = [s.stat for s in slots]

@@ -79,13 +79,23 @@ def source_digest(root: Path = HETERO_DIR) -> str:
 
 
 def network_message(net: Network) -> tuple:
-    """What a node needs to make the same network: a registered name, an .onnx file's bytes, or the object."""
-    if net.name in network_names() and get_network(net.name) is net:
-        return ("registered", net.name)
+    """What a node needs to make the same network: a registered name or an .onnx file's bytes, with the shapes
+    of its named inputs (a sequence length the node fits it to), or the object."""
+    shapes = {t.name: t.shape for t in net.inputs}
+    if net.name in network_names() and fitted(get_network(net.name), shapes).key == net.key:
+        return ("registered", net.name, shapes)
     raw = getattr(net.origin, "raw", None)
     if isinstance(raw, bytes):
-        return ("onnx", net.name, raw)
+        return ("onnx", net.name, raw, shapes)
     return ("object", net)
+
+
+def fitted(net: Network, shapes: dict[str, tuple[int, ...]]) -> Network:
+    """`net` with the dimensions its named inputs leave open fixed to those of `shapes` (per input, one sample's
+    shape), as inputs of those shapes fit it; `net` itself where none is open."""
+    if not net.open_dimensions:
+        return net
+    return net.fit({t.name: np.zeros((1, *shapes[t.name]), t.dtype) for t in net.inputs})
 
 
 def node_devices(spec: str, node: str, cpus: int) -> tuple[list[Device], list[str]]:
@@ -217,12 +227,13 @@ class NodeWorker:
     def _network(self, message: tuple) -> Network:
         kind, *rest = message
         if kind == "registered":
-            return get_network(rest[0])
+            name, shapes = rest
+            return fitted(get_network(name), shapes)
         if kind == "onnx":
-            name, raw = rest
+            name, raw, shapes = rest
             path = self._files() / f"{name}.onnx"
             path.write_bytes(raw)
-            return get_network(str(path))
+            return fitted(get_network(str(path)), shapes)
         return rest[0]
 
     def warm(self, device: str, size: int) -> None:

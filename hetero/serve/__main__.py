@@ -33,6 +33,7 @@ def positive_ms(text: str) -> float:
 
 
 def main(argv: list[str]) -> int:
+    from ..buckets import DEFAULT_BUCKETS, parse_buckets
     from ..devices import DEFAULT_PRECISION, PRECISIONS
     from ..inference import DEFAULT_TABLE
     from ..profile import SEED_BATCHES
@@ -40,6 +41,11 @@ def main(argv: list[str]) -> int:
     parser = Parser(prog="python -m hetero.serve",
                     description="Serve a network over every device given, by the Open Inference Protocol (REST, gRPC).")
     parser.add_argument("--network", help="a registered network's name, or a path to an .onnx model")
+    parser.add_argument("--buckets", type=parse_buckets, default=DEFAULT_BUCKETS, metavar="LENGTHS",
+                        help="for a network whose inputs leave a sequence length open (a BERT-style encoder): the "
+                             "sequence lengths served, each prepared and profiled apart; a request runs at the "
+                             "shortest that holds its longest sample (by its attention_mask), its inputs cut or "
+                             f"padded to it (default {','.join(map(str, DEFAULT_BUCKETS))})")
     parser.add_argument("--device", default="cpu", help="comma-separated: cpu, igpu, gpu0, ... (default cpu)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="the address both protocols listen on (default 127.0.0.1: this machine only)")
@@ -75,20 +81,25 @@ def main(argv: list[str]) -> int:
     from .model import ServedModel
 
     net = get_network(args.network)
-    model = ServedModel(net)
+    model = ServedModel(net, args.buckets)
     session = Session(net, args.device, Options(args.table, tuple(args.profile_batches),
                                                  progress=False, precision=args.precision, engine=args.engine))
-    devices = session.engines()
+    pools: dict = {}
     try:
-        metrics = Metrics([engine.device.name for engine, _ in devices] + [fault.device for fault in session.faults])
-        for fault in session.faults:
+        for key, fitted in model.networks.items():  # one pool per sequence length served
+            pools[key] = session.engines(fitted)
+        engines = {engine.device.name: engine.name for pool in pools.values() for engine, _ in pool}
+        left_out = [fault for fault in session.faults if fault.device not in engines]
+        metrics = Metrics([*engines, *(fault.device for fault in left_out)])
+        for fault in left_out:
             metrics.device_out(fault.device, fault.error)
-        batcher = Batcher(devices, args.latency_ms / 1e3, args.max_queue, observer=metrics)
-        plane = DataPlane(model, batcher, metrics, args.latency_ms / 1e3, args.max_request_mb << 20, session.faults)
+        batcher = Batcher(pools, args.latency_ms / 1e3, args.max_queue, observer=metrics)
+        plane = DataPlane(model, batcher, metrics, args.latency_ms / 1e3, args.max_request_mb << 20, left_out)
 
         def listening(http_port: int, grpc_port: int) -> None:
-            engines = ", ".join(f"{engine.device.name} ({engine.name})" for engine, _ in devices)
-            print(f"serving {model.name} on {engines}: REST and /metrics at http://{args.host}:{http_port}, "
+            served = ", ".join(f"{name} ({engine})" for name, engine in engines.items())
+            lengths = f" at sequence lengths {', '.join(map(str, model.buckets))}" if model.buckets else ""
+            print(f"serving {model.name} on {served}{lengths}: REST and /metrics at http://{args.host}:{http_port}, "
                   f"gRPC at {args.host}:{grpc_port}; SIGTERM stops", flush=True)
 
         try:
@@ -96,8 +107,9 @@ def main(argv: list[str]) -> int:
         finally:
             batcher.close(drain=True)
     finally:
-        for engine, _ in devices:
-            engine.close()
+        for pool in pools.values():
+            for engine, _ in pool:
+                engine.close()
     return 0
 
 

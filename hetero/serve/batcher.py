@@ -21,6 +21,11 @@ deadline (less what its caller keeps to answer it), or one that would overfill t
 predicted to finish after it when its turn comes, is dropped (:class:`Expired`) rather than computed late. A device
 whose engine fails leaves the pool, and what it had not computed goes back to the queue for the others.
 
+Each request has a key, and a batch holds requests of one key only: a network of named inputs served at
+several sequence lengths runs each length on engines of its own (one compiled per length), profiled apart,
+so that no call mixes lengths. A device has an engine and a profile per key; what it measured slower than
+profiled (its slowdown) it is, whatever the key.
+
 Batches run through the data path (hetero.feed.feed_batch) on each engine's own worker thread. The
 batcher knows nothing of HTTP or gRPC: it takes arrays and hands back futures.
 """
@@ -33,7 +38,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -100,6 +105,7 @@ class _Unobserved:
 @dataclass(eq=False)
 class _Request:
     inputs: np.ndarray
+    key: Hashable  # its batch's: only requests of one key are computed together
     deadline: float  # time.monotonic()
     arrived: float
     future: Future
@@ -134,50 +140,60 @@ class _Piece:
                 _Piece(self.deadline, self.arrival, middle, self.end, self.request))
 
 
-class _Device:
-    """One engine in the pool: its predictions, corrected by what its batches measured, and its record."""
+class _Plan:
+    """What a device runs requests of one key with: its engine, that engine's profile and cost curve."""
 
     def __init__(self, engine: Engine, profile: Profile, samples: int):
         self.engine, self.profile = engine, profile
-        self.name = engine.device.name
+        self.call_limit = profile.max_batch()  # above it the profile predicts, and the feed runs, several calls
+        self._profiled = profile.cost_curve(samples)  # seconds for 0..samples, never falling
+
+    def curve(self, samples: int) -> np.ndarray:
+        """Profiled seconds for 0..samples or more."""
+        if samples >= len(self._profiled):
+            self._profiled = self.profile.cost_curve(max(samples, 2 * len(self._profiled)))
+        return self._profiled
+
+
+class _Device:
+    """One device in the pool: its engine and profile per key, its predictions, corrected by what its batches
+    measured, and its record."""
+
+    def __init__(self, name: str, plans: dict[Hashable, _Plan]):
+        self.name, self.plans = name, plans
         self.working = True
         self.error: str | None = None
         self.batches = self.samples = 0
-        self.busy: tuple[float, int] | None = None  # when the batch it computes started, and its samples
-        self._call_limit = profile.max_batch()  # above it the profile predicts, and the feed runs, several calls
+        self.busy: tuple[float, int, Hashable] | None = None  # when the batch it computes started, its samples, key
         self._ratios: deque[tuple[float, float]] = deque(maxlen=RECENT_BATCHES)  # (when, measured / profiled)
         # the slowdown, kept until a batch is learned or the oldest ratio counted expires: predictions run under
         # the batcher's lock, many to a request
         self._slowdown = 1.0
         self._slowdown_until = 0.0
-        self._profiled = profile.cost_curve(samples)  # seconds for 0..samples, never falling
 
-    def _cover(self, samples: int) -> None:
-        if samples >= len(self._profiled):
-            self._profiled = self.profile.cost_curve(max(samples, 2 * len(self._profiled)))
+    def _profiled_s(self, samples: int, key: Hashable) -> float:
+        plan = self.plans.get(key)
+        return math.inf if plan is None else float(plan.curve(samples)[samples])
 
-    def _profiled_s(self, samples: int) -> float:
-        self._cover(samples)
-        return float(self._profiled[samples])
+    def predict_s(self, samples: int, key: Hashable) -> float:
+        """Seconds for `samples` of `key`; never, where it has no engine for `key`."""
+        return self._profiled_s(samples, key) * self.slowdown
 
-    def predict_s(self, samples: int) -> float:
-        return self._profiled_s(samples) * self.slowdown
-
-    def capacity(self, seconds: float, samples: int) -> int:
-        """The most samples, up to `samples`, predicted to take at most `seconds`."""
-        if seconds < 0:
+    def capacity(self, seconds: float, samples: int, key: Hashable) -> int:
+        """The most samples of `key`, up to `samples`, predicted to take at most `seconds`."""
+        if seconds < 0 or key not in self.plans:
             return 0
-        self._cover(samples)
         # the tolerance keeps predict_s(k) within the capacity of predict_s(k) seconds despite rounding
         profiled_s = seconds / self.slowdown * (1 + 1e-9)
-        return max(int(np.searchsorted(self._profiled[: samples + 1], profiled_s, side="right")) - 1, 0)
+        curve = self.plans[key].curve(samples)
+        return max(int(np.searchsorted(curve[: samples + 1], profiled_s, side="right")) - 1, 0)
 
     def busy_s(self, now: float) -> float:
         """Seconds from `now` until the batch it computes is predicted to end; 0 when it is free."""
         if self.busy is None:
             return 0.0
-        started, samples = self.busy
-        return max(0.0, started + self.predict_s(samples) - now)
+        started, samples, key = self.busy
+        return max(0.0, started + self.predict_s(samples, key) - now)
 
     @property
     def slowdown(self) -> float:
@@ -191,32 +207,43 @@ class _Device:
             self._slowdown_until = min((when for when, _ in recent), default=math.inf) + RECENT_S
         return self._slowdown
 
-    def learn(self, samples: int, measured_s: float) -> None:
-        profiled = self._profiled_s(samples)
+    def learn(self, samples: int, key: Hashable, measured_s: float) -> None:
+        profiled = self._profiled_s(samples, key)
         if 0 < profiled < math.inf and measured_s > 0:
             self._ratios.append((time.monotonic(), measured_s / profiled))
             self._slowdown_until = 0.0
 
-    def step(self, samples: int) -> int:
-        """Samples per engine call for a batch of `samples`."""
-        limits = [samples, self._call_limit or samples, self.engine.max_call or samples]
+    def step(self, samples: int, key: Hashable) -> int:
+        """Samples per engine call for a batch of `samples` of `key`."""
+        plan = self.plans[key]
+        limits = [samples, plan.call_limit or samples, plan.engine.max_call or samples]
         return max(1, min(limits))
+
+
+Pool = Sequence[tuple[Engine, Profile]]  # per device, the engine that computes on it and its profile
 
 
 class Batcher:
     """One earliest-deadline-first queue served by every device in `devices`, each on a thread of its own.
 
-    `latency_s` is the deadline of a request that brings none; `max_queue` bounds the samples waiting.
+    `devices` is a pool, (engine, profile) per device, or a pool per key: requests of a key run on its pool's
+    engines, and a device that has no engine for a key leaves its requests to the others. `latency_s` is the
+    deadline of a request that brings none; `max_queue` bounds the samples waiting.
     """
 
-    def __init__(self, devices: Sequence[tuple[Engine, Profile]], latency_s: float, max_queue: int = 1024,
+    def __init__(self, devices: Pool | Mapping[Hashable, Pool], latency_s: float, max_queue: int = 1024,
                  observer: Observer | None = None):
-        names = [engine.device.name for engine, _ in devices]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"a batcher needs one or more devices, each named once; got {names}")
+        pools = devices if isinstance(devices, Mapping) else {None: devices}
+        plans: dict[str, dict[Hashable, _Plan]] = {}
+        for key, pool in pools.items():
+            names = [engine.device.name for engine, _ in pool]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"a batcher needs one or more devices, each named once; got {names} for {key!r}")
+            for engine, profile in pool:
+                plans.setdefault(engine.device.name, {})[key] = _Plan(engine, profile, max_queue)
         self.latency_s, self.max_queue = latency_s, max_queue
         self.observer: Observer = observer or _Unobserved()
-        self._devices = [_Device(engine, profile, max_queue) for engine, profile in devices]
+        self._devices = [_Device(name, device_plans) for name, device_plans in plans.items()]
         self._heap: list[_Piece] = []
         self._queued_samples = 0
         self._in_flight = 0  # batches being computed: a failure among them may put pieces back
@@ -230,21 +257,25 @@ class Batcher:
 
     # -- the caller's side
 
-    def submit(self, inputs: np.ndarray, deadline_s: float | None = None, reserve_s: float = 0.0) -> Future:
-        """Queue `inputs` (n, *network.input_shape), already checked by the caller, to be answered within
-        `deadline_s` seconds from now (None: latency_s), of which the caller keeps `reserve_s` to answer once
-        the outputs are in: they are due that much earlier. The future's result is the (n, *output_shape)
-        outputs. Raises Rejected at once when the request is predicted to miss its deadline, the queue has
-        no room for it or the batcher is closing, and HeteroError when no device is left. Cancelling the
-        future before a device takes the request drops it."""
+    def submit(self, inputs: np.ndarray, deadline_s: float | None = None, reserve_s: float = 0.0,
+               key: Hashable = None) -> Future:
+        """Queue `inputs` (n samples of the network `key` names), already checked by the caller, to be answered
+        within `deadline_s` seconds from now (None: latency_s), of which the caller keeps `reserve_s` to answer
+        once the outputs are in: they are due that much earlier. The future's result is the n outputs. Raises
+        Rejected at once when the request is predicted to miss its deadline, the queue has no room for it or
+        the batcher is closing, and HeteroError when no device is left. Cancelling the future before a device
+        takes the request drops it."""
+        plans = [device.plans[key] for device in self._devices if key in device.plans]
+        if not plans:
+            raise ValueError(f"no device has an engine for {key!r}")
         future: Future = Future()
         if not len(inputs):  # nothing to queue: a piece of no samples would never be delivered
-            network = self._devices[0].engine.network
-            future.set_result(np.empty((0, *network.output_shape), network.dtype))
+            network = plans[0].engine.network
+            future.set_result(np.empty((0, *network.output_shape), network.output_dtype))
             return future
         now = time.monotonic()
         budget_s = (self.latency_s if deadline_s is None else deadline_s) - reserve_s
-        request = _Request(inputs, now + budget_s, now, future, len(inputs))
+        request = _Request(inputs, key, now + budget_s, now, future, len(inputs))
         with self._changed:
             refusal = self._refusal(request, budget_s, reserve_s, now)
             if refusal is None:
@@ -258,23 +289,25 @@ class Batcher:
 
     def _refusal(self, request: _Request, budget_s: float, reserve_s: float, now: float) -> HeteroError | None:
         """Why `request`, due `budget_s` from `now`, cannot be queued now, or None; under the lock."""
-        samples = len(request.inputs)
+        samples, key = len(request.inputs), request.key
         if not any(device.working for device in self._devices):
             return HeteroError(f"no device is left: {self._outs()}")
         if self._closing:
-            return Rejected("the server is shutting down", self._pool_finish_s(self._queued_samples, now))
+            return Rejected("the server is shutting down",
+                            self._pool_finish_s(self._as_samples_of(key, self._heap), now, key))
         if samples > self.max_queue:
             return Rejected(f"{samples} samples are more than the queue holds ({self.max_queue})",
-                            self._pool_finish_s(self._queued_samples, now))
+                            self._pool_finish_s(self._as_samples_of(key, self._heap), now, key))
         if self._queued_samples + samples > self.max_queue:
             excess = self._queued_samples + samples - self.max_queue
             return Rejected(f"the queue is full ({self._queued_samples} of {self.max_queue} samples waiting)",
-                            self._pool_finish_s(excess, now))
-        ahead = sum(piece.size for piece in self._heap if piece.deadline <= request.deadline)
-        finish_s = self._pool_finish_s(ahead + samples, now)
+                            self._pool_finish_s(min(excess, self._as_samples_of(key, self._heap)), now, key))
+        pieces_ahead = [piece for piece in self._heap if piece.deadline <= request.deadline]
+        ahead = sum(piece.size for piece in pieces_ahead)
+        finish_s = self._pool_finish_s(self._as_samples_of(key, pieces_ahead) + samples, now, key)
         if finish_s <= budget_s:
             return None
-        idle_s = self._pool_finish_s(samples, now, all_free=True)
+        idle_s = self._pool_finish_s(samples, now, key, all_free=True)
         why = (f"the devices need {idle_s * 1e3:.1f} ms for its {samples} samples even when idle" if idle_s > budget_s
                else f"it would be done in {finish_s * 1e3:.1f} ms, after the {ahead} samples queued ahead of it")
         kept = f", {reserve_s * 1e3:.1f} ms of it kept to answer" if reserve_s else ""
@@ -298,12 +331,14 @@ class Batcher:
             return not self._closing and any(device.working for device in self._devices)
 
     def status(self) -> dict:
-        """Each device's engine, whether it is in the pool (else the error that took it out), its batches
-        and samples, and its slowdown against its profile; the requests and samples queued."""
+        """Each device's engines (one name per engine of its keys), whether it is in the pool (else the error
+        that took it out), its batches and samples, and its slowdown against its profile; the requests and
+        samples queued."""
         with self._changed:
             return {
                 "devices": {
-                    device.name: {"engine": device.engine.name, "in": device.working, "error": device.error,
+                    device.name: {"engine": ", ".join(sorted({plan.engine.name for plan in device.plans.values()})),
+                                  "in": device.working, "error": device.error,
                                   "batches": device.batches, "samples": device.samples,
                                   "slowdown": device.slowdown}
                     for device in self._devices
@@ -327,19 +362,35 @@ class Batcher:
 
     # -- predictions
 
-    def _pool_finish_s(self, samples: int, now: float, all_free: bool = False) -> float:
-        """Seconds from `now` until the working devices together compute `samples` more, each starting when
-        its current batch is predicted to end (with `all_free`, at once) and taking the share it finishes by
-        then: the time at which their capacities first add up to `samples`."""
+    def _as_samples_of(self, key: Hashable, pieces: Sequence[_Piece]) -> int:
+        """The samples of `key` the working devices are predicted to take as long for as for `pieces`, of any
+        keys: a piece of another key counts its samples times the ratio of the two keys' predicted seconds at
+        its size, summed over the devices that run both. The pool's predictions are in samples of one key."""
+        total = 0.0
+        for piece in pieces:
+            other = piece.request.key
+            if other == key:
+                total += piece.size
+                continue
+            both = [d for d in self._devices if d.working and key in d.plans and other in d.plans]
+            theirs = sum(device.predict_s(piece.size, other) for device in both)
+            ours = sum(device.predict_s(piece.size, key) for device in both)
+            total += piece.size * (theirs / ours if ours > 0 else 1.0)
+        return math.ceil(total)
+
+    def _pool_finish_s(self, samples: int, now: float, key: Hashable, all_free: bool = False) -> float:
+        """Seconds from `now` until the working devices together compute `samples` more of `key`, each starting
+        when its current batch is predicted to end (with `all_free`, at once) and taking the share it finishes
+        by then: the time at which their capacities first add up to `samples`."""
         starts = {device: 0.0 if all_free else device.busy_s(now) for device in self._devices if device.working}
         if not starts:
             return math.inf
-        low, high = 0.0, min(start + device.predict_s(samples) for device, start in starts.items())
+        low, high = 0.0, min(start + device.predict_s(samples, key) for device, start in starts.items())
         if not math.isfinite(high):
             return math.inf
         while high - low > FINISH_PRECISION_S:
             middle = (low + high) / 2
-            if sum(device.capacity(middle - start, samples) for device, start in starts.items()) >= samples:
+            if sum(device.capacity(middle - start, samples, key) for device, start in starts.items()) >= samples:
                 high = middle
             else:
                 low = middle
@@ -349,10 +400,11 @@ class Batcher:
         """How many of `piece`'s samples `device`, free now, should take: all of them when it finishes them
         by their deadline; otherwise its part of a split by the devices' rates, which is none when the
         others finish the piece sooner without it."""
-        if now + device.predict_s(piece.size) <= piece.deadline:
+        key = piece.request.key
+        if now + device.predict_s(piece.size, key) <= piece.deadline:
             return piece.size
-        finish_s = self._pool_finish_s(piece.size, now)  # `device` is free: it starts at once
-        return min(piece.size, device.capacity(finish_s, piece.size))
+        finish_s = self._pool_finish_s(piece.size, now, key)  # `device` is free: it starts at once
+        return min(piece.size, device.capacity(finish_s, piece.size, key))
 
     # -- the queue, under the lock
 
@@ -366,12 +418,12 @@ class Batcher:
         return piece
 
     def _next_batch(self, device: _Device, now: float, settle: list[Callable[[], None]]) -> list[_Piece]:
-        """The pieces `device` computes next, in deadline order, each request among them marked started;
-        pieces whose deadline passed, or that the devices would finish after it, are dropped on the way. Empty when
-        it should leave the queue to others."""
+        """The pieces `device` computes next, in deadline order and all of the first one's key, each request among
+        them marked started; pieces whose deadline passed, or that the devices would finish after it, are dropped on
+        the way. Empty when it should leave the queue to others."""
         batch: list[_Piece] = []
         left_alone: list[_Piece] = []
-        head_deadline, samples = math.inf, 0
+        head_deadline, samples, key, other_keys = math.inf, 0, None, 0
         while self._heap:
             piece = self._pop()
             request = piece.request
@@ -383,8 +435,9 @@ class Batcher:
                            EXPIRED, settle)
                 continue
             if not batch:
-                if (now + device.predict_s(piece.size) > piece.deadline
-                        and now + (finish_s := self._pool_finish_s(piece.size, now)) > piece.deadline):
+                key = request.key
+                if (now + device.predict_s(piece.size, key) > piece.deadline
+                        and now + (finish_s := self._pool_finish_s(piece.size, now, key)) > piece.deadline):
                     late_ms = (now + finish_s - piece.deadline) * 1e3
                     self._drop(request, Expired(f"when a device was free for it, it was predicted to be done {late_ms:.1f}"
                                                 " ms after its deadline"), EXPIRED, settle)
@@ -402,7 +455,12 @@ class Batcher:
                     break
                 batch.append(piece)
                 head_deadline, samples = piece.deadline, piece.size
-            elif now + device.predict_s(samples + piece.size) <= head_deadline:
+            elif request.key != key:  # computed in a batch of its own key; look on for this one's
+                left_alone.append(piece)
+                other_keys += 1
+                if other_keys == HEAD_CANDIDATES:
+                    break
+            elif now + device.predict_s(samples + piece.size, key) <= head_deadline:
                 batch.append(piece)
                 samples += piece.size
             else:
@@ -485,7 +543,7 @@ class Batcher:
                 now = time.monotonic()
                 batch = self._next_batch(device, now, settle)
                 if batch:
-                    device.busy = (now, sum(piece.size for piece in batch))
+                    device.busy = (now, sum(piece.size for piece in batch), batch[0].request.key)
                     self._in_flight += 1
                 elif not settle:
                     # what it left to faster devices changes when they take or finish a batch (they notify),
@@ -498,9 +556,10 @@ class Batcher:
     def _compute(self, device: _Device, batch: list[_Piece]) -> None:
         """Run `batch` through the data path on `device`'s engine; deliver what it computed and queue again
         what it did not (all of it, or the rest after the engine failed)."""
-        engine = device.engine
+        key = batch[0].request.key
+        engine = device.plans[key].engine
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([piece.inputs for piece in batch])
-        step = device.step(len(inputs))
+        step = device.step(len(inputs), key)
         stats = DeviceStream(device.name, engine.name, step)
         try:
             outputs, compute_s = engine.on_worker(_timed_feed, engine, inputs, step, stats).result()
@@ -524,7 +583,7 @@ class Batcher:
                 self._leave(device, stats.error, settle)
             else:
                 device.batches += 1
-                device.learn(len(inputs), compute_s)
+                device.learn(len(inputs), key, compute_s)
                 settle.append(lambda: self.observer.batch(device.name, len(inputs), compute_s))
             self._changed.notify_all()
         _run_all(settle)

@@ -63,27 +63,31 @@ def _refused(exc: Exception) -> bool:
     return "429" in status or "RESOURCE_EXHAUSTED" in status
 
 
-def triton_target(protocol: str, url: str, model: str, x: np.ndarray, datatype: str) -> Target:
-    """Senders of `x` to a KServe v2 server through tritonclient's HTTP (binary tensors) or gRPC client."""
+def triton_target(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> Target:
+    """Senders of `inputs` (by name) to a KServe v2 server through tritonclient's HTTP (binary tensors) or gRPC
+    client, asking for `outputs`."""
+    from .model import DATATYPES
+
     if protocol == "http":
         import tritonclient.http as client_module
     else:
         import tritonclient.grpc as client_module
     from tritonclient.utils import InferenceServerException
+    binary = {"binary_data": True} if protocol == "http" else {}
 
     def make() -> Callable[[], None]:
         client = client_module.InferenceServerClient(url, **({"network_timeout": 120.0} if protocol == "http" else {}))
-        tensor = client_module.InferInput("input", list(x.shape), datatype)
-        if protocol == "http":
-            tensor.set_data_from_numpy(x, binary_data=True)
-            outputs = [client_module.InferRequestedOutput("output", binary_data=True)]
-        else:
-            tensor.set_data_from_numpy(x)
-            outputs = [client_module.InferRequestedOutput("output")]
+        tensors = []
+        for name, x in inputs.items():
+            tensors.append(client_module.InferInput(name, list(x.shape), DATATYPES[x.dtype.name]))
+            tensors[-1].set_data_from_numpy(x, **binary)
+        requested = [client_module.InferRequestedOutput(name, **binary) for name in outputs]
 
         def send() -> None:
             try:
-                client.infer(model, [tensor], outputs=outputs).as_numpy("output")
+                answer = client.infer(model, tensors, outputs=requested)
+                for name in outputs:
+                    answer.as_numpy(name)
             except InferenceServerException as exc:
                 if _refused(exc):
                     raise Rejected(str(exc)) from None
@@ -126,6 +130,8 @@ def hetero_server(args: argparse.Namespace, devices: str) -> Iterator[tuple[str,
         command += ["--engine", args.engine]
     if args.profile_batches:
         command += ["--profile-batches", ",".join(map(str, args.profile_batches))]
+    if args.sequence_length:
+        command += ["--buckets", str(args.sequence_length)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([process.stdout], [], [], STARTUP_S)
@@ -359,6 +365,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rates", default="20,100", help="open-loop Poisson requests per second (default 20,100)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per load point (default 3)")
     parser.add_argument("--request-batch", type=positive_int, default=1, help="samples per request (default 1)")
+    parser.add_argument("--sequence-length", type=positive_int, default=None,
+                        help="for a network of named inputs with a sequence left open (a BERT-style encoder): the "
+                             "length of every request, the one bucket the server serves; measures hetero's server "
+                             "only (--systems hetero-all,hetero-best)")
     parser.add_argument("--latency-ms", type=float, default=50.0,
                         help="the deadline: hetero's --latency-ms, and what goodput counts within (default 50)")
     parser.add_argument("--protocols", default="http,grpc", help="hetero's: http, grpc or both (default both)")
@@ -382,12 +392,18 @@ def main(argv: list[str]) -> int:
         raise UsageError("--protocols takes http,grpc; --systems " + ",".join(SYSTEMS) + "; --device at least one")
     command = "python -m hetero.serve.benchmark " + shlex.join(argv)
     from ..models import get_network
+    from .model import ServedModel
 
     net = get_network(args.network)
-    x = net.random_input(args.request_batch)
-    from .model import DATATYPES
-
-    datatype = DATATYPES[np.dtype(net.dtype).name]
+    if net.open_dimensions and not args.sequence_length:
+        raise UsageError(f"{net.name} leaves {', '.join(net.open_dimensions)} open: give --sequence-length")
+    if net.inputs and set(systems) - {"hetero-all", "hetero-best"}:
+        raise UsageError(f"{net.name} takes named inputs, which only hetero's server is measured with: "
+                         "--systems hetero-all,hetero-best")
+    served = ServedModel(net, [args.sequence_length] if args.sequence_length else [])
+    x = next(iter(served.networks.values())).random_input(args.request_batch)
+    inputs = {name: np.ascontiguousarray(x[name]) for name in x.dtype.names} if net.inputs else {"input": x}
+    outputs = [spec.name for spec in served.outputs]
     max_batch = args.ray_max_batch or max(1, 32 // args.request_batch)
     rows: list[Row] = []
     notes = [f"{net.name}, {args.request_batch} sample(s) a request, deadline {args.latency_ms:g} ms, "
@@ -405,7 +421,7 @@ def main(argv: list[str]) -> int:
             notes.append(f"- {system}: {line.split(':')[0]}.")
             for protocol in protocols:
                 address = http_address if protocol == "http" else grpc_address
-                rows.extend(measure(args, system, protocol, triton_target(protocol, address, net.name, x, datatype),
+                rows.extend(measure(args, system, protocol, triton_target(protocol, address, net.name, inputs, outputs),
                                     args.request_batch))
             if system == "hetero (all)" and not args.best_device:
                 import json

@@ -19,7 +19,7 @@ from ..errors import HeteroError
 from ..inference import Fault
 from .batcher import RECENT_S, Batcher, Expired, Rejected
 from .metrics import Metrics
-from .model import BadRequest, ServedModel, UnknownModel
+from .model import BadRequest, Batchable, ServedModel, TensorSpec, UnknownModel
 
 log = logging.getLogger("hetero")
 
@@ -112,16 +112,16 @@ class DataPlane:
         recent = [seconds for when, seconds in self._answers if now - when < RECENT_S]
         return float(np.quantile(recent, ANSWER_QUANTILE)) if recent else 0.0
 
-    async def infer(self, inputs: np.ndarray, deadline_s: float, encode: Callable[[np.ndarray], T]) -> T:
-        """`encode` of the outputs of `inputs`, due by `deadline_s` (time.monotonic()). Rejected at once when the
-        batcher predicts the deadline missed or its queue is full; Expired when the deadline passes first.
+    async def infer(self, inputs: Batchable, outputs: Sequence[TensorSpec], deadline_s: float,
+                    encode: Callable[[list[tuple[TensorSpec, np.ndarray]]], T]) -> T:
+        """`encode` of the `outputs` of `inputs`, due by `deadline_s` (time.monotonic()). Rejected at once when
+        the batcher predicts the deadline missed or its queue is full; Expired when the deadline passes first.
         Cancelling the caller (a client gone) cancels the request, which the batcher then drops before computing
         it."""
-        future = self.batcher.submit(inputs, deadline_s - time.monotonic(), self.reserve_s())
+        future = self.batcher.submit(inputs.inputs, deadline_s - time.monotonic(), self.reserve_s(), inputs.key)
         computed: list[float] = []
         future.add_done_callback(lambda _: computed.append(time.monotonic()))  # on the batcher's thread
-        outputs = await asyncio.wrap_future(future)
-        answer = encode(np.ascontiguousarray(outputs, self.model.output.dtype))
+        answer = encode(self.model.output_tensors(await asyncio.wrap_future(future), outputs, inputs))
         answered = time.monotonic()
         self._answers.append((answered, answered - computed[0]))
         return answer

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import HeteroError, one_line
 from .batcher import Expired, Rejected
 from .dataplane import DataPlane
-from .model import BadRequest, ServedModel, UnknownModel
+from .model import BadRequest, Batchable, ServedModel, TensorSpec, UnknownModel
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -57,34 +57,40 @@ def _timeout_s(request: pb.ModelInferRequest) -> float | None:
     return timeout_us * 1e-6
 
 
-def parse_inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
-    """The request's input, from its raw bytes or its typed contents, with its input and the outputs it asks
-    for checked against the model."""
+def parse_inputs(request: pb.ModelInferRequest, model: ServedModel) -> Batchable:
+    """The request's inputs, each from its raw bytes (the i-th of raw_input_contents for the i-th input, where
+    the request has them) or its typed contents, checked against the model."""
     model.check_inputs([tensor.name for tensor in request.inputs])
-    model.check_outputs([output.name for output in request.outputs])
-    tensor = request.inputs[0]
-    shape = model.input_shape(tensor.datatype, list(tensor.shape))
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise BadRequest(f"raw_input_contents has {len(request.raw_input_contents)} tensors for 1 input")
-        if tensor.HasField("contents"):
-            raise BadRequest(f"input {tensor.name!r} has both contents and raw_input_contents; give one")
-        return model.input_from_bytes(shape, request.raw_input_contents[0])
-    field = CONTENTS.get(tensor.datatype)
-    values = getattr(tensor.contents, field) if field else ()
-    if not values:
-        raise BadRequest(f"input {tensor.name!r} has no {field or 'typed contents for its datatype'} and there "
-                         f"are no raw_input_contents")
-    return model.input_from_values(shape, list(values))
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} tensors for {len(request.inputs)} inputs")
+    tensors = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = model.input_spec(tensor.name)
+        shape = spec.checked_shape(tensor.datatype, list(tensor.shape))
+        if raw:
+            if tensor.HasField("contents"):
+                raise BadRequest(f"input {tensor.name!r} has both contents and raw_input_contents; give one")
+            tensors[spec.name] = spec.from_bytes(shape, raw[index])
+            continue
+        field = CONTENTS.get(tensor.datatype)
+        values = getattr(tensor.contents, field) if field else ()
+        if not values:
+            raise BadRequest(f"input {tensor.name!r} has no {field or 'typed contents for its datatype'} and there "
+                             f"are no raw_input_contents")
+        tensors[spec.name] = spec.from_values(shape, list(values))
+    return model.batchable(tensors)
 
 
-def infer_response(model: ServedModel, request: pb.ModelInferRequest, outputs: np.ndarray) -> pb.ModelInferResponse:
+def infer_response(model: ServedModel, request: pb.ModelInferRequest,
+                   outputs: list[tuple[TensorSpec, np.ndarray]]) -> pb.ModelInferResponse:
     """The outputs as raw_output_contents, little-endian as the protocol sends them."""
-    output = pb.ModelInferResponse.InferOutputTensor(name=model.output.name, datatype=model.output.datatype,
-                                                     shape=list(outputs.shape))
-    return pb.ModelInferResponse(model_name=model.name, id=request.id, outputs=[output],
-                                 raw_output_contents=[outputs.astype(outputs.dtype.newbyteorder("<"),
-                                                                     copy=False).tobytes()])
+    return pb.ModelInferResponse(
+        model_name=model.name, id=request.id,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(name=spec.name, datatype=spec.datatype,
+                                                         shape=list(values.shape)) for spec, values in outputs],
+        raw_output_contents=[values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+                             for _, values in outputs])
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -131,11 +137,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with self.plane.counted("grpc"):
                 model.check_name(request.model_name)
                 inputs = parse_inputs(request, model)
+                outputs = model.requested_outputs([output.name for output in request.outputs])
                 # The call's own deadline first: past it the client has stopped waiting.
                 remaining_s = context.time_remaining()
                 deadline_s = (time.monotonic() + remaining_s if remaining_s is not None
                               else self.plane.deadline(arrived_s, _timeout_s(request)))
                 # A cancelled call cancels this coroutine, and with it the batcher's request.
-                return await self.plane.infer(inputs, deadline_s, partial(infer_response, model, request))
+                return await self.plane.infer(inputs, outputs, deadline_s, partial(infer_response, model, request))
         except Exception as exc:  # each becomes its status; the server goes on serving
             await context.abort(*_status(exc))

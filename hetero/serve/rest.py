@@ -2,10 +2,11 @@
 inference with JSON tensors and with the binary tensor data extension, and /metrics.
 
 Every error is a 4xx or 5xx status with {"error": "..."}: 400 for a request the server cannot act on (malformed
-body, wrong input name, shape, datatype or byte count, a body over the size limit), 404 for an unknown model or
-path, 429 with Retry-After when the batcher turns a request away (its deadline predicted missed, or the queue
-full), 504 when a request's deadline passes before it is computed, 503 when no device is left to compute it
-(or the server is stopping), 500 for a failure of the server's own."""
+body, an unknown, missing or repeated input, a wrong shape, datatype or byte count, inputs of different numbers
+of samples or sequence lengths, a sequence longer than the longest bucket, a body over the size limit), 404 for
+an unknown model or path, 429 with Retry-After when the batcher turns a request away (its deadline predicted
+missed, or the queue full), 504 when a request's deadline passes before it is computed, 503 when no device is
+left to compute it (or the server is stopping), 500 for a failure of the server's own."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from starlette.routing import Route
 from ..errors import HeteroError, one_line
 from .batcher import Expired, Rejected
 from .dataplane import ClientGone, DataPlane
-from .model import BadRequest, ServedModel, UnknownModel
+from .model import BadRequest, Batchable, ServedModel, TensorSpec, UnknownModel
 
 log = logging.getLogger("hetero")
 
@@ -77,10 +78,11 @@ def _parameters(entry: dict, where: str) -> dict:
 
 @dataclass
 class InferCall:
-    """What an inference request asks: the inputs, the outputs in binary or as JSON, its id and timeout."""
+    """What an inference request asks: the inputs, the outputs (each in binary or as JSON), its id and timeout."""
 
-    inputs: np.ndarray
-    binary_output: bool
+    inputs: Batchable
+    outputs: list[TensorSpec]
+    binary: list[bool]  # per output
     request_id: str | None
     timeout_s: float | None
 
@@ -95,21 +97,21 @@ def _timeout_s(parameters: dict) -> float | None:
     return timeout_us * 1e-6
 
 
-def _binary_output(request: dict, model: ServedModel) -> bool:
-    """Whether the outputs go in binary: as each requested output's `binary_data` says, else as the request's
-    `binary_data_output` does."""
-    default = _parameters(request, "the request").get("binary_data_output", False)
+def _outputs(request: dict, model: ServedModel) -> tuple[list[TensorSpec], list[bool]]:
+    """The outputs a request asks for (none named: all), and whether each goes in binary: as its `binary_data`
+    says, else as the request's `binary_data_output` does."""
+    default = bool(_parameters(request, "the request").get("binary_data_output", False))
     outputs = request.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest(f"outputs must be a list of objects, got {outputs!r:.80}")
-    model.check_outputs([o.get("name") for o in outputs])
-    binary = bool(default)
-    for output in outputs:
+    specs = model.requested_outputs([o.get("name") for o in outputs])
+    binary = [default] * len(specs)
+    for index, output in enumerate(outputs):
         parameters = _parameters(output, f"output {output['name']!r}")
         if "classification" in parameters:  # the classification extension: answering plain outputs would mislead
             raise BadRequest("the classification extension is not supported; ask for the output tensor")
-        binary = bool(parameters.get("binary_data", default))
-    return binary
+        binary[index] = bool(parameters.get("binary_data", default))
+    return specs, binary
 
 
 def parse_infer(body: bytes, header_length: str | None, model: ServedModel) -> InferCall:
@@ -132,44 +134,53 @@ def parse_infer(body: bytes, header_length: str | None, model: ServedModel) -> I
     if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
         raise BadRequest(f"inputs must be a list of objects, got {inputs!r:.80}")
     model.check_inputs([i.get("name") for i in inputs])
-    tensor = inputs[0]
-    shape = model.input_shape(tensor.get("datatype"), tensor.get("shape"))
-    parameters = _parameters(tensor, f"input {model.input.name!r}")
-    if "binary_data_size" in parameters:
-        size = parameters["binary_data_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
-            raise BadRequest(f"input {model.input.name!r}: binary_data_size must be a whole number up to the "
-                             f"{len(binary)} bytes after the JSON header, got {size!r:.40}")
-        if "data" in tensor:
-            raise BadRequest(f"input {model.input.name!r} has both data and binary_data_size; give one")
-        array = model.input_from_bytes(shape, binary[:size])
-        binary = binary[size:]
-    elif "data" in tensor:
-        array = model.input_from_values(shape, tensor["data"])
-    else:
-        raise BadRequest(f"input {model.input.name!r} has no data and no binary_data_size")
+    tensors = {}
+    for tensor in inputs:  # their bytes follow the header in the order the inputs are listed
+        spec = model.input_spec(tensor["name"])
+        shape = spec.checked_shape(tensor.get("datatype"), tensor.get("shape"))
+        parameters = _parameters(tensor, f"input {spec.name!r}")
+        if "binary_data_size" in parameters:
+            size = parameters["binary_data_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
+                raise BadRequest(f"input {spec.name!r}: binary_data_size must be a whole number up to the "
+                                 f"{len(binary)} bytes left after the JSON header, got {size!r:.40}")
+            if "data" in tensor:
+                raise BadRequest(f"input {spec.name!r} has both data and binary_data_size; give one")
+            tensors[spec.name] = spec.from_bytes(shape, binary[:size])
+            binary = binary[size:]
+        elif "data" in tensor:
+            tensors[spec.name] = spec.from_values(shape, tensor["data"])
+        else:
+            raise BadRequest(f"input {spec.name!r} has no data and no binary_data_size")
     if len(binary):
         raise BadRequest(f"{len(binary)} bytes follow the JSON header that no input's binary_data_size claims")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"id must be a string, got {request_id!r:.40}")
-    return InferCall(array, _binary_output(request, model), request_id,
+    outputs, binary_outputs = _outputs(request, model)
+    return InferCall(model.batchable(tensors), outputs, binary_outputs, request_id,
                      _timeout_s(_parameters(request, "the request")))
 
 
-def infer_response(model: ServedModel, call: InferCall, outputs: np.ndarray) -> Response:
-    """The outputs as the request asked for them: JSON values, or the binary extension's JSON header followed by
-    the output's bytes."""
-    tensor = {"name": model.output.name, "datatype": model.output.datatype, "shape": list(outputs.shape)}
+def infer_response(model: ServedModel, call: InferCall, outputs: list[tuple[TensorSpec, np.ndarray]]) -> Response:
+    """The outputs as the request asked for them: JSON values, or, where any goes in binary, the binary
+    extension's JSON header followed by those outputs' bytes, in their order."""
+    tensors, data = [], []
+    for (spec, values), binary in zip(outputs, call.binary, strict=True):
+        tensor = {"name": spec.name, "datatype": spec.datatype, "shape": list(values.shape)}
+        if binary:
+            data.append(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+            tensor["parameters"] = {"binary_data_size": len(data[-1])}
+        else:
+            tensor["data"] = values.ravel().tolist()
+        tensors.append(tensor)
     answer = {"model_name": model.name, **({"id": call.request_id} if call.request_id is not None else {}),
-              "outputs": [tensor]}
-    if not call.binary_output:
-        tensor["data"] = outputs.ravel().tolist()
+              "outputs": tensors}
+    if not data:
         return JSONResponse(answer)
-    data = outputs.astype(outputs.dtype.newbyteorder("<"), copy=False).tobytes()
-    tensor["parameters"] = {"binary_data_size": len(data)}
     header = json.dumps(answer).encode()
-    return Response(header + data, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))})
+    return Response(b"".join([header, *data]), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -222,7 +233,7 @@ def rest_app(plane: DataPlane) -> Starlette:
                 call = parse_infer(await _body(request, plane.max_request_bytes), request.headers.get(HEADER_LENGTH),
                                    model)
                 deadline_s = plane.deadline(arrived_s, call.timeout_s)
-                return await _unless_disconnected(request, plane.infer(call.inputs, deadline_s,
+                return await _unless_disconnected(request, plane.infer(call.inputs, call.outputs, deadline_s,
                                                                        partial(infer_response, model, call)))
         except Exception as exc:  # each becomes its status; the server goes on serving
             return _error_response(exc)
