@@ -3,6 +3,7 @@ on ONNX Runtime and OpenVINO and its PyTorch form agree with BERT's arithmetic w
 same weights; the attention mask hides padding; the weights are the same in every process; bad inputs are
 refused in one line."""
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def test_an_open_network_until_its_inputs_fix_the_sequence():
     assert len(main.params) == 2 + len(net.params) and fixed.params is net.params
     assert [str(t) for t in fixed.outputs] == ["last_hidden_state (N, 9, 128) float32", "pooler_output (N, 128) float32"]
     assert len({net.key, fixed.key, net.fit(tokens(2, 10)).key}) == 3
+    assert fixed.onnx_bytes() == net.onnx_bytes(), "one ONNX form, of open sequence, for every length"
     # Hugging Face's bert_uncased_L-2_H-128_A-2 and bert-base-uncased, less their token type tables (2 x hidden)
     assert net.num_params == 4_385_920 - 2 * 128
     assert build_registered("bert-base").graph.num_weights() == 109_482_240 - 2 * 768
@@ -91,6 +93,20 @@ def test_every_form_computes_bert():
         got = module(*(torch.from_numpy(inputs[t.name]) for t in net.inputs))
     for out, want in zip(got, expected, strict=True):
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_split_over_tvm_and_onnx_runtime_computes_bert(tmp_path):
+    """hetero.infer by name, the batch split between two CPU devices that run different engines."""
+    pytest.importorskip("onnxruntime")
+    cpu = hetero.parse_devices("cpu")[0]
+    two = [dataclasses.replace(cpu, name=f"cpu-{x}", hardware=f"{cpu.hardware} {x}", threads=1) for x in "ab"]
+    inputs = tokens(7, 12, seed=2)  # the length test_every_form_computes_bert compiled TVM's module for
+    report = hetero.infer("bert-tiny", two, inputs=inputs, table=tmp_path / "t.json", profile_batches=(1, 4),
+                          progress=False, engine="cpu-a=tvm,cpu-b=onnxruntime", buckets=())
+    assert not report.faults
+    expected = reference(get_network("bert-tiny").params, inputs)
+    for name, want in zip(("last_hidden_state", "pooler_output"), expected):
+        np.testing.assert_allclose(report.outputs[name], want, rtol=1e-4, atol=1e-4)
 
 
 def test_padding_changes_nothing_at_the_real_positions():

@@ -8,6 +8,16 @@ A builder is ``fn(g: Graph, x) -> logits`` over the layers of :class:`hetero.lay
 gives the network in every form an engine runs (Relax, ONNX, PyTorch), all with the same weights: random but
 deterministic (a numpy Generator seeded from the network's name), He-normal so activations keep their scale
 through the depth.  The families register in :mod:`.zoo`; :func:`get_network` is the one way in.
+
+A network of named inputs registers them, an open dimension named, and the names of its outputs:
+
+    @register("bert-tiny", inputs=TOKENS, outputs=("last_hidden_state", "pooler_output"),
+              max_sizes={"sequence": 512})
+    def bert_tiny(g, input_ids, attention_mask):
+        return _bert(g, input_ids, attention_mask, layers=2, hidden=128, heads=2, intermediate=512)
+
+Its Network leaves the sequence open (no Relax module) until :meth:`Network.fit` fixes it; the Relax module
+of each length is built once per process, with the same weights.
 """
 
 from __future__ import annotations
