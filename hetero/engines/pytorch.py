@@ -5,6 +5,10 @@ module through ``torch.compile`` (inductor, default mode) as a second engine.
 
 On a CUDA GPU several calls are in flight at once (:class:`CudaPipeline`): while the GPU computes one,
 the host's copy threads stage the next in page-locked memory and the copy engine uploads it.
+
+A network of several named inputs (a BERT's input_ids and attention_mask) is called ``module(*tensors)``, one
+tensor per input in ``Network.inputs`` order; its batch, an array of records on the host, travels to a GPU as
+rows of raw bytes (:class:`SampleLayout`), each input a view of them there.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,21 +34,94 @@ PAGE = mmap.PAGESIZE
 MIN_REGISTERED_BYTES = 4 << 20  # a smaller chunk is copied: registering costs more than copying it
 
 
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """PyTorch's dtype of a numpy dtype."""
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+class SampleLayout:
+    """Where each tensor of one sample lies in its bytes, as the host holds a batch: an array of records of
+    named tensors (`dtype` a record, `shape` ()), or of one tensor (`dtype` its element, `shape` a sample's).
+    A batch is staged, uploaded and downloaded as rows of raw bytes, one copy each way, and each tensor is
+    taken from those rows on the device: no copy on the host splits or gathers named tensors."""
+
+    def __init__(self, dtype: np.dtype, shape: tuple[int, ...] = ()):
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        self.nbytes = self.dtype.itemsize * int(np.prod(self.shape))
+        fields = [self.dtype.fields[name] for name in self.dtype.names or ()]
+        # each tensor: its first byte in a row, its bytes, its element type and one sample's shape
+        self.fields = [(offset, kind.itemsize, torch_dtype(kind.base), kind.shape) for kind, offset, *_ in fields] \
+            or [(0, self.nbytes, torch_dtype(self.dtype), self.shape)]
+
+    def host(self, rows: torch.Tensor) -> np.ndarray:
+        """Rows of bytes in host memory (uint8, one row per sample) as the batch array they hold."""
+        return rows.numpy().view(self.dtype).reshape(len(rows), *self.shape)
+
+    def tensors(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of bytes (uint8, one row per sample, on any device) as one tensor per field: a view where the
+        field is the whole row, else a copy of its bytes (a field's bytes are not aligned for its type)."""
+        return [rows[:, offset : offset + nbytes].contiguous().view(dtype).reshape(len(rows), *shape)
+                for offset, nbytes, dtype, shape in self.fields]
+
+    def rows(self, tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """One tensor per field, as rows of bytes: the only field's own bytes, or theirs written into `out`
+        (uint8, one row per sample, on their device)."""
+        if len(self.fields) == 1:
+            return _as_bytes(tensors[0].to(self.fields[0][2]))
+        for (offset, nbytes, dtype, _), tensor in zip(self.fields, tensors, strict=True):
+            out[:, offset : offset + nbytes].copy_(_as_bytes(tensor.to(dtype)))
+        return out
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A batch tensor's bytes, one row per sample."""
+    return tensor.contiguous().reshape(len(tensor), -1).view(torch.uint8)
+
+
+def input_layout(network: Network, staged: type = np.float32) -> SampleLayout:
+    """How a batch of `network`'s inputs is staged: its records of named inputs as they are, or its one
+    input as `staged`."""
+    return SampleLayout(network.input_dtype) if network.inputs else SampleLayout(staged, network.input_shape)
+
+
+def output_layout(network: Network) -> SampleLayout:
+    """How a batch of `network`'s outputs comes back: records of named outputs, or the one output."""
+    return SampleLayout(network.output_dtype, network.output_shape)
+
+
+def module_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One input as the module takes it: a floating one in the module's precision (integers, such as token
+    ids and attention masks, stay integers), a batch of images channels_last."""
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
+def module_outputs(result: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """What the module returned: one tensor, or a tuple in the order of the network's outputs."""
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """An output in host memory, a floating one as float32 (the network's outputs' dtype in every precision)."""
+    return (tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy()
+
+
 def _staging() -> str:
     """How a GPU's inputs reach it: "copy" (copied into page-locked memory as float32), "half" (copied as
     float16, where the module computes in float16: half the bytes to upload) or "register" (uploaded from
-    the caller's own pages, locked in place by cudaHostRegister). $HETERO_STAGING chooses, to measure them."""
+    the caller's own pages, locked in place by cudaHostRegister). $HETERO_STAGING chooses, to measure them.
+    Named inputs are staged as their records are ("half" leaves them so: a BERT's token ids are few bytes)."""
     return os.environ.get("HETERO_STAGING", "copy")
 
 
 class _Slot:
     """One call's buffers on a GPU: its inputs in page-locked host memory and on the device, its outputs
-    back in page-locked memory; grown to the largest call and reused, so a call allocates nothing."""
+    on the device and back in page-locked memory, each as rows of bytes (:class:`SampleLayout`); grown to
+    the largest call and reused, so a call allocates nothing."""
 
-    def __init__(self, device: torch.device, sample_shape: tuple[int, ...], output_shape: tuple[int, ...],
-                 staged_dtype: torch.dtype):
-        self._device, self._sample_shape, self._output_shape = device, sample_shape, output_shape
-        self._staged_dtype = staged_dtype
+    def __init__(self, device: torch.device, inputs: SampleLayout, outputs: SampleLayout):
+        self._device, self._inputs, self._outputs = device, inputs, outputs
         self.capacity = 0
         self.launched: Future | None = None  # the last call's GPU work queued
         self.registered: list[int] = []  # the caller's pages locked in place for the last call
@@ -55,11 +133,14 @@ class _Slot:
         if samples <= self.capacity:
             return
         self.done.synchronize()
-        self.host_in = torch.empty((samples, *self._sample_shape), dtype=self._staged_dtype, pin_memory=True)
-        self.host_in_array = self.host_in.numpy()
-        self.device_in = torch.empty_like(self.host_in, device=self._device)
-        self.host_out = torch.empty((samples, *self._output_shape), dtype=torch.float32, pin_memory=True)
-        self.host_out_array = self.host_out.numpy()
+        self.host_in = torch.empty((samples, self._inputs.nbytes), dtype=torch.uint8, pin_memory=True)
+        self.host_in_array = self._inputs.host(self.host_in)
+        # zeros: a call computed at a larger size than its own reads rows no call wrote, which must be inputs
+        # the module takes (token ids in its vocabulary), as zeros and earlier calls' inputs are
+        self.device_in = torch.zeros_like(self.host_in, device=self._device)
+        self.device_out = torch.empty((samples, self._outputs.nbytes), dtype=torch.uint8, device=self._device)
+        self.host_out = torch.empty((samples, self._outputs.nbytes), dtype=torch.uint8, pin_memory=True)
+        self.host_out_array = self._outputs.host(self.host_out)
         self.capacity = samples
 
     def release(self) -> None:
@@ -117,13 +198,13 @@ class CudaPipeline:
     before and after it are at other stages. One launcher thread queues the GPU work of each call in
     launch order as soon as its inputs are staged."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, module: torch.nn.Module,
-                 sample_shape: tuple[int, ...], output_shape: tuple[int, ...], name: str):
+    def __init__(self, device: torch.device, dtype: torch.dtype, module: torch.nn.Module, network: Network, name: str):
         self._device, self._dtype, self._module = device, dtype, module
         staging = _staging()
         self._in_place = staging == "register"
-        staged_dtype = torch.float16 if staging == "half" and dtype == torch.float16 else torch.float32
-        self._slots = [_Slot(device, sample_shape, output_shape, staged_dtype) for _ in range(SLOTS)]
+        staged = np.float16 if staging == "half" and dtype == torch.float16 else np.float32
+        self._inputs, self._outputs = input_layout(network, staged), output_layout(network)
+        self._slots = [_Slot(device, self._inputs, self._outputs) for _ in range(SLOTS)]
         self._turn = 0
         self._sizes: frozenset[int] = frozenset()  # the call sizes that have run
         self._copy = ParallelCopy(copy_threads(), f"{name}-copy")
@@ -170,12 +251,12 @@ class CudaPipeline:
         """Lock the whole pages inside `batch` in place, in parts on the copy threads, and copy its partial
         first and last pages into the slot's page-locked buffer (a neighbouring chunk may hold those pages
         locked); None where the chunk cannot be uploaded in place."""
-        if not (batch.flags.c_contiguous and batch.flags.writeable and batch.dtype == np.float32
+        if not (batch.flags.c_contiguous and batch.flags.writeable and batch.dtype == slot.host_in_array.dtype
                 and batch.nbytes >= MIN_REGISTERED_BYTES):
             return None
         ranges, slot.pieces = locked_pieces(batch.ctypes.data, batch.nbytes, self._copy.threads)
         parts = [self._copy.submit(_register, first, end - first) for first, end in ranges]
-        flat, staged = batch.reshape(-1).view(np.uint8), slot.host_in_array.reshape(-1).view(np.uint8)
+        flat, staged = batch.reshape(-1).view(np.uint8), slot.host_in.numpy().reshape(-1)
         for first, end, in_place in slot.pieces:
             if not in_place:
                 staged[first:end] = flat[first:end]
@@ -200,7 +281,7 @@ class CudaPipeline:
                 if slot.source is None:
                     slot.device_in[:samples].copy_(slot.host_in[:samples], non_blocking=True)
                 else:  # from the caller's pages locked in place, the partial pages at either end from staging
-                    device, staged = slot.device_in.view(-1).view(torch.uint8), slot.host_in.view(-1).view(torch.uint8)
+                    device, staged = slot.device_in.view(-1), slot.host_in.view(-1)
                     caller = torch.from_numpy(slot.source.reshape(-1).view(np.uint8))
                     for first, last, in_place in slot.pieces:
                         if last > first:
@@ -209,10 +290,11 @@ class CudaPipeline:
             with torch.cuda.stream(self._compute):
                 self._compute.wait_event(marks[1])
                 marks[2].record(self._compute)
-                inputs = slot.device_in[:computed].to(self._dtype).contiguous(memory_format=torch.channels_last)
-                outputs = self._module(inputs)[:samples]
+                inputs = [module_input(tensor, self._dtype) for tensor in self._inputs.tensors(slot.device_in[:computed])]
+                outputs = module_outputs(self._module(*inputs))
                 marks[3].record(self._compute)
-                slot.host_out[:samples].copy_(outputs.to(torch.float32), non_blocking=True)
+                rows = self._outputs.rows([output[:samples] for output in outputs], slot.device_out[:samples])
+                slot.host_out[:samples].copy_(rows, non_blocking=True)
                 slot.done.record(self._compute)
         self._sizes = self._sizes | {computed}  # a new set: launch() reads the old one on another thread
         if trace is not None and self.trace is not None:
@@ -240,12 +322,11 @@ class TorchEngine(Engine):
         module = network.torch_module().eval()
         module = module.to(self._device, dtype=self._dtype, memory_format=torch.channels_last)
         self._module = self.wrap(module)
-        self.pipeline = CudaPipeline(self._device, self._dtype, self._module, tuple(network.input_shape),
-                                      tuple(network.output_shape), f"hetero-{device.name}-{self.name}"
-                                      ) if device.kind == "cuda" else None
+        self.pipeline = CudaPipeline(self._device, self._dtype, self._module, network,
+                                     f"hetero-{device.name}-{self.name}") if device.kind == "cuda" else None
         self.in_flight = SLOTS if self.pipeline else 1
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, module: torch.nn.Module) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
         """What runs the module: itself here, its compiled form in TorchCompileEngine."""
         return module
 
@@ -283,42 +364,51 @@ class TorchEngine(Engine):
             return outputs.copy(), timing  # the slot's buffer is reused by a later call
         with torch.inference_mode():
             start = time.perf_counter()
-            inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            inputs = inputs.to(self._dtype).contiguous(memory_format=torch.channels_last)
+            inputs = [module_input(torch.from_numpy(array), self._dtype) for array in self._host_inputs(batch)]
             copied = time.perf_counter()
-            outputs = self._module(inputs)
+            outputs = module_outputs(self._module(*inputs))
             computed = time.perf_counter()
-            host = outputs.float().numpy()
+            host = self.network.gathered([host_array(output) for output in outputs])
         return host, Timing(copied - start, computed - copied, time.perf_counter() - computed)
 
+    def _host_inputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """A batch as the module's inputs in host memory: each named input's array, or the one input as float32."""
+        if self.network.inputs:
+            return list(self.network.input_arrays(batch).values())
+        return [np.ascontiguousarray(batch, dtype=np.float32)]
+
     def plain_loop(self, inputs: np.ndarray, batch: int) -> np.ndarray:
-        """On a GPU, as PyTorch's guides run a host array: one page-locked staging tensor, a non-blocking
-        upload, the module in its precision and channels_last, each batch's outputs back to the host."""
+        """On a GPU, as PyTorch's guides run host arrays: a page-locked staging tensor per input, non-blocking
+        uploads, the module in its precision (channels_last for images), each batch's outputs back to the host."""
         if self.pipeline is None:
             return super().plain_loop(inputs, batch)
-        staging = torch.empty((batch, *self.network.input_shape), dtype=torch.float32, pin_memory=True)
-        outputs = np.empty((len(inputs), *self.network.output_shape), np.float32)
+        arrays = [inputs[t.name] for t in self.network.inputs] or [inputs]  # the records' fields, not copied
+        staging = [torch.empty((batch, *array.shape[1:]), dtype=torch_dtype(array.dtype) if self.network.inputs
+                               else torch.float32, pin_memory=True) for array in arrays]
+        outputs = np.empty((len(inputs), *self.network.output_shape), self.network.output_dtype)
         with torch.inference_mode():
             for first in range(0, len(inputs), batch):
-                part = staging[: min(batch, len(inputs) - first)]
-                part.copy_(torch.from_numpy(inputs[first : first + batch]))
-                uploaded = part.to(self._device, non_blocking=True)
-                result = self._module(uploaded.to(self._dtype).contiguous(memory_format=torch.channels_last))
-                outputs[first : first + len(part)] = result.float().cpu().numpy()
+                count = min(batch, len(inputs) - first)
+                uploaded = []
+                for array, stage in zip(arrays, staging):
+                    np.copyto(stage[:count].numpy(), array[first : first + count], casting="unsafe")
+                    uploaded.append(module_input(stage[:count].to(self._device, non_blocking=True), self._dtype))
+                result = module_outputs(self._module(*uploaded))
+                outputs[first : first + count] = self.network.gathered([host_array(output) for output in result])
         return outputs
 
     def resident_throughput(self, batch: int, seconds: float = 2.0) -> float | None:
         if self.pipeline is None:
             return None
-        shape = (batch, *self.network.input_shape)
         with torch.inference_mode():
-            inputs = torch.randn(shape, device=self._device).to(self._dtype).contiguous(memory_format=torch.channels_last)
-            self._module(inputs)
+            inputs = [module_input(torch.from_numpy(array).to(self._device), self._dtype)
+                      for array in self._host_inputs(self.network.random_input(batch))]
+            self._module(*inputs)
             torch.cuda.synchronize(self._device)
             calls, begun = 0, time.perf_counter()
             while time.perf_counter() - begun < seconds:
                 for _ in range(10):
-                    self._module(inputs)
+                    self._module(*inputs)
                 torch.cuda.synchronize(self._device)
                 calls += 10
             return calls * batch / (time.perf_counter() - begun)
@@ -330,11 +420,25 @@ class TorchEngine(Engine):
 
 
 class TorchCompileEngine(TorchEngine):
-    """The module compiled by ``torch.compile`` (inductor, default mode). It compiles on its first calls
-    (a new graph when a second batch size shows the batch dimension is dynamic): the profiler's warm-up
-    calls and the engines' preparation keep that out of what is timed."""
+    """The module compiled by ``torch.compile`` (inductor, default mode), its batch dimension marked dynamic
+    from the first call: one graph serves every batch size of 2 and more, where unmarked a second size would
+    compile a second graph (1 is always a graph of its own: PyTorch specializes sizes 0 and 1). It compiles
+    on its first calls: the profiler's warm-up calls and the engines' preparation keep that out of what is
+    timed."""
 
     name = "torch-compile"
+    # Every network whose module shares one forward (each sequence length of a text model is a network of its
+    # own) adds its graphs to that forward's cache in dynamo; past the limit (8) dynamo would run the module
+    # eagerly, and its profiles would time eager PyTorch under this engine's name.
+    RECOMPILE_LIMIT = 64
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(module)
+    def wrap(self, module: torch.nn.Module) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
+        compiled = torch.compile(module)
+
+        def call(*tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+            for tensor in tensors:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            return compiled(*tensors)
+
+        return call
