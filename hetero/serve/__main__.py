@@ -10,7 +10,7 @@ import sys
 from typing import TypeVar
 
 from ..command import Parser, UsageError, batch_list, positive_int, run_command
-from ..errors import HeteroError
+from ..errors import HeteroError, one_line
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "grpc", "google", "prometheus_client")  # what the serve extra installs
 T = TypeVar("T")
@@ -87,7 +87,12 @@ def main(argv: list[str]) -> int:
     pools: dict = {}
     try:
         for key, fitted in model.networks.items():  # one pool per sequence length served
-            pools[key] = session.engines(fitted)
+            try:
+                pools[key] = session.engines(fitted)
+            except HeteroError as exc:
+                if key is None:
+                    raise
+                raise HeteroError(f"at sequence length {key} (--buckets): {one_line(exc)}") from None
         engines = {engine.device.name: engine.name for pool in pools.values() for engine, _ in pool}
         left_out = [fault for fault in session.faults if fault.device not in engines]
         metrics = Metrics([*engines, *(fault.device for fault in left_out)])
