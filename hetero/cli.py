@@ -174,15 +174,12 @@ def inference_main(argv: list[str]) -> int:
     if args.ray and (inputs is None or output is None):
         raise UsageError("--ray streams --input FILE.npy into --output FILE.npy; give both")
     named = isinstance(inputs, dict)
-    if named and args.ray:
-        raise UsageError(f"--input {args.input}: named inputs (.npz) run on this machine's devices; --ray takes .npy")
     if isinstance(inputs, ImageFolder) and output is None:
         raise UsageError(f"--input {args.input}: a folder of images streams into --output FILE.npy; give one")
-    if named and output is not None and (args.stream or streams(len(next(iter(inputs.values()))), output)):
-        return _stream_main(args, inputs, output, table)
-    if inputs is not None and output is not None and not named and (
-            args.stream or args.ray or isinstance(inputs, ImageFolder) or streams(len(inputs), output)):
-        return _stream_main(args, input_path, output, table)
+    samples = len(next(iter(inputs.values()))) if named else len(inputs) if inputs is not None else 0
+    if inputs is not None and output is not None and (
+            args.stream or args.ray or isinstance(inputs, ImageFolder) or streams(samples, output)):
+        return _stream_main(args, inputs if named else input_path, output, table)
     report = infer(
         args.network,
         args.device or "cpu",
