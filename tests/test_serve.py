@@ -582,3 +582,19 @@ def test_a_bad_grpc_request_of_named_inputs_gets_invalid_argument(bert):
         triton_grpc.InferenceServerClient(bert.grpc).infer("tiny_bert", _named(triton_grpc, inputs))
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "different numbers of samples (input_ids 2, attention_mask 1)" in refused.value.message()
+
+
+def test_grpc_typed_contents_of_named_inputs_give_the_outputs_of_onnx_runtime(bert):
+    """int64_contents, which tritonclient never sends: the protocol's own stub, from tritonclient's generated code."""
+    inputs = _tokens(2, 8, seed=10)
+    request = service_pb2.ModelInferRequest(model_name="tiny_bert", inputs=[
+        service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype="INT64", shape=list(values.shape),
+                                                       contents=service_pb2.InferTensorContents(
+                                                           int64_contents=values.ravel().tolist()))
+        for name, values in inputs.items()])
+    with triton_grpc.grpc.insecure_channel(bert.grpc) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert [output.name for output in response.outputs] == ["last_hidden_state", "pooler_output"]
+    for output, raw, expected in zip(response.outputs, response.raw_output_contents, _bert_reference(bert, inputs)):
+        np.testing.assert_allclose(np.frombuffer(raw, "<f4").reshape(list(output.shape)), expected, rtol=1e-4,
+                                   atol=1e-4)
