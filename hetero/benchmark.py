@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -320,7 +320,7 @@ class MixedFigures:
     sequence: int
     buckets: list[tuple[int, int]]  # (length, samples) of each bucket that ran
     bucketed_s: float  # median seconds of the whole stream in buckets
-    full_s: float  # the same stream with every sample at `sequence` (--buckets none)
+    full_s: float  # the same stream with every sample at `sequence`
     unit: str
 
     def text(self, network: str, devices: str) -> str:
@@ -336,18 +336,19 @@ def benchmark_mixed(network: Network, devices: Sequence[Device], samples: int, s
                     profile_batches: Sequence[int] = SEED_BATCHES, budget_s: float = DEFAULT_BUDGET_S,
                     engine: str = AUTO, precision: str = DEFAULT_PRECISION) -> MixedFigures:
     """`samples` samples of `network` (named inputs, its sequence open) whose lengths are drawn uniformly from
-    1..`sequence`, streamed by hetero in sequence `buckets` and with every sample at `sequence`, each by its own
-    session (engines prepared and profiled per length before the timing); medians of rounds that alternate the
-    two, the whole call timed (grouping, cutting and padding included)."""
+    1..`sequence`, streamed by hetero in sequence `buckets`, against the same token ids with the mask all ones,
+    which run every sample at `sequence` as --buckets none does (the mask's values do not change the work) on the
+    same engines: one session, every length's engines prepared and profiled before the timing. Medians of rounds
+    that alternate the two, the whole call timed (grouping, cutting and padding included)."""
     lengths = np.random.default_rng(0).integers(1, sequence + 1, samples)
-    inputs = text_inputs(network, samples, sequence, lengths)
-    common = Options(table=table, profile_batches=tuple(profile_batches), budget_s=budget_s, progress=False,
-                     engine=engine, precision=precision)
-    with Session(network, devices, replace(common, buckets=tuple(buckets))) as bucketed, \
-            Session(network, devices, replace(common, buckets=())) as full:
-        report = bucketed.stream(inputs)  # prepares every bucket's engines, profiles them where the table has none
-        full.stream(inputs)
-        timed = interleave([Timer(lambda: bucketed.stream(inputs)), Timer(lambda: full.stream(inputs))], repeats,
+    mixed = text_inputs(network, samples, sequence, lengths)
+    full = {**mixed, MASK: np.ones_like(mixed[MASK])}
+    options = Options(table=table, profile_batches=tuple(profile_batches), budget_s=budget_s, progress=False,
+                      engine=engine, precision=precision, buckets=tuple(buckets))
+    with Session(network, devices, options) as session:
+        report = session.stream(mixed)  # prepares every bucket's engines, profiles them where the table has none
+        session.stream(full)
+        timed = interleave([Timer(lambda: session.stream(mixed)), Timer(lambda: session.stream(full))], repeats,
                            warmup)
     ran = [(b.length, b.samples) for b in report.buckets]
     return MixedFigures(samples, sequence, ran, timed[0].median, timed[1].median, network.rate_unit)
