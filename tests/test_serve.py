@@ -598,3 +598,16 @@ def test_grpc_typed_contents_of_named_inputs_give_the_outputs_of_onnx_runtime(be
     for output, raw, expected in zip(response.outputs, response.raw_output_contents, _bert_reference(bert, inputs)):
         np.testing.assert_allclose(np.frombuffer(raw, "<f4").reshape(list(output.shape)), expected, rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_the_serving_benchmarks_senders_send_named_inputs(bert):
+    """hetero.serve.benchmark's load of a BERT-style network: every named input sent, every output read back."""
+    from hetero.serve.benchmark import triton_target
+    from hetero.serve.loadgen import closed_loop, summarize
+
+    for protocol, address in (("http", bert.http), ("grpc", bert.grpc)):
+        target = triton_target(protocol, address, "tiny_bert", _tokens(2, 16, seed=11),
+                               ["last_hidden_state", "pooler_output"])
+        outcomes, seconds = closed_loop(target, 1, 0.5)
+        stats = summarize("1 client", outcomes, seconds, 2, 60.0)
+        assert stats.ok >= 1 and stats.errors == stats.rejected == 0, stats

@@ -68,11 +68,12 @@ def test_one_sweep_point_against_a_real_server(tmp_path):
 
     tiny_onnx(tmp_path / "tiny.onnx")
     args = type("Args", (), {"network": str(tmp_path / "tiny.onnx"), "latency_ms": 5000.0, "engine": "onnxruntime",
-                             "table": str(tmp_path / "table.json"), "profile_batches": [1, 8], "seconds": 0.5})()
+                             "table": str(tmp_path / "table.json"), "profile_batches": [1, 8], "seconds": 0.5,
+                             "sequence_length": None})()
     x = np.zeros((2, 3, 8, 8), np.float32)
     with hetero_server(args, "cpu") as (http_address, _, line):
         assert "tiny" in line
-        outcomes, seconds = closed_loop(triton_target("http", http_address, "tiny", x, "FP32"), 2, 1.0)
+        outcomes, seconds = closed_loop(triton_target("http", http_address, "tiny", {"input": x}, ["output"]), 2, 1.0)
     stats = summarize("2 clients", outcomes, seconds, 2, 5.0)
     assert stats.ok > 5 and stats.errors == stats.rejected == 0 and stats.good == stats.ok
     # the ceiling beside it: the same engine in its plain loop, in calls of its largest profiled batch
