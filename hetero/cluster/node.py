@@ -92,10 +92,9 @@ def network_message(net: Network) -> tuple:
 
 def fitted(net: Network, shapes: dict[str, tuple[int, ...]]) -> Network:
     """`net` with the dimensions its named inputs leave open fixed to those of `shapes` (per input, one sample's
-    shape), as inputs of those shapes fit it; `net` itself where none is open."""
-    if not net.open_dimensions:
-        return net
-    return net.fit({t.name: np.zeros((1, *shapes[t.name]), t.dtype) for t in net.inputs})
+    shape); `net` itself where none is open."""
+    return net.fit_sizes({dim: shapes[t.name][axis] for t in net.inputs for axis, dim in enumerate(t.shape)
+                          if isinstance(dim, str)})
 
 
 def node_devices(spec: str, node: str, cpus: int) -> tuple[list[Device], list[str]]:

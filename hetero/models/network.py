@@ -260,6 +260,16 @@ class Network:
                  for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
         return self.origin.fixed(self, sizes) if sizes else self
 
+    def fit_sizes(self, sizes: Mapping[str, int]) -> Network:
+        """This network with its open dimensions fixed to `sizes` ({"sequence": 128}), as :meth:`fit` fixes them
+        from inputs: for a caller with the sizes and no inputs (a server preparing the lengths it serves, a
+        cluster's node the length its driver streams at); itself where none is open."""
+        missing = [dim for dim in self.open_dimensions if dim not in sizes]
+        if missing:
+            raise HeteroError(f"{self.name} leaves {', '.join(missing)} open: give a size for each")
+        opened = {dim: int(sizes[dim]) for dim in self.open_dimensions}
+        return self.origin.fixed(self, opened) if opened else self
+
     @property
     def open_dimensions(self) -> list[str]:
         """The dimensions of its inputs not yet fixed (such as "sequence"), which :meth:`fit` fixes."""

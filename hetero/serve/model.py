@@ -169,9 +169,7 @@ class ServedModel:
                               f"leave one open, a sequence length")
         if not buckets:
             raise UsageError(f"{network.name} leaves {opened[0]} open: give the sequence lengths to serve (--buckets)")
-        return {length: network.fit({t.name: np.zeros((1, *(length if isinstance(d, str) else d for d in t.shape)),
-                                                       t.dtype) for t in network.inputs})
-                for length in sorted(set(buckets))}
+        return {length: network.fit_sizes({opened[0]: length}) for length in sorted(set(buckets))}
 
     @property
     def buckets(self) -> list[int]:
