@@ -71,7 +71,10 @@ def narrow_batch_indices(max_elements: int = _INT32_MAX) -> tvm.transform.Pass:
                   if (limit := _batch_limit(func, max_elements)) is not None]
         if not limits or min(limits) < 1:  # not even one sample fits: leave the int64 arithmetic
             return mod
-        for gv, func in tirx.transform.ForceNarrowIndexToInt32()(unscheduled).functions_items():
+        # a kernel of int64 data (a BERT's token ids and mask) keeps int64 indices: the pass refuses its buffers
+        narrowable = tvm.IRModule({gv: func for gv, func in unscheduled.functions_items()
+                                   if all(buffer.dtype != "int64" for buffer in _buffers(func))})
+        for gv, func in tirx.transform.ForceNarrowIndexToInt32()(narrowable).functions_items():
             mod[gv] = func
         builder = relax.BlockBuilder()
         with builder.function(MAX_BATCH_FUNCTION, []):
