@@ -28,6 +28,7 @@ from .devices import Device
 from .errors import HeteroError, one_line
 from .models import Network
 from .schedules import TRANSFORM_PARAMS
+from .schedules.base.tvmscript import tensor_intrinsics
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def tune(network: Network, device: Device, tuning: Tuning, trials: int, trials_p
     # find hetero on their path (a script run from another folder, hetero not installed).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    tensor_intrinsics()  # MetaSchedule's tasks import them: here first, they take seconds instead of a minute
     try:
         ms.relax_integration.tune_relax(
             fused, params=None, target=target, work_dir=str(tuning.records), max_trials_global=trials,

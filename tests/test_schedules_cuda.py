@@ -23,6 +23,7 @@ from hetero.devices import DEFAULT_PRECISION, Device, parse_devices, with_precis
 from hetero.layers.relax import RelaxGraph
 from hetero.models import get_network
 from hetero.schedules.base.rule import ScheduleKernels
+from hetero.schedules.base.tvmscript import tensor_intrinsics
 from hetero.schedules.cuda import mma
 from hetero.schedules.cuda.indices import MAX_BATCH_FUNCTION, narrow_batch_indices, recorded_max_batch
 from hetero.schedules.cuda.pipeline import (
@@ -474,9 +475,8 @@ def test_ldmatrix_fills_each_register_with_its_fragment_elements(fragment, opera
 def test_float16_operand_layout_is_tvms():
     """TVM's own float16 mma intrinsics lay out the A operand the same way (an independent check
     of the PTX layout transcribed in hetero.schedules.cuda.mma)."""
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
-
-    assert all(mma.FLOAT16.a_layout(i, k) == shared_16x16_to_ldmatrix_32x8_layout(i, k)
+    tvms = tensor_intrinsics().cuda
+    assert all(mma.FLOAT16.a_layout(i, k) == tvms.shared_16x16_to_ldmatrix_32x8_layout(i, k)
                for i in range(16) for k in range(16))
 
 
@@ -485,13 +485,10 @@ def test_accumulator_layout_fill_and_store_are_tvms():
     mma_store_16x16_f32_shared_dyn_simple_), defined again so that mma.sync kernels do not import
     TVM's module of CUDA intrinsics: descriptions and implementations the same, names included."""
     from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.cuda import (
-        ldmatrix_32x8_to_shared_16x16_layout,
-        shared_16x16_to_ldmatrix_32x8_layout,
-    )
 
-    assert all(mma.c_layout(i, j) == shared_16x16_to_ldmatrix_32x8_layout(i, j) for i in range(16) for j in range(16))
-    assert all(mma.c_element(*mma.c_layout(i, j)) == (i, j) == ldmatrix_32x8_to_shared_16x16_layout(*mma.c_layout(i, j))
+    tvms = tensor_intrinsics().cuda
+    assert all(mma.c_layout(i, j) == tvms.shared_16x16_to_ldmatrix_32x8_layout(i, j) for i in range(16) for j in range(16))
+    assert all(mma.c_element(*mma.c_layout(i, j)) == (i, j) == tvms.ldmatrix_32x8_to_shared_16x16_layout(*mma.c_layout(i, j))
                for i in range(16) for j in range(16))
     names = mma.register(mma.TF32)
     for ours, theirs in ((names["init"], "mma_fill_16x16_f32"), (names["store"], "mma_store_16x16_f32_shared_dyn_simple_")):

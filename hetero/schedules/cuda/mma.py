@@ -25,7 +25,8 @@ computed (:func:`.rewrites.tf32.round_to_tf32`).
 The accumulator has TVM's 16x16 float32 ``mma`` layout, and its fill and store are TVM's
 ``mma_fill_16x16_f32`` and ``mma_store_16x16_f32_shared_dyn_simple_``, defined here again under
 hetero's names: TVM's live in ``tvm.s_tir.tensor_intrin.cuda``, whose import parses a few hundred
-TVMScript intrinsics (~20 s on a small machine), and this path needs none of the others.
+TVMScript intrinsics (seconds on a small machine, :func:`..base.tvmscript.tensor_intrinsics`), and
+this path needs none of the others.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_
 
 from ..base.analysis import static
 from ..base.rule import Rule
-from ..base.tvmscript import PARSE_LOCK
+from ..base.tvmscript import tensor_intrinsics
 from .gemm import gemm_block, in_dtypes, k_contiguous, normalize_gemm, stage_operand
 from .lowering import MMA_PIPELINE, WMMA_PIPELINE, generate_code
 from .mma import FLOAT16, TF32, MmaType, c_layout, register
@@ -70,13 +70,9 @@ def tensor_core_intrinsics(fragment: MmaType | None) -> dict[str, str]:
     TVM's f16 x f16 -> f32 wmma intrinsics (B transposed, shared.dyn)."""
     if fragment is not None:
         return register(fragment)
-    # TVM's module of CUDA intrinsics parses a few hundred TVMScript functions when first imported:
-    # ~20 s, once, and only for float16 on sm_70 and sm_75
-    with PARSE_LOCK:
-        from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
-
-    return get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn",
-                                 in_dtype="float16", out_dtype="float32", trans_b=True)
+    # only float16 on sm_70 and sm_75 needs TVM's module of intrinsics (seconds to import, once)
+    return tensor_intrinsics().cuda.get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn",
+                                                          in_dtype="float16", out_dtype="float32", trans_b=True)
 
 
 # Shared-memory tiles in a cp.async ring: one computed while the next loads.  Three (TVM's
