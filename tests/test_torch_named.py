@@ -180,6 +180,8 @@ def test_a_batch_of_records_travels_as_rows_of_bytes_each_input_a_view_of_them()
     back = torch.zeros_like(rows)
     out = layout.rows(tensors, back[:5])
     np.testing.assert_array_equal(layout.host(out), records)
+    alone = layout.tensors(rows[4:5])  # one sample's row: its int64s 3 bytes past an 8-byte boundary
+    np.testing.assert_array_equal(alone[1].numpy(), records["ids"][4:5])
 
     images = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
     plain = pytorch.SampleLayout(np.float32, (3, 4, 4))

@@ -59,9 +59,14 @@ class SampleLayout:
 
     def tensors(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Rows of bytes (uint8, one row per sample, on any device) as one tensor per field: a view where the
-        field is the whole row, else a copy of its bytes (a field's bytes are not aligned for its type)."""
-        return [rows[:, offset : offset + nbytes].contiguous().view(dtype).reshape(len(rows), *shape)
-                for offset, nbytes, dtype, shape in self.fields]
+        field is the whole row, else a copy of its bytes, which a record does not align for their type (a row
+        of one sample is contiguous at any offset, but viewed as int64 only at a multiple of 8)."""
+        tensors = []
+        for offset, nbytes, dtype, shape in self.fields:
+            field_bytes = rows if nbytes == self.nbytes else rows[:, offset : offset + nbytes].clone(
+                memory_format=torch.contiguous_format)
+            tensors.append(field_bytes.view(dtype).reshape(len(rows), *shape))
+        return tensors
 
     def rows(self, tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """One tensor per field, as rows of bytes: the only field's own bytes, or theirs written into `out`
