@@ -89,10 +89,13 @@ def test_every_form_computes_bert():
         for name, want in zip(("last_hidden_state", "pooler_output"), expected):
             np.testing.assert_allclose(outputs[name], want, rtol=1e-4, atol=1e-4, err_msg=engine)
     module = get_network("bert-tiny").torch_module()  # any sequence length, as the ONNX form
-    with torch.no_grad():
-        got = module(*(torch.from_numpy(inputs[t.name]) for t in net.inputs))
-    for out, want in zip(got, expected, strict=True):
-        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    compiled = torch.compile(get_network("bert-tiny").torch_module(), backend="eager", fullgraph=True, dynamic=True)
+    for form in (module, compiled):  # dynamo traces the builder into one graph, no break
+        with torch.no_grad():
+            got = form(*(torch.from_numpy(inputs[t.name]) for t in net.inputs))
+        for out, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_split_over_tvm_and_onnx_runtime_computes_bert(tmp_path):
