@@ -313,8 +313,8 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
                           + "; ".join(f"{f.device}: {f.error}" for f in faults))
     slots = _planned_and_warmed(ray, slots, len(data) - resumed, io_bytes)
     queue = WorkQueue(ledger.pending(len(data)))
-    bar = tqdm(total=len(data), initial=resumed, unit="img", desc=f"{net.name} on {len(answers)} nodes",
-               disable=not progress, leave=False)
+    bar = tqdm(total=len(data), initial=resumed, unit=net.rate_unit.removesuffix("/s"),
+               desc=f"{net.name} on {len(answers)} nodes", disable=not progress, leave=False)
     feeder = _Feeder(ray, net, data, queue, ledger, outputs, bar, slots, sample_bytes, io_bytes, chunk_s)
     threads = [threading.Thread(target=feeder.serve, args=(slot,), name=f"hetero-cluster-{slot.stat.device}")
                for slot in slots if slot.lost is None]
@@ -324,7 +324,7 @@ def _run(ray: Any, net: Network, spec: str, data: Any, output: Path | None, ledg
             slot.stat.error = slot.lost
             faults.append(Fault(slot.stat.device, "run", slot.lost, slot.moved))
     outputs = finish_stream(feeder.unreadable, feeder.stats, ledger, len(data), output, outputs)
-    return StreamReport(net.name, len(data), resumed, wall_s, feeder.stats, outputs, profiled, faults)
+    return StreamReport(net.name, len(data), resumed, wall_s, feeder.stats, outputs, profiled, faults, net.rate_unit)
 
 
 def _probed_slots(ray: Any, answers: dict[str, dict], nodes: Sequence[Node], workers: dict[str, Any],
@@ -372,7 +372,7 @@ class _Feeder:
 
     def __init__(self, ray: Any, net: Network, data: Any, queue: WorkQueue, ledger: Ledger, outputs: np.ndarray,
                  bar: tqdm, slots: Sequence[_Slot], sample_bytes: int, io_bytes: int, chunk_s: float):
-        self.ray, self.data, self.dtype = ray, data, net.input_dtype
+        self.ray, self.data, self.dtype, self.unit = ray, data, net.input_dtype, net.rate_unit
         self.queue, self.ledger, self.outputs, self.bar = queue, ledger, outputs, bar
         self.sample_bytes, self.io_bytes, self.chunk_s = sample_bytes, io_bytes, chunk_s
         self.stats = [s.stat for s in slots]
@@ -460,5 +460,5 @@ class _Feeder:
         stat.moves_s += moves_s
         stat.busy_s += arrived - max(sent, last)
         self.bar.update(samples)
-        self.bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} img/s" for s in self.stats))
+        self.bar.set_postfix_str(", ".join(f"{s.device} {s.throughput:.0f} {self.unit}" for s in self.stats))
         return arrived
