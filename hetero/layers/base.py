@@ -58,11 +58,17 @@ def _pair(v: IntPair) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Normal float32 values of mean 0, drawn as float32 (half the time and memory of float64 draws: a
+    bert-base has 110M weights)."""
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32(std)
+    return w
+
+
 def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int,
                gain: float = 2.0) -> np.ndarray:
-    w = rng.standard_normal(shape, dtype=np.float32)
-    w *= np.float32(math.sqrt(gain / fan_in))
-    return w
+    return _normal(rng, shape, math.sqrt(gain / fan_in))
 
 
 def _bn_scale_shift(rng: np.random.Generator, c: int, eps: float,
@@ -286,7 +292,7 @@ class Graph(ABC, Generic[T]):
             if std is None:
                 weight = _he_normal(rng, (cin, cout), cin, gain)
             else:
-                weight = rng.normal(0.0, std, (cin, cout))
+                weight = _normal(rng, (cin, cout), std)
             return [weight, rng.normal(0.0, 0.01, cout)]
 
         w, b = self._declare("fc", {"weight": (cin, cout), "bias": (cout,)}, init)
@@ -326,7 +332,7 @@ class Graph(ABC, Generic[T]):
         """A learned table of ``rows`` vectors of ``width``, looked up at the integer ``ids``."""
 
         def init(rng: np.random.Generator) -> list[np.ndarray]:
-            return [rng.normal(0.0, std, (rows, width))]
+            return [_normal(rng, (rows, width), std)]
 
         (table,) = self._declare("embedding", {"weight": (rows, width)}, init)
         return self._gather(table, ids)
@@ -342,7 +348,7 @@ class Graph(ABC, Generic[T]):
             raise HeteroError(f"a sequence of {length} is longer than the {rows} positions it embeds")
 
         def init(rng: np.random.Generator) -> list[np.ndarray]:
-            return [rng.normal(0.0, std, (rows, width))]
+            return [_normal(rng, (rows, width), std)]
 
         (table,) = self._declare("embedding", {"weight": (rows, width)}, init)
         return self._add(x, self._first_rows(table, x))
