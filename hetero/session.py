@@ -113,9 +113,13 @@ class Session:
         inputs = self.network.random_input(batch) if inputs is None else inputs
         return self._split(self.network, inputs, self._ready_to_split(self.network, len(inputs)))
 
-    def _ready_to_split(self, net: Network, samples: int) -> Ready:
+    def _ready_to_split(self, net: Network, samples: int, per_size: bool = True) -> Ready:
+        """The engines a split of `samples` runs, picked for that size; for a network fitted to a sequence
+        length (not `per_size`), those first picked at that length, whatever later batches hold: each call's
+        inputs fall into buckets of other sizes, and an engine is compiled and loaded once per length."""
         partitioner = self.options.partitioner
-        return self.prepare(("split", samples), lambda options: choose_engines(options, samples, partitioner)[0], net)
+        return self.prepare(("split", samples if per_size else "any"),
+                            lambda options: choose_engines(options, samples, partitioner)[0], net)
 
     def _split(self, net: Network, inputs: np.ndarray, ready: Ready) -> InferenceReport:
         """One split of `inputs` over the engines `ready` holds."""
@@ -140,8 +144,9 @@ class Session:
         """One split per bucket, shortest first, after every bucket's engines are ready; the outputs in input
         order at the batch's length, the wall time that of them all, cutting and padding included."""
         if len(grouping.buckets) == 1 and grouping.buckets[0].network is grouping.full:
-            return self._split(grouping.full, grouping.records, self._ready_to_split(grouping.full, len(grouping.records)))
-        ready = [self._ready_to_split(b.network, len(b.samples)) for b in grouping.buckets]
+            return self._split(grouping.full, grouping.records,
+                               self._ready_to_split(grouping.full, len(grouping.records), per_size=False))
+        ready = [self._ready_to_split(b.network, len(b.samples), per_size=False) for b in grouping.buckets]
         outputs = np.empty(len(grouping.records), grouping.full.output_dtype)
         reports = []
         start = time.perf_counter()

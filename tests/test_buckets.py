@@ -7,6 +7,7 @@ import pytest
 import hetero
 from hetero.buckets import Buckets, sample_lengths
 from hetero.cli import inference
+from hetero.engines import load_engine
 from hetero.engines.onnxruntime import OnnxRuntimeEngine
 from hetero.errors import HeteroError
 from hetero.table import ProfileTable, format_table
@@ -63,6 +64,20 @@ def test_without_buckets_every_sample_runs_at_the_batch_length(tiny_bert, tmp_pa
     hidden, pooled = reference(tiny_bert, inputs)
     np.testing.assert_allclose(report.outputs["last_hidden_state"], hidden, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(report.outputs["pooler_output"], pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_a_session_loads_each_lengths_engine_once_whatever_its_batches_hold(tiny_bert, tmp_path):
+    loaded = []
+
+    def load(net, device):
+        loaded.append(net.inputs[0].shape[0])
+        return load_engine(net, device, "onnxruntime")
+
+    with hetero.Session(str(tiny_bert), "cpu", hetero.Options(**options(tmp_path, load=load))) as session:
+        for batch, seed in ((20, 1), (7, 2), (33, 3)):
+            inputs = tokens(batch, SEQUENCE, seed=seed)
+            assert_real_positions_match(session.run(inputs).outputs, inputs, reference(tiny_bert, inputs))
+    assert sorted(loaded) == [4, 8, 16, SEQUENCE]
 
 
 def test_each_bucket_is_one_network_fitted_to_its_length(tiny_bert):
