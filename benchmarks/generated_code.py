@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -69,11 +68,7 @@ def generated(network: str, config: str) -> str:
 
 def _module(network: str) -> tvm.IRModule:
     """The network's Relax module; a network of open sequence (a BERT)'s at :data:`SEQUENCE`."""
-    net = get_network(network)
-    if net.open_dimensions:
-        net = net.fit({t.name: np.zeros((1, *(SEQUENCE if isinstance(d, str) else d for d in t.shape)), t.dtype)
-                       for t in net.inputs})
-    return net.module
+    return get_network(network).fit_sizes({"sequence": SEQUENCE}).module
 
 
 def _modules(module) -> list:
