@@ -255,7 +255,9 @@ def infer(network: str | Network, devices: str | Sequence[Device] = "cpu", batch
           **changes) -> InferenceReport:
     """Run `inputs` (or `batch` deterministic random samples) through `network` split over `devices`, in one
     call: :meth:`Session.run` of a session with `options` (keywords such as `precision="fp16"` change them).
-    A network of named inputs (a BERT-style encoder) takes `inputs` by name: {"input_ids": ..., ...}."""
+    A network of named inputs (a BERT-style encoder) takes `inputs` by name: {"input_ids": ..., ...}; with an
+    "attention_mask" they run in sequence buckets (hetero.buckets; `buckets=(32, 64)` chooses them, `buckets=()`
+    runs every sample at the inputs' length)."""
     with Session(network, devices, replace(options, **changes)) as session:
         return session.run(inputs, batch)
 
