@@ -27,7 +27,7 @@ def fake_device(monkeypatch):
         monkeypatch.setattr(profile_module, "measure_batch", measure)
         return clock
 
-    engine = SimpleNamespace(name="fake", network=SimpleNamespace(name="net", key="net@0"),
+    engine = SimpleNamespace(name="fake", network=SimpleNamespace(name="net", key="net@0", rate_unit="img/s"),
                              device=SimpleNamespace(name="dev"), profile_key="k")
     return engine, setup
 
