@@ -237,7 +237,7 @@ def benchmark_stream(net: Network, devices: Sequence[Device], samples: int, tabl
     """Per device: a stream from a host array and from a .npy file, against that device's engine in a plain
     loop over the same array and on resident inputs (medians of `repeats`), over `samples` samples or,
     for a device that would take longer, about ALONE_S of them; then, with several devices, the stream of
-    all `samples` over all of them (its img/s, else None)."""
+    all `samples` over all of them (its rate, else None)."""
     options = dict(table=table, profile_batches=profile_batches, budget_s=budget_s, progress=False, precision=precision)
     choice = parse_engine_choice(engine, devices)
     inputs = host_array(net, samples)
