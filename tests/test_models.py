@@ -19,6 +19,8 @@ NAMES = [
     "inception_v3", "vgg-16", "vgg-19", "densenet-121",
 ]
 
+ENCODERS = ["bert-tiny", "bert-base"]  # after the CNNs; tested in tests/test_bert.py
+
 # Published parameter counts (torchvision; inception_v3 without the aux head).
 # Ours fold each BatchNorm's gamma and beta into one conv bias, so they are a
 # little lower for the BN networks.
@@ -48,7 +50,7 @@ def _run(net: Network, ex: relax.VMExecutable, x: np.ndarray) -> np.ndarray:
 
 
 def test_names() -> None:
-    assert network_names() == [*NAMES, "bert-tiny", "bert-base"]  # the CNNs, then the encoders (tests/test_bert.py)
+    assert network_names() == [*NAMES, *ENCODERS]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,7 +130,7 @@ def test_unknown_network() -> None:
         get_network("resnet-51")
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
-    assert msg == "unknown network 'resnet-51'; choose from: " + ", ".join(NAMES)
+    assert msg == "unknown network 'resnet-51'; choose from: " + ", ".join([*NAMES, *ENCODERS])
     assert "\n" not in msg
 
 
