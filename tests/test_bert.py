@@ -141,6 +141,8 @@ def test_weights_are_the_same_in_every_process():
                                                                     r"not fit.*where sequence=8"),
     (lambda x: x.update(input_ids=np.zeros((2, 513), np.int64), attention_mask=np.ones((2, 513), np.int64)),
      "bert-tiny takes a sequence of at most 512, not 513"),
+    (lambda x: x.update(input_ids=np.zeros((2, 0), np.int64), attention_mask=np.ones((2, 0), np.int64)),
+     "bert-tiny takes a sequence of at least 1, not 0"),
     # ONNX Runtime would refuse the first and wrap the second around, OpenVINO would read some row for both
     (lambda x: x["input_ids"].__setitem__((1, 3), 30522), r"input input_ids holds values outside 0 \.\. 30521"),
     (lambda x: x["input_ids"].__setitem__((0, 0), -1), r"input input_ids holds values outside 0 \.\. 30521"),

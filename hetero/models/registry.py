@@ -133,9 +133,12 @@ class BuilderOrigin(Origin):
     def fixed(self, net: Network, sizes: dict[str, int]) -> Network:
         """`net` with its open dimensions fixed to `sizes` and the Relax module for them, built once per size.
 
-        Raises HeteroError (one line) for a size larger than the network takes (a sequence longer than its positions).
+        Raises HeteroError (one line) for an empty size, or one larger than the network takes (a sequence longer
+        than its positions).
         """
         for dim, size in sizes.items():
+            if size < 1:  # a BERT's pooler reads the first token, which an empty sequence does not have
+                raise HeteroError(f"{net.name} takes a {dim} of at least 1, not {size}")
             if size > self.entry.max_sizes.get(dim, size):
                 raise HeteroError(f"{net.name} takes a {dim} of at most {self.entry.max_sizes[dim]}, not {size}")
         key = (net.digest, tuple(sorted(sizes.items())))
