@@ -1,6 +1,8 @@
-"""The three scripts, started the way the README starts them."""
+"""The three scripts, started the way the README starts them; most bad command lines go to the function
+a script calls, in this process, with one of each kind through the script itself."""
 
 import json
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,23 +37,34 @@ BAD_INPUT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs():
-    """Inference.py run on each bad command line, a few processes at a time (each spends seconds importing)."""
-    with ThreadPoolExecutor(3) as pool:
-        return list(pool.map(lambda case: run_script("Inference.py", *case[0]), BAD_INPUT))
+def run_in_process(capfd, command, *args: str) -> subprocess.CompletedProcess:
+    """A script's exit code and output, from the function the script calls, run in this process (a process
+    of the script's own spends seconds importing TVM). capfd also holds what is written to the file
+    descriptors directly, where TVM's own warnings go."""
+    capfd.readouterr()
+    code = command(list(args))
+    return subprocess.CompletedProcess(list(args), code, *capfd.readouterr())
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[f"args{i}-{expected}" for i, (_, expected) in enumerate(BAD_INPUT)])
-def test_bad_input_gets_one_clear_line(bad_input_runs, case):
-    assert BAD_INPUT[case][1] in one_error_line(bad_input_runs[case])
+def test_bad_input_gets_one_clear_line(capfd, case):
+    assert BAD_INPUT[case][1] in one_error_line(run_in_process(capfd, cli.inference, *BAD_INPUT[case][0]))
 
 
-def test_print_table_of_missing_and_corrupt_tables(tmp_path):
+def test_bad_input_to_the_script_gets_one_clear_line():
+    """A failure while running and a usage error, through Inference.py itself."""
+    cases = BAD_INPUT[:2]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda case: run_script("Inference.py", *case[0]), cases))
+    for (_, expected), result in zip(cases, results):
+        assert expected in one_error_line(result)
+
+
+def test_print_table_of_missing_and_corrupt_tables(tmp_path, capfd):
     assert "no-such.json" in one_error_line(run_script("print_table.py", str(tmp_path / "no-such.json")))
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text("{not json")
-    one_error_line(run_script("print_table.py", str(corrupt)))
+    one_error_line(run_in_process(capfd, cli.print_table, str(corrupt)))
     assert corrupt.read_text() == "{not json"
 
 
