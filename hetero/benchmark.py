@@ -116,7 +116,7 @@ def text_network(network: Network, sequence: int | None) -> Network:
     if sequence is None:
         raise HeteroError(f"{network.name} takes inputs by name with {', '.join(network.open_dimensions)} open: "
                           f"give --sequence L")
-    return network.fit(text_inputs(network, 1, sequence))
+    return network.fit_sizes({dim: sequence for dim in network.open_dimensions})
 
 
 def text_inputs(network: Network, batch: int, sequence: int, lengths: np.ndarray | None = None,
