@@ -140,13 +140,12 @@ def test_matches_default_pipeline(built, name):
      {"columns_max_cin": 0}],
     ids=str,
 )
-def test_conv_option_variants_match(options):
+def test_conv_option_variants_match(built, options):
     """The non-default variants of the conv2d rule are correct too."""
     rules = [Conv2D(**options) if isinstance(rule, Conv2D) else rule for rule in RULES]
     for name in ("conv1x1_small_weights", "conv7x7_stem", "conv3x3_stride2_odd"):
-        mod, values, shape = _build(*GRAPHS[name][:2])
-        ex = relax.build(mod, TARGET, relax_pipeline=cpu_pipeline(TARGET, rules=rules))
-        default = relax.build(mod, TARGET)
+        default, _, values, shape, _, _ = built[name]  # the graph's default build, and its weights
+        ex = relax.build(_build(*GRAPHS[name][:2])[0], TARGET, relax_pipeline=cpu_pipeline(TARGET, rules=rules))
         x = np.random.default_rng(1).standard_normal((2, *shape)).astype("float32")
         ref = _run(default, [x, *values])
         got = _run(ex, [x, *values])
