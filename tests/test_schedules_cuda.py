@@ -344,8 +344,10 @@ def test_wgmma_takes_the_convs_it_can_on_sm_90a_on_tensor_cores(precision, row):
 
 @pytest.mark.parametrize("precision,target", [("fp32", HOPPER_TARGET), ("tf32", CUDA_TARGET), ("fp16", CUDA_TARGET)])
 def test_wgmma_needs_sm_90a_and_tensor_core_precision(precision, target):
-    vgg = get_network("vgg-16").module
-    assert not any(k.rule == "wgmma-conv" for k in describe_schedules(vgg, target, precision))
+    """No rule of the pipeline's schedules a kernel with wgmma: describe_schedules and gpu_pipeline
+    schedule with exactly these rules (on vgg-16 they took the convs above)."""
+    assert "wgmma-conv" not in [rule.name for rule in gpu_rules(target, precision)]
+    assert "wgmma-conv" in [rule.name for rule in gpu_rules(HOPPER_TARGET, "tf32")]
 
 
 @pytest.mark.parametrize("channels,rows,expected", [
