@@ -106,7 +106,8 @@ def reference(network):
     return load_engine(network, hetero.parse_devices("cpu")[0]).infer(numbered(network, 8))[0]
 
 
-def _table(tmp_path, *profiles) -> ProfileTable:
+def table_with(tmp_path, *profiles) -> ProfileTable:
+    """A saved table in tmp_path holding these profiles."""
     table = ProfileTable.load(tmp_path / "table.json", create=True)
     for profile in profiles:
         table.put(profile)
@@ -114,7 +115,8 @@ def _table(tmp_path, *profiles) -> ProfileTable:
     return table
 
 
-def _run(network, engines, inputs, table, **options):
+def run_engines(network, engines, inputs, table, **options):
+    """hetero.infer on these engines' devices, running these engines (a FaultyEngine included)."""
     by_name = {engine.device.name: engine for engine in engines}
     return infer(network, [e.device for e in engines], inputs=inputs, table=table, progress=False,
                  load=lambda net, device: by_name[device.name], **options)
@@ -124,9 +126,9 @@ def test_failed_device_share_runs_on_the_others_exactly_once(tmp_path, network, 
                                                                reference, caplog):
     a = make_engine(two_devices[0], lambda batch: RuntimeError("CUDA error: an illegal memory access"))
     b = make_engine(two_devices[1])
-    table = _table(tmp_path, *(linear_profile(d, network) for d in two_devices))
+    table = table_with(tmp_path, *(linear_profile(d, network) for d in two_devices))
 
-    report = _run(network, [a, b], numbered(network, 6), table)
+    report = run_engines(network, [a, b], numbered(network, 6), table)
 
     np.testing.assert_allclose(report.outputs, reference[:6], rtol=1e-4, atol=1e-5)
     assert a.ran == [] and sorted(b.ran) == list(range(6)), "every sample ran exactly once"
@@ -152,9 +154,9 @@ def test_out_of_memory_midway_keeps_the_chunks_that_ran(tmp_path, network, two_d
     # of memory on its second chunk (samples 2 and 3) only.
     a = make_engine(two_devices[0], lambda batch: MemoryError("out of memory") if batch[0, 0, 0, 0] == 2 else None)
     b = make_engine(two_devices[1])
-    table = _table(tmp_path, *(linear_profile(d, network, fails_from=4) for d in two_devices))
+    table = table_with(tmp_path, *(linear_profile(d, network, fails_from=4) for d in two_devices))
 
-    report = _run(network, [a, b], numbered(network, 8), table)
+    report = run_engines(network, [a, b], numbered(network, 8), table)
 
     np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
     assert sorted(a.ran + b.ran) == list(range(8)), "every sample ran exactly once"
@@ -186,7 +188,7 @@ def test_device_that_does_not_compile_is_left_out(tmp_path, network, two_devices
             raise CompileError(f"compiling {net.name} for cpu-a failed: no kernel for conv2d")
         return b
 
-    table = _table(tmp_path, *(linear_profile(d, network) for d in two_devices))
+    table = table_with(tmp_path, *(linear_profile(d, network) for d in two_devices))
     report = infer(network, two_devices, inputs=numbered(network, 5), table=table, progress=False, load=load)
     assert report.faults == [Fault("cpu-a", "load", f"compiling {SMALL_NETWORK} for cpu-a failed: no kernel for conv2d")]
     assert [(s.device.name, s.size) for s in report.shares] == [("cpu-b", 5)]
@@ -210,13 +212,13 @@ def test_failed_profiling_size_is_recorded_and_larger_shares_run_in_chunks(tmp_p
     assert profile.stopped == f"batch 3 failed, so larger sizes were not tried: {oom}"
     assert profile.max_batch() == 2
     assert profile.predict(5) == pytest.approx(2 * profile.predict(2) + profile.predict(1))
-    table = _table(tmp_path, profile)
+    table = table_with(tmp_path, profile)
     stored = ProfileTable.load(table.path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key)
     assert stored == profile, "the reason is kept in the table"
     assert oom in format_table(ProfileTable.load(table.path))
 
     engine.sizes.clear()
-    report = _run(network, [engine], numbered(network, 5), table)
+    report = run_engines(network, [engine], numbered(network, 5), table)
     np.testing.assert_allclose(report.outputs, reference[:5], rtol=1e-4, atol=1e-5)
     assert engine.sizes == [2, 2, 1] and report.shares[0].calls == 3 and report.faults == []
     assert report.predicted_s == pytest.approx(profile.predict(5))
@@ -227,7 +229,7 @@ def test_a_cpu_share_beyond_its_profile_runs_in_calls_of_the_largest_size_profil
     cpu = dataclasses.replace(hetero.parse_devices("cpu")[0], threads=1)
     engine = make_engine(cpu)
     profile = linear_profile(cpu, network)  # sizes 1, 2, 4 and 8, none failed
-    report = _run(network, [engine], numbered(network, 11), _table(tmp_path, profile))
+    report = run_engines(network, [engine], numbered(network, 11), table_with(tmp_path, profile))
     assert engine.sizes == [8, 3] and report.shares[0].calls == 2
     np.testing.assert_allclose(report.outputs[:8], reference, rtol=1e-4, atol=1e-5)
     gpu = Device("gpu0", "cuda", 0, "test GPU", tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, "llvm"))
@@ -242,7 +244,7 @@ def test_device_that_ran_no_size_gets_no_share(tmp_path, network, two_devices, m
         plan([broken], 1)
 
     a, b = make_engine(two_devices[0]), make_engine(two_devices[1])
-    report = _run(network, [a, b], numbered(network, 3), _table(tmp_path, broken, working))
+    report = run_engines(network, [a, b], numbered(network, 3), table_with(tmp_path, broken, working))
     assert report.faults == [Fault("cpu-a", "profile", "every profiled batch size failed: out of memory at batch 1")]
     assert a.sizes == [] and [(s.device.name, s.size) for s in report.shares] == [("cpu-b", 3)]
     np.testing.assert_allclose(report.outputs, reference[:3], rtol=1e-4, atol=1e-5)
@@ -252,12 +254,12 @@ def test_interrupted_profiling_is_saved_as_partial_and_resumed(tmp_path, network
     cpu = dataclasses.replace(hetero.parse_devices("cpu")[0], threads=1)
     path = tmp_path / "table.json"
     with pytest.raises(KeyboardInterrupt):
-        _run(network, [make_engine(cpu, lambda batch: KeyboardInterrupt())], None, path, batch=2)
+        run_engines(network, [make_engine(cpu, lambda batch: KeyboardInterrupt())], None, path, batch=2)
     assert not path.exists(), "nothing measured, nothing saved (an empty profile would predict nothing)"
 
     interrupting = make_engine(cpu, lambda batch: KeyboardInterrupt() if len(batch) == 4 else None)
     with pytest.raises(KeyboardInterrupt):
-        _run(network, [interrupting], None, path, batch=2, profile_batches=[1, 2, 4])
+        run_engines(network, [interrupting], None, path, batch=2, profile_batches=[1, 2, 4])
 
     partial = ProfileTable.load(path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key)
     assert partial.interrupted and [m.batch for m in partial.measurements] == [1, 2]
@@ -265,7 +267,7 @@ def test_interrupted_profiling_is_saved_as_partial_and_resumed(tmp_path, network
     assert "partial: the next run measures the rest" in format_table(ProfileTable.load(path))
 
     resumed = make_engine(cpu)
-    report = _run(network, [resumed], None, path, batch=2, profile_batches=[1, 2, 4])
+    report = run_engines(network, [resumed], None, path, batch=2, profile_batches=[1, 2, 4])
     assert report.profiled == ["cpu"]
     assert 1 not in resumed.sizes and 4 in resumed.sizes, "sizes measured before Ctrl-C are not measured again"
     complete = ProfileTable.load(path).get(profile_key(cpu), hetero.get_network(SMALL_NETWORK).key)
@@ -276,7 +278,7 @@ def test_interrupted_profiling_is_saved_as_partial_and_resumed(tmp_path, network
 def test_profile_from_another_tvm_is_not_trusted_and_the_user_is_told(tmp_path, network, capsys):
     cpu = hetero.parse_devices("cpu")[0]
     old_key = profile_key(cpu).replace(f"tvm {tvm.__version__}", "tvm 0.26.0")
-    table = _table(tmp_path, dataclasses.replace(linear_profile(cpu, network), device_key=old_key))
+    table = table_with(tmp_path, dataclasses.replace(linear_profile(cpu, network), device_key=old_key))
 
     rc = cli.inference(["--network", SMALL_NETWORK, "--batch", "1", "--profile-batches", "1", "--table",
                         str(table.path), "--json"])
@@ -345,7 +347,7 @@ def test_ctrl_c_while_profiling_keeps_the_sizes_measured(tmp_path):
 
 def test_profiles_under_another_key_of_the_same_hardware_are_named_with_what_changed(tmp_path):
     new = 'AMD EPYC | {"kind":"llvm"} | tvm 0.27.0'
-    table = _table(tmp_path, *(Profile(key, "resnet-18", [Measurement(1, [0.01], [0.0], [0.0])]) for key in (
+    table = table_with(tmp_path, *(Profile(key, "resnet-18", [Measurement(1, [0.01], [0.0], [0.0])]) for key in (
         'AMD EPYC | {"kind":"llvm"} | tvm 0.26.0',  # another TVM
         'AMD EPYC | {"kind":"llvm","mcpu":"znver4"} | tvm 0.27.0',  # another target
         'AMD EPYC | {"kind":"llvm"} | driver 550.54 | tvm 0.27.0',  # a key from a version that adds fields

@@ -12,7 +12,7 @@ import hetero
 from hetero.engines import load_engine
 
 from .conftest import SMALL_NETWORK
-from .test_reliability import FaultyEngine, _run, _table, linear_profile, numbered
+from .test_reliability import FaultyEngine, linear_profile, numbered, run_engines, table_with
 
 WARMUP = 20  # runs before the baseline: allocator pools, TVM's workspace and the worker threads settle
 RUNS = 100
@@ -29,7 +29,7 @@ def test_split_runs_do_not_grow_memory_or_threads(tmp_path):
     calls = itertools.count(1)
     flaky = FaultyEngine(network, devices[0], lambda batch: RuntimeError("injected") if next(calls) % 5 == 0 else None)
     steady = FaultyEngine(network, devices[1])
-    table = _table(tmp_path, *(linear_profile(d, network) for d in devices))
+    table = table_with(tmp_path, *(linear_profile(d, network) for d in devices))
     inputs = numbered(network, 2)
     reference, _ = load_engine(network, cpu).infer(inputs)
     process = psutil.Process()
@@ -38,7 +38,7 @@ def test_split_runs_do_not_grow_memory_or_threads(tmp_path):
     def soak(runs: int) -> None:
         nonlocal faults
         for _ in range(runs):
-            report = _run(network, [flaky, steady], inputs, table.path)
+            report = run_engines(network, [flaky, steady], inputs, table.path)
             np.testing.assert_allclose(report.outputs, reference, rtol=1e-4, atol=1e-5)
             faults += len(report.faults)
 
