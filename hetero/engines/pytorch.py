@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -92,6 +93,14 @@ def input_layout(network: Network, staged: type = np.float32) -> SampleLayout:
 def output_layout(network: Network) -> SampleLayout:
     """How a batch of `network`'s outputs comes back: records of named outputs, or the one output."""
     return SampleLayout(network.output_dtype, network.output_shape)
+
+
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """`array` as a tensor sharing its memory. A read-only array (a memory-mapped .npy, a caller's frozen batch)
+    is shared too, without PyTorch's warning that writing to it is undefined: the engine only reads its inputs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(array)
 
 
 def module_input(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -369,7 +378,7 @@ class TorchEngine(Engine):
             return outputs.copy(), timing  # the slot's buffer is reused by a later call
         with torch.inference_mode():
             start = time.perf_counter()
-            inputs = [module_input(torch.from_numpy(array), self._dtype) for array in self._host_inputs(batch)]
+            inputs = [module_input(host_tensor(array), self._dtype) for array in self._host_inputs(batch)]
             copied = time.perf_counter()
             outputs = module_outputs(self._module(*inputs))
             computed = time.perf_counter()
@@ -406,7 +415,7 @@ class TorchEngine(Engine):
         if self.pipeline is None:
             return None
         with torch.inference_mode():
-            inputs = [module_input(torch.from_numpy(array).to(self._device), self._dtype)
+            inputs = [module_input(host_tensor(array).to(self._device), self._dtype)
                       for array in self._host_inputs(self.network.random_input(batch))]
             self._module(*inputs)
             torch.cuda.synchronize(self._device)
