@@ -114,7 +114,8 @@ class TorchGraph(Graph[torch.Tensor]):
         return value
 
     def _cast(self, x):  # noqa: ANN001, ANN202
-        return x.to(getattr(torch, self.dtype))
+        # to the weights' precision, which an engine may have changed (module.half() for fp16)
+        return x.to(self.params[0].dtype)
 
 
 class BuiltModule(nn.Module):
