@@ -142,19 +142,3 @@ def test_a_split_and_a_stream_hand_every_engine_views_of_the_callers_array(tmp_p
     assert sum(map(len, from_split)) == 600, "the split's calls were slices of x"
     assert sum(map(len, from_stream)) == 600, "the stream's calls were slices of x"
     np.testing.assert_allclose(streamed.outputs, split.outputs, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("start, nbytes", [(4096 * 7, 4096 * 300), (4096 * 7 + 100, 4096 * 300 - 37), (12345, 4 << 20)])
-def test_a_chunk_uploaded_in_place_locks_only_its_whole_pages_and_stages_the_rest(start, nbytes):
-    from hetero.engines.pytorch import locked_pieces
-
-    page = 4096
-    ranges, pieces = locked_pieces(start, nbytes, parts=4, page=page)
-    assert [p[:2] for p in pieces] == [(0, pieces[0][1]), (pieces[0][1], pieces[1][1]), (pieces[1][1], nbytes)]
-    assert [p[2] for p in pieces] == [False, True, False]
-    assert pieces[0][1] < page and nbytes - pieces[1][1] < page  # at most a partial page at either end is staged
-    assert all(first % page == 0 and end % page == 0 and end > first for first, end in ranges)
-    assert [first for first, _ in ranges[1:]] == [end for _, end in ranges[:-1]]  # the parts tile the locked pages
-    assert (ranges[0][0], ranges[-1][1]) == (start + pieces[1][0], start + pieces[1][1])
-    following, _ = locked_pieces(start + nbytes, nbytes, parts=4, page=page)
-    assert following[0][0] >= ranges[-1][1]  # the next chunk locks no page of this one

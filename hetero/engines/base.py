@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -27,8 +27,6 @@ from ..devices import Device
 from ..errors import HeteroError
 from ..models import Network
 from ..table import ENGINE_FIELD, KEY_FIELDS
-
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +83,6 @@ class ParallelCopy:
         bounds = np.linspace(0, len(source), parts + 1, dtype=int)
         return [self._pool.submit(np.copyto, destination[first:last], source[first:last], casting="unsafe")
                 for first, last in zip(bounds[:-1], bounds[1:])]
-
-    def submit(self, action: Callable[..., T], *args) -> Future[T]:
-        """Run another piece of staging work (such as locking pages) on the copy threads."""
-        return self._pool.submit(action, *args)
 
     def __call__(self, destination: np.ndarray, source: np.ndarray) -> None:
         for done in self.start(destination, source):

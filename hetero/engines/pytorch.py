@@ -13,7 +13,6 @@ rows of raw bytes (:class:`SampleLayout`), each input a view of them there.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 import warnings
@@ -31,8 +30,6 @@ from .base import Engine, ParallelCopy, Timing, copy_threads, cpu_threads, wait_
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16}
 SLOTS = 4  # calls in flight on a GPU: one staging on the host, one uploading, one computing, one spare
-PAGE = mmap.PAGESIZE
-MIN_REGISTERED_BYTES = 4 << 20  # a smaller chunk is copied: registering costs more than copying it
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -122,10 +119,10 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _staging() -> str:
-    """How a GPU's inputs reach it: "copy" (copied into page-locked memory as float32), "half" (copied as
-    float16, where the module computes in float16: half the bytes to upload) or "register" (uploaded from
-    the caller's own pages, locked in place by cudaHostRegister). $HETERO_STAGING chooses, to measure them.
-    Named inputs are staged as their records are ("half" leaves them so: a BERT's token ids are few bytes)."""
+    """How a GPU's inputs reach it: "copy" (copied into page-locked memory as float32) or "half" (copied as
+    float16, where the module computes in float16: half the bytes to upload). $HETERO_STAGING chooses, to
+    measure them. Named inputs are staged as their records are ("half" leaves them so: a BERT's token ids are
+    few bytes)."""
     return os.environ.get("HETERO_STAGING", "copy")
 
 
@@ -138,9 +135,6 @@ class _Slot:
         self._device, self._inputs, self._outputs = device, inputs, outputs
         self.capacity = 0
         self.launched: Future | None = None  # the last call's GPU work queued
-        self.registered: list[int] = []  # the caller's pages locked in place for the last call
-        self.source: np.ndarray | None = None  # the caller's chunk they hold
-        self.pieces: list[tuple[int, int, bool]] = []  # its upload: (first byte, end byte, from the caller's pages)
         self.done = torch.cuda.Event(enable_timing=True)  # recorded after the last call's outputs are back on the host
 
     def reserve(self, samples: int) -> None:
@@ -157,12 +151,6 @@ class _Slot:
         self.host_out_array = self._outputs.host(self.host_out)
         self.capacity = samples
 
-    def release(self) -> None:
-        """Unlock the caller's pages once the call that uploaded them is done."""
-        for pointer in self.registered:
-            torch.cuda.cudart().cudaHostUnregister(pointer)
-        self.registered, self.source = [], None
-
 
 @dataclass
 class CallTrace:
@@ -176,22 +164,6 @@ class CallTrace:
     marks: list[torch.cuda.Event] = field(default_factory=list)
 
 
-def locked_pieces(start: int, nbytes: int, parts: int, page: int = PAGE
-                  ) -> tuple[list[tuple[int, int]], list[tuple[int, int, bool]]]:
-    """A chunk of `nbytes` at address `start`, uploaded from the caller's pages locked in place: the address
-    ranges to lock (its whole pages, in `parts`) and its upload's byte ranges (first, end, whether from the
-    locked pages). The partial pages at either end come from staging: a neighbouring chunk may hold them."""
-    first_page, end_page = -(-start // page), (start + nbytes) // page
-    bounds = [int(b) * page for b in np.linspace(first_page, end_page, parts + 1, dtype=np.int64)]
-    head, tail = bounds[0] - start, bounds[-1] - start
-    return list(zip(bounds, bounds[1:])), [(0, head, False), (head, tail, True), (tail, nbytes, False)]
-
-
-def _register(pointer: int, nbytes: int) -> int | None:
-    """Lock `nbytes` of host memory at `pointer` (whole pages) for the GPU's DMA; its pointer, or None."""
-    return pointer if int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0)) == 0 else None
-
-
 class _PipelinedCall:
     def __init__(self, slot: _Slot, samples: int, launched: Future):
         self._slot, self._samples, self._launched = slot, samples, launched
@@ -200,7 +172,6 @@ class _PipelinedCall:
         """The outputs, and the GPU's own seconds uploading, computing and downloading them."""
         marks = self._launched.result()
         self._slot.done.synchronize()
-        self._slot.release()
         upload, compute, download = (marks[i].elapsed_time(marks[j]) / 1e3 for i, j in ((0, 1), (2, 3), (3, 4)))
         return self._slot.host_out_array[: self._samples], Timing(upload, compute, download)
 
@@ -214,9 +185,7 @@ class CudaPipeline:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, module: torch.nn.Module, network: Network, name: str):
         self._device, self._dtype, self._module = device, dtype, module
-        staging = _staging()
-        self._in_place = staging == "register"
-        staged = np.float16 if staging == "half" and dtype == torch.float16 else np.float32
+        staged = np.float16 if _staging() == "half" and dtype == torch.float16 else np.float32
         self._inputs, self._outputs = input_layout(network, staged), output_layout(network)
         self._slots = [_Slot(device, self._inputs, self._outputs) for _ in range(SLOTS)]
         self._turn = 0
@@ -249,37 +218,14 @@ class CudaPipeline:
         if slot.launched is not None:  # the call that used this slot before is finished
             slot.launched.result()
             slot.done.synchronize()
-            slot.release()
         # A size this pipeline has not run costs cuDNN's autotuning of every convolution (and may cost a
         # compile): a smaller call runs as the next size that has run, the rows past its own ignored.
         computed = min((size for size in self._sizes if size >= len(batch)), default=len(batch))
         slot.reserve(computed)
         trace = CallTrace(self._host_ms()) if self.trace is not None else None
-        copies = self._register(slot, batch) if self._in_place else None
-        if copies is None:
-            copies = self._copy.start(slot.host_in_array[: len(batch)], batch)
+        copies = self._copy.start(slot.host_in_array[: len(batch)], batch)
         slot.launched = self._launcher.submit(self._queue, slot, len(batch), computed, copies, trace)
         return _PipelinedCall(slot, len(batch), slot.launched)
-
-    def _register(self, slot: _Slot, batch: np.ndarray) -> list[Future] | None:
-        """Lock the whole pages inside `batch` in place, in parts on the copy threads, and copy its partial
-        first and last pages into the slot's page-locked buffer (a neighbouring chunk may hold those pages
-        locked); None where the chunk cannot be uploaded in place."""
-        if not (batch.flags.c_contiguous and batch.flags.writeable and batch.dtype == slot.host_in_array.dtype
-                and batch.nbytes >= MIN_REGISTERED_BYTES):
-            return None
-        ranges, slot.pieces = locked_pieces(batch.ctypes.data, batch.nbytes, self._copy.threads)
-        parts = [self._copy.submit(_register, first, end - first) for first, end in ranges]
-        flat, staged = batch.reshape(-1).view(np.uint8), slot.host_in.numpy().reshape(-1)
-        for first, end, in_place in slot.pieces:
-            if not in_place:
-                staged[first:end] = flat[first:end]
-        slot.source = batch
-        slot.registered = [pointer for pointer in (part.result() for part in parts) if pointer is not None]
-        if len(slot.registered) < len(parts):  # memory the driver cannot lock: copied instead
-            slot.release()
-            return None
-        return []
 
     def _queue(self, slot: _Slot, samples: int, computed: int, copies: list[Future],
                trace: CallTrace | None) -> list[torch.cuda.Event]:
@@ -292,14 +238,7 @@ class CudaPipeline:
         with torch.inference_mode():
             with torch.cuda.stream(self._upload):
                 marks[0].record(self._upload)
-                if slot.source is None:
-                    slot.device_in[:samples].copy_(slot.host_in[:samples], non_blocking=True)
-                else:  # from the caller's pages locked in place, the partial pages at either end from staging
-                    device, staged = slot.device_in.view(-1), slot.host_in.view(-1)
-                    caller = torch.from_numpy(slot.source.reshape(-1).view(np.uint8))
-                    for first, last, in_place in slot.pieces:
-                        if last > first:
-                            device[first:last].copy_((caller if in_place else staged)[first:last], non_blocking=True)
+                slot.device_in[:samples].copy_(slot.host_in[:samples], non_blocking=True)
                 marks[1].record(self._upload)
             with torch.cuda.stream(self._compute):
                 self._compute.wait_event(marks[1])
@@ -321,7 +260,6 @@ class CudaPipeline:
         for slot in self._slots:
             if slot.launched is not None:
                 slot.done.synchronize()
-            slot.release()
         self._copy.shutdown()
 
 
