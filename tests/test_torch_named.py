@@ -15,22 +15,9 @@ from hetero.errors import HeteroError
 torch = pytest.importorskip("torch")
 pytorch = pytest.importorskip("hetero.engines.pytorch")
 
+from .test_transformers import EncoderLayer  # noqa: E402 - needs torch, skipped above without it
+
 VOCABULARY, HIDDEN, HEADS, LAYERS, POSITIONS, SEQUENCE = 40, 32, 2, 2, 16, 8
-
-
-class Layer(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = torch.nn.Linear(HIDDEN, 3 * HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
-        self.up, self.down = torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.Linear(2 * HIDDEN, HIDDEN)
-        self.norm1, self.norm2 = torch.nn.LayerNorm(HIDDEN), torch.nn.LayerNorm(HIDDEN)
-
-    def forward(self, x, bias):
-        batch, sequence, _ = x.shape
-        q, k, v = self.qkv(x).reshape(batch, sequence, 3, HEADS, HIDDEN // HEADS).permute(2, 0, 3, 1, 4)
-        attention = torch.softmax(q @ k.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5 + bias, dim=-1)
-        x = self.norm1(x + self.out((attention @ v).transpose(1, 2).reshape(batch, sequence, HIDDEN)))
-        return self.norm2(x + self.down(torch.nn.functional.gelu(self.up(x))))
 
 
 class Encoder(torch.nn.Module):
@@ -40,7 +27,7 @@ class Encoder(torch.nn.Module):
         super().__init__()
         self.tokens, self.positions = torch.nn.Embedding(VOCABULARY, HIDDEN), torch.nn.Embedding(POSITIONS, HIDDEN)
         self.register_buffer("position_ids", torch.arange(POSITIONS)[None], persistent=False)
-        self.layers = torch.nn.ModuleList(Layer() for _ in range(LAYERS))
+        self.layers = torch.nn.ModuleList(EncoderLayer(HIDDEN, HEADS) for _ in range(LAYERS))
         self.pool = torch.nn.Linear(HIDDEN, HIDDEN)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):

@@ -25,18 +25,20 @@ VOCABULARY, HIDDEN, HEADS, LAYERS, MAX_SEQUENCE = 50, 16, 2, 2, 32
 class EncoderLayer(torch.nn.Module):
     """Self-attention written out in plain operations, with the mask as an additive bias, as BERT's."""
 
-    def __init__(self):
+    def __init__(self, hidden: int = HIDDEN, heads: int = HEADS):
         super().__init__()
-        self.qkv, self.out = torch.nn.Linear(HIDDEN, 3 * HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
-        self.feed = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.GELU(),
-                                        torch.nn.Linear(2 * HIDDEN, HIDDEN))
-        self.norm1, self.norm2 = torch.nn.LayerNorm(HIDDEN), torch.nn.LayerNorm(HIDDEN)
+        self.hidden, self.heads = hidden, heads
+        self.qkv, self.out = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+        self.feed = torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
+                                        torch.nn.Linear(2 * hidden, hidden))
+        self.norm1, self.norm2 = torch.nn.LayerNorm(hidden), torch.nn.LayerNorm(hidden)
 
     def forward(self, x, bias):
         batch, sequence, _ = x.shape
-        q, k, v = self.qkv(x).reshape(batch, sequence, 3, HEADS, HIDDEN // HEADS).permute(2, 0, 3, 1, 4)
-        attention = torch.softmax(q @ k.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5 + bias, dim=-1)
-        x = self.norm1(x + self.out((attention @ v).transpose(1, 2).reshape(batch, sequence, HIDDEN)))
+        hidden, heads = self.hidden, self.heads
+        q, k, v = self.qkv(x).reshape(batch, sequence, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5 + bias, dim=-1)
+        x = self.norm1(x + self.out((attention @ v).transpose(1, 2).reshape(batch, sequence, hidden)))
         return self.norm2(x + self.feed(x))
 
 
