@@ -317,17 +317,18 @@ def test_requests_of_different_keys_never_share_a_batch():
 
 
 def test_admission_counts_work_queued_at_another_key_at_what_it_costs():
-    """10 samples of a length that costs 10 ms a sample, queued ahead: a request of 250 samples of a length that
-    costs 1 ms is predicted done after 100 + 250 ms, not 10 + 250, and refused for a 310 ms deadline."""
-    short, long = Sleepy("cpu", 0.001), Sleepy("cpu", 0.01)
+    """10 samples of a length that costs 30 ms a sample, queued ahead: a request of 250 samples of a length that
+    costs 3 ms is predicted done after 300 + 750 ms, not 30 + 750, and refused for a 930 ms deadline. (The costs
+    are large enough that a loaded machine's delays leave the admitted requests within their deadlines.)"""
+    short, long = Sleepy("cpu", 0.003), Sleepy("cpu", 0.03)
     gate = hold([(short, None), (long, None)])
-    batcher = Batcher({8: [(short, linear(0.001, "cpu"))], 16: [(long, linear(0.01, "cpu"))]}, latency_s=2.0)
+    batcher = Batcher({8: [(short, linear(0.003, "cpu"))], 16: [(long, linear(0.03, "cpu"))]}, latency_s=3.0)
     blocker = batcher.submit(samples(0), key=8)  # taken at once, then waits behind the gate
     time.sleep(0.05)
-    queued = batcher.submit(samples(10, 10), 0.3, key=16)
+    queued = batcher.submit(samples(10, 10), 0.9, key=16)
     with pytest.raises(Rejected, match="after the 10 samples queued ahead of it"):
-        batcher.submit(samples(100, 250), 0.31, key=8)
-    admitted = batcher.submit(samples(100, 50), 0.31, key=8)
+        batcher.submit(samples(100, 250), 0.93, key=8)
+    admitted = batcher.submit(samples(100, 50), 0.93, key=8)
     gate.set()
     assert len(blocker.result(2)) == 1 and len(queued.result(2)) == 10 and len(admitted.result(2)) == 50
     batcher.close()
