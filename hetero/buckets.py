@@ -59,6 +59,20 @@ def _cut(values: np.ndarray, axes: Sequence[int], length: int) -> np.ndarray:
     return values[tuple(index)]
 
 
+def to_length(values: np.ndarray, axes: Sequence[int], length: int) -> np.ndarray:
+    """`values` (a batch) at `length` along each of the per-sample `axes`: cut (a view) where longer, padded with
+    zeros (a copy) where shorter, as a request is run at its bucket and its outputs given back at its own length."""
+    cut = _cut(values, axes, length)
+    if all(values.shape[1 + axis] >= length for axis in axes):
+        return cut
+    shape = list(cut.shape)
+    for axis in axes:
+        shape[1 + axis] = length
+    padded = np.zeros(shape, values.dtype)
+    padded[tuple(slice(0, size) for size in cut.shape)] = cut
+    return padded
+
+
 def _sequence_axes(shape: tuple[int | str, ...], dimension: str) -> list[int]:
     return [axis for axis, dim in enumerate(shape) if dim == dimension]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..buckets import MASK, sample_lengths
+from ..buckets import MASK, sample_lengths, to_length
 from ..errors import HeteroError, UsageError
 from ..models import Network
 
@@ -119,19 +119,6 @@ class Batchable:
     inputs: np.ndarray
     key: int | None
     length: int | None
-
-
-def _to_length(values: np.ndarray, axes: Sequence[int], length: int) -> np.ndarray:
-    """`values` (a batch) cut to `length`, or padded with zeros to it, along each of the per-sample `axes`."""
-    shape = list(values.shape)
-    for axis in axes:
-        shape[1 + axis] = length
-    if tuple(shape) == values.shape:
-        return values
-    resized = np.zeros(shape, values.dtype)
-    common = tuple(slice(0, min(have, want)) for have, want in zip(values.shape, shape))
-    resized[common] = values[common]
-    return resized
 
 
 def _listed(what: str, specs: Sequence[TensorSpec]) -> str:
@@ -232,7 +219,7 @@ class ServedModel:
         if not self.buckets:
             return Batchable(self.network.to_records(tensors), None, None)
         length, bucket = self._bucket(tensors)
-        resized = {spec.name: _to_length(tensors[spec.name], self._open_axes(spec), bucket) for spec in self.inputs}
+        resized = {spec.name: to_length(tensors[spec.name], self._open_axes(spec), bucket) for spec in self.inputs}
         return Batchable(self.networks[bucket].to_records(resized), bucket, length)
 
     @staticmethod
@@ -268,6 +255,6 @@ class ServedModel:
         for spec in specs:
             values = outputs[spec.name] if self.network.outputs else outputs
             if inputs.length is not None:
-                values = _to_length(values, self._open_axes(spec), inputs.length)
+                values = to_length(values, self._open_axes(spec), inputs.length)
             tensors.append((spec, np.ascontiguousarray(values, spec.dtype)))
         return tensors
